@@ -1,0 +1,1 @@
+"""The PyTorch side of openelm-mlx: the reference model and the trainer. The only code that imports torch."""
