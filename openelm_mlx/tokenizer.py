@@ -72,6 +72,38 @@ class Tokenizer:
     def detokenizer(self) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self)
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `chat_text(messages)`, with each `</s>` as the EOS id (as HF's Llama tokenizer does)."""
+        text = chat_text(messages, add_generation_prompt)
+        ids = [self.bos_id]
+        segments = text.split(EOS_TEXT)
+        for i, segment in enumerate(segments):
+            if segment:
+                ids += self.sp.encode(segment)
+            if i < len(segments) - 1:
+                ids.append(self.eos_id)
+        return ids
+
+
+EOS_TEXT = "</s>"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The OpenELM-Instruct (zephyr-style) template: `<|user|>\n{msg}</s>\n<|assistant|>\n`.
+
+    The role markers are plain text; `</s>` is the EOS token.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), m.get("content")
+        if role not in CHAT_ROLES or not isinstance(content, str):
+            raise TokenizerError(f"message {i}: expected {{'role': one of {CHAT_ROLES}, 'content': str}}, got {m!r}")
+        out.append(f"<|{role}|>\n{content}{EOS_TEXT}\n")
+    if add_generation_prompt:
+        out.append("<|assistant|>\n")
+    return "".join(out)
+
 
 class StreamingDetokenizer:
     """Turns tokens into text one at a time; `add_token` returns the newly completed text.
