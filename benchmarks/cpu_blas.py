@@ -1,18 +1,21 @@
 """MLX on a Linux CPU: reference BLAS vs the optimized BLAS that openelm_mlx preloads, ours vs mlx-lm.
 
-One run measures, for an OpenELM-270M-shaped model with random weights (the same weights for both models):
+One run measures, for an OpenELM-270M-shaped model with random weights (the same weights for every model):
 matmul GFLOP/s, prefill and decode tokens/s and LoRA training tokens/s, with MLX's bundled reference BLAS and
-with the optimized BLAS, for `openelm_mlx.model.Model` and mlx-lm's `mlx_lm.models.openelm.Model`, and the
-float32 / bfloat16 / float16 choice. The BLAS is fixed when mlx is first imported, so each setting runs in its own
-subprocess (`OPENELM_MLX_BLAS=none` for the reference); inside one, the two models alternate so they see the
-same machine load. Peaks (numpy's OpenBLAS GEMM, memory read bandwidth) are measured in the parent.
+with the optimized BLAS, for `openelm_mlx.model.Model` and mlx-lm's `mlx_lm.models.openelm.Model`, and for
+float32 / bfloat16 / float16. The BLAS is fixed when mlx is first imported, so each BLAS setting runs in its own
+subprocess (`OPENELM_MLX_BLAS=none` for the reference); inside one, all models alternate (run by run, decode step
+by decode step) so they see the same load on a shared machine. The parent measures the peaks: numpy's (OpenBLAS)
+float32 GEMM GFLOP/s and the memory read bandwidth.
 
-    python benchmarks/cpu_blas.py            # about 5-8 minutes on 2 cores
-    python benchmarks/cpu_blas.py --quick    # fewer tokens everywhere, for a smoke test
+    python benchmarks/cpu_blas.py                      # about 6-9 minutes on 2 busy cores
+    python benchmarks/cpu_blas.py --quick              # fewer tokens everywhere, a smoke test
+    python benchmarks/cpu_blas.py --also-blas /path/libmkl_rt.so.2   # one more BLAS, e.g. the mkl wheel's
 
-Reference-BLAS and half-precision runs use fewer tokens (a 32-token prompt, 8 decode steps, one 8-token LoRA step):
-they run at a few GFLOP/s, where tokens/s hardly depends on the length. Half precision runs only our model. The
-optimized float32 run uses 512 prompt tokens (best of 2), 128 decode steps and 3 LoRA steps of 128 tokens (best).
+Sizes: float32 with the optimized BLAS uses a 512-token prompt (best of --reps), 128 decode steps (median step)
+and --lora-steps LoRA steps of 128 tokens (best). Runs at a few GFLOP/s (the reference BLAS; bfloat16 and float16,
+whose CPU matmuls do not use BLAS) use a 32-token prompt, 16 decode steps and one 8-token LoRA step: tokens/s of
+such slow runs hardly depends on the length, and the full sizes would take many minutes.
 """
 
 from __future__ import annotations
@@ -20,12 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+FULL = {"prefill": 512, "decode": 128, "lora_seq": 128, "lora_steps": 3, "reps": 2}
+SMALL = {"prefill": 32, "decode": 16, "lora_seq": 8, "lora_steps": 1, "reps": 1}
+QUICK_FULL = {"prefill": 64, "decode": 8, "lora_seq": 16, "lora_steps": 1, "reps": 1}
+QUICK_SMALL = {"prefill": 8, "decode": 4, "lora_seq": 4, "lora_steps": 1, "reps": 1}
 
 
 def log(msg: str) -> None:
@@ -33,14 +41,15 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- child process
-def run_child(opts) -> dict:
+def run_child(variants: list[dict]) -> dict:
+    """Measure every variant ({"impl", "dtype", sizes...}) in this process, alternating between them."""
     import openelm_mlx  # noqa: F401  (loads the optimized BLAS before mlx, unless OPENELM_MLX_BLAS=none)
     from openelm_mlx import blas
 
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
+    from mlx.utils import tree_flatten, tree_map
     from mlx_lm.models import openelm as mlx_lm_openelm
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -50,74 +59,85 @@ def run_child(opts) -> dict:
     from openelm_mlx.model import Model
 
     mx.set_default_device(mx.cpu)
-    dtype = getattr(mx, opts.dtype)
-    out = {"blas": blas.describe(), "optimized": blas.status().loaded, "dtype": opts.dtype}
-
+    out = {"blas": blas.describe(), "optimized": blas.status().loaded, "matmul_gflops": {}, "logit_diff": {}}
     n = 1024
-    a, b = (mx.random.normal((n, n)).astype(dtype) for _ in range(2))
-    mx.eval(a @ b)
-    best = min(_timed(lambda: mx.eval(a @ b)) for _ in range(3))
-    out["matmul_gflops"] = 2 * n**3 / best / 1e9
-    log(f"  matmul {n}x{n} {opts.dtype}: {out['matmul_gflops']:.1f} GFLOP/s")
+    for dtype in dict.fromkeys(v["dtype"] for v in variants):
+        a, b = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
+        mx.eval(a @ b)
+        out["matmul_gflops"][dtype] = 2 * n**3 / min(_timed(lambda: mx.eval(a @ b)) for _ in range(3)) / 1e9
+        log(f"  matmul {n}x{n} {dtype}: {out['matmul_gflops'][dtype]:.1f} GFLOP/s")
 
     cfg = get_preset("OpenELM-270M")
     mx.random.seed(0)
-    ours = Model(cfg)
-    ours.set_dtype(dtype)
-    theirs = mlx_lm_openelm.Model(mlx_lm_openelm.ModelArgs.from_dict(to_dict(cfg)))
-    theirs.load_weights(tree_flatten(ours.parameters()))  # the same arrays, not copies
-    models = {impl: m for impl, m in (("ours", ours), ("mlx-lm", theirs)) if impl in opts.impls.split(",")}
-    mx.eval(ours.parameters())
+    base = Model(cfg)
+    mx.eval(base.parameters())
+    weights = {"float32": base.parameters()}
+    models = {}
+    for v in variants:
+        dtype = v["dtype"]
+        if dtype not in weights:
+            weights[dtype] = tree_map(lambda w: w.astype(getattr(mx, dtype)), weights["float32"])
+            mx.eval(weights[dtype])
+        model = Model(cfg) if v["impl"] == "ours" else mlx_lm_openelm.Model(
+            mlx_lm_openelm.ModelArgs.from_dict(to_dict(cfg)))
+        model.load_weights(tree_flatten(weights[dtype]))  # the same arrays, not copies
+        models[v["impl"], dtype] = model
+    tokens = mx.random.randint(3, cfg.vocab_size, (1, max(max(v["prefill"], v["lora_seq"] + 1) for v in variants)))
+    for dtype in weights:
+        if ("ours", dtype) in models and ("mlx-lm", dtype) in models:
+            ours, theirs = (models[i, dtype](tokens[:, :16]).astype(mx.float32) for i in ("ours", "mlx-lm"))
+            out["logit_diff"][dtype] = mx.abs(ours - theirs).max().item()
+    res = {key: {} for key in models}
+    spec = {(v["impl"], v["dtype"]): v for v in variants}
 
-    tokens = mx.random.randint(3, cfg.vocab_size, (1, max(opts.prefill, opts.lora_seq + 1, 32)))
-    diff = mx.abs(ours(tokens[:, :16]).astype(mx.float32) - theirs(tokens[:, :16]).astype(mx.float32)).max()
-    out["max_logit_diff"] = diff.item()
-
-    res = {impl: {} for impl in models}
-    prompt = tokens[:, : opts.prefill]
-    for impl, model in models.items():  # warm-up
+    for model in models.values():  # warm-up
         mx.eval(model(tokens[:, :8]))
-    for _ in range(opts.reps):  # alternate the two models so both see the same machine load
-        for impl, model in models.items():
-            t = _timed(lambda: mx.eval(model(prompt)))
-            res[impl]["prefill"] = max(res[impl].get("prefill", 0.0), opts.prefill / t)
-    log(f"  prefill {opts.prefill} tokens: " + ", ".join(f"{i} {res[i]['prefill']:.1f} tok/s" for i in models))
+    for rep in range(max(v["reps"] for v in variants)):
+        for key, model in models.items():
+            if rep < spec[key]["reps"]:
+                length = spec[key]["prefill"]
+                t = _timed(lambda: mx.eval(model(tokens[:, :length])))
+                res[key]["prefill"] = max(res[key].get("prefill", 0.0), length / t)
+    log("  prefill: " + _fmt(res, "prefill"))
 
-    # Decode alternates the two models in chunks of steps, each with its own KV cache, so both see the same load.
-    caches, toks, spent = {}, {}, {impl: 0.0 for impl in models}
-    for impl, model in models.items():
-        caches[impl] = model.make_cache() if impl == "ours" else make_prompt_cache(model)
-        toks[impl] = mx.argmax(model(tokens[:, :16], cache=caches[impl])[:, -1], axis=-1)
-        mx.eval(toks[impl])
-    chunks = [2] + [len(c) for c in _split(range(opts.decode), 4)]  # the first two steps are a warm-up
-    for i, n_steps in enumerate(chunks):
-        for impl, model in models.items():
-            start = time.perf_counter()
-            for _ in range(n_steps):
-                toks[impl] = mx.argmax(model(toks[impl][:, None], cache=caches[impl])[:, -1], axis=-1)
-                mx.eval(toks[impl])
-            spent[impl] += (time.perf_counter() - start) if i else 0.0
-    for impl in models:
-        res[impl]["decode"] = opts.decode / spent[impl]
-    log(f"  decode {opts.decode} tokens: " + ", ".join(f"{i} {res[i]['decode']:.2f} tok/s" for i in models))
+    caches, toks, times = {}, {}, {key: [] for key in models}
+    for key, model in models.items():
+        caches[key] = model.make_cache() if key[0] == "ours" else make_prompt_cache(model)
+        toks[key] = mx.argmax(model(tokens[:, :16], cache=caches[key])[:, -1], axis=-1)
+        mx.eval(toks[key])
+    for step in range(max(v["decode"] for v in variants) + 2):  # the first two steps are a warm-up
+        for key, model in models.items():
+            if step < spec[key]["decode"] + 2:
+                start = time.perf_counter()
+                toks[key] = mx.argmax(model(toks[key][:, None], cache=caches[key])[:, -1], axis=-1)
+                mx.eval(toks[key])
+                times[key].append(time.perf_counter() - start)
+    for key in models:
+        res[key]["decode"] = 1.0 / statistics.median(times[key][2:])
+    log("  decode: " + _fmt(res, "decode"))
 
-    # LoRA as mlx-lm's trainer does it: frozen base, LoRA on every layer's four projections, compiled step.
-    batch = tokens[:, : opts.lora_seq + 1]
+    # LoRA as mlx-lm's trainer does it: frozen base, LoRA on every layer's four projections, a compiled step.
     steps = {}
-    for impl, model in models.items():
+    for key, model in models.items():
         model.freeze()
         linear_to_lora_layers(model, len(model.layers),
                               {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": list(DEFAULT_KEYS)})
-        opt = optim.Adam(learning_rate=1e-5)
-        steps[impl] = _lora_step(model, opt, mx, nn)
-        mx.eval(steps[impl](batch))  # warm-up (compiles for this shape)
-    for _ in range(opts.lora_steps):
-        for impl in models:
-            t = _timed(lambda: mx.eval(steps[impl](batch)))
-            res[impl]["lora"] = max(res[impl].get("lora", 0.0), opts.lora_seq / t)
-    log(f"  LoRA {opts.lora_seq} tokens/step: " + ", ".join(f"{i} {res[i]['lora']:.2f} tok/s" for i in models))
-    out["results"] = res
+        steps[key] = _lora_step(model, optim.Adam(learning_rate=1e-5), mx, nn)
+        mx.eval(steps[key](tokens[:, : spec[key]["lora_seq"] + 1]))  # warm-up: compiles for this shape
+    for i in range(max(v["lora_steps"] for v in variants)):
+        for key in models:
+            if i < spec[key]["lora_steps"]:
+                batch = tokens[:, : spec[key]["lora_seq"] + 1]
+                t = _timed(lambda: mx.eval(steps[key](batch)))
+                res[key]["lora"] = max(res[key].get("lora", 0.0), spec[key]["lora_seq"] / t)
+    log("  LoRA: " + _fmt(res, "lora"))
+    out["results"] = [dict(impl=k[0], dtype=k[1], prefill_len=spec[k]["prefill"], decode_len=spec[k]["decode"],
+                           lora_len=spec[k]["lora_seq"], **res[k]) for k in models]
     return out
+
+
+def _fmt(res: dict, task: str) -> str:
+    return ", ".join(f"{impl} {dtype} {r[task]:.2f} tok/s" for (impl, dtype), r in res.items())
 
 
 def _lora_step(model, opt, mx, nn):
@@ -136,11 +156,6 @@ def _lora_step(model, opt, mx, nn):
         return loss
 
     return step
-
-
-def _split(seq, parts: int) -> list:
-    size = -(-len(seq) // parts)
-    return [seq[i:i + size] for i in range(0, len(seq), size)]
 
 
 def _timed(fn) -> float:
@@ -187,94 +202,102 @@ def weight_bytes(dtype: str) -> float:
     return num_parameters(get_preset("OpenELM-270M")) * (4 if dtype == "float32" else 2)
 
 
-def child_run(env_blas: str, dtype: str, sizes: dict, reps: int, impls: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--dtype", dtype, "--reps", str(reps), "--impls", impls]
-    cmd += [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
-    env = dict(os.environ, OPENELM_MLX_BLAS=env_blas, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get(
-        "PYTHONPATH", ""))
+def child_run(env_blas: str, variants: list[dict]) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(variants)]
+    env = dict(os.environ, OPENELM_MLX_BLAS=env_blas,
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     if proc.returncode:
-        raise SystemExit(f"child {cmd} failed with exit code {proc.returncode}")
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=128)
-    parser.add_argument("--lora-seq", type=int, default=128)
-    parser.add_argument("--lora-steps", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--impls", default="ours,mlx-lm", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="fewer tokens everywhere (smoke test)")
-    opts = parser.parse_args(argv)
-    if opts.child:
-        print(json.dumps(run_child(opts)))
-        return
+    parser.add_argument("--child", metavar="VARIANTS_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens everywhere (a smoke test)")
+    parser.add_argument("--lora-steps", type=int, default=FULL["lora_steps"])
+    parser.add_argument("--reps", type=int, default=FULL["reps"], help="prefill runs per model (best counts)")
+    parser.add_argument("--also-blas", metavar="PATH", help="one more float32 run with this BLAS library "
+                        "(e.g. the mkl wheel's libmkl_rt.so.2), reported as 'other'")
+    return parser
 
+
+def main(argv=None) -> None:
+    opts = build_parser().parse_args(argv)
+    if opts.child:
+        print(json.dumps(run_child(json.loads(opts.child))))
+        return
     start = time.perf_counter()
-    full = {"prefill": opts.prefill, "decode": opts.decode, "lora_seq": opts.lora_seq, "lora_steps": opts.lora_steps}
-    small = {"prefill": 32, "decode": 8, "lora_seq": 8, "lora_steps": 1}
-    if opts.quick:
-        full = {"prefill": 64, "decode": 8, "lora_seq": 16, "lora_steps": 1}
-        small = {"prefill": 8, "decode": 4, "lora_seq": 4, "lora_steps": 1}
+    full, small = (QUICK_FULL, QUICK_SMALL) if opts.quick else (
+        dict(FULL, lora_steps=opts.lora_steps, reps=opts.reps), SMALL)
     peaks = machine_peaks()
+    peaks["load_before"] = os.getloadavg()[0]
     log(f"machine: {os.cpu_count()} CPUs, numpy GEMM {peaks['gemm_gflops']:.1f} GFLOP/s, "
         f"read {peaks['read_gbs']:.1f} GB/s")
+    fp32 = [dict(full, impl=impl, dtype="float32") for impl in ("ours", "mlx-lm")]
+    plan = [("reference", "none", [dict(v, **small) for v in fp32]),
+            # bfloat16 / float16 matmuls bypass BLAS on CPU (a few GFLOP/s): small sizes, our model only.
+            ("optimized", "auto", fp32 + [dict(small, impl="ours", dtype=d) for d in ("bfloat16", "float16")])]
+    if opts.also_blas:
+        plan.append(("other", opts.also_blas, fp32))
     runs = {}
-    # Half precision does not go through BLAS on CPU (about 3 GFLOP/s either way): only ours runs there.
-    plan = [("reference", "none", "float32", small, 1, "ours,mlx-lm"),
-            ("optimized", "auto", "float32", full, opts.reps, "ours,mlx-lm"),
-            ("optimized", "auto", "bfloat16", small, 1, "ours"), ("optimized", "auto", "float16", small, 1, "ours")]
-    for label, env_blas, dtype, sizes, reps, impls in plan:
-        log(f"[{label} BLAS, {dtype}, {impls}] {sizes}")
-        runs[(label, dtype)] = child_run(env_blas, dtype, sizes, reps, impls)
-        runs[(label, dtype)]["sizes"] = sizes
-        log(f"  {runs[(label, dtype)]['blas']}")
-    report(runs, peaks, full)
+    for label, env_blas, variants in plan:
+        log(f"[{label} BLAS: OPENELM_MLX_BLAS={env_blas}]")
+        runs[label] = child_run(env_blas, variants)
+        log(f"  {runs[label]['blas']}")
+    peaks["load_after"] = os.getloadavg()[0]
+    report(runs, peaks)
     log(f"total {time.perf_counter() - start:.0f} s")
 
 
-def report(runs: dict, peaks: dict, full: dict) -> None:
-    ref, opt = runs[("reference", "float32")], runs[("optimized", "float32")]
-    if not opt["optimized"]:
-        print(f"no optimized BLAS was loaded ({opt['blas']}); the 'optimized' rows use the reference BLAS")
-    print(f"machine peaks: numpy GEMM {peaks['gemm_gflops']:.1f} GFLOP/s (numpy {peaks['numpy']}), "
+def report(runs: dict, peaks: dict) -> None:
+    print(f"{os.cpu_count()} CPUs; load average {peaks['load_before']:.1f} at the start, "
+          f"{peaks['load_after']:.1f} at the end (other processes share these cores)")
+    print(f"peaks: numpy float32 GEMM {peaks['gemm_gflops']:.1f} GFLOP/s (numpy {peaks['numpy']}), "
           f"memory read {peaks['read_gbs']:.1f} GB/s")
-    print(f"optimized: {opt['blas']}")
-    print("\nmatmul 1024x1024 GFLOP/s: " + ", ".join(
-        f"{label} {dtype} {r['matmul_gflops']:.1f}" for (label, dtype), r in runs.items()))
-    print("max |logits ours - mlx-lm| (same weights, 16 tokens): " + ", ".join(
-        f"{label} {dtype} {r['max_logit_diff']:.2e}" for (label, dtype), r in runs.items()))
+    for label, r in runs.items():
+        print(f"{label}: {r['blas']}")
+        print(f"  matmul 1024x1024 GFLOP/s: " + ", ".join(f"{d} {g:.1f}" for d, g in r["matmul_gflops"].items())
+              + "; max |logits ours - mlx-lm|: " + ", ".join(f"{d} {x:.1e}" for d, x in r["logit_diff"].items()))
+    if not runs["optimized"]["optimized"]:
+        print("NOTE: no optimized BLAS was found, so the 'optimized' rows use the reference BLAS too")
 
-    print("\ntokens/s, OpenELM-270M shape, random weights (tokens per run in brackets)")
-    print(f"{'BLAS':<10} {'dtype':<9} {'model':<7} {'prefill':>16} {'decode':>14} {'LoRA':>14}")
-    for (label, dtype), r in runs.items():
-        s = r["sizes"]
-        for impl, x in r["results"].items():
-            print(f"{label:<10} {dtype:<9} {impl:<7} {x['prefill']:>10.2f} [{s['prefill']:>3}] "
-                  f"{x['decode']:>8.2f} [{s['decode']:>3}] {x['lora']:>8.2f} [{s['lora_seq']:>3}]")
+    print("\ntokens/s, OpenELM-270M shape, random weights [tokens per measurement]")
+    print(f"{'BLAS':<10} {'dtype':<9} {'model':<7} {'prefill':>15} {'decode':>13} {'LoRA':>13}")
+    rows = {}
+    for label, r in runs.items():
+        for x in r["results"]:
+            rows[label, x["impl"], x["dtype"]] = x
+            print(f"{label:<10} {x['dtype']:<9} {x['impl']:<7} {x['prefill']:>9.2f} [{x['prefill_len']:>3}] "
+                  f"{x['decode']:>7.2f} [{x['decode_len']:>3}] {x['lora']:>7.2f} [{x['lora_len']:>3}]")
 
-    stock = ref["results"]["mlx-lm"]
-    prefill_bound = peaks["gemm_gflops"] * 1e9 / flops_per_token(full["prefill"] // 2)
-    lora_bound = peaks["gemm_gflops"] * 1e9 / (2 * flops_per_token(full["lora_seq"] // 2))  # fwd + input grads
-    print("\nbest dtype per task with the optimized BLAS (ours), ratios to stock mlx-lm (reference BLAS, float32):")
-    for task, bound, unit in (("prefill", prefill_bound, "GEMM bound"), ("decode", None, "read-bandwidth bound"),
-                              ("lora", lora_bound, "GEMM bound")):
-        opt_runs = {d: r for (label, d), r in runs.items() if label == "optimized"}
-        best = max(opt_runs, key=lambda d: opt_runs[d]["results"]["ours"][task])
-        ours = opt_runs[best]["results"]["ours"][task]
-        if task == "decode":
-            bound = peaks["read_gbs"] * 1e9 / weight_bytes(best)
-        same = opt_runs[best]["results"].get("mlx-lm", {}).get(task, float("nan"))
-        print(f"  {task:<8} {best:<9} {ours:8.2f} tok/s = {ours / stock[task]:6.1f}x stock mlx-lm, "
-              f"{ours / same:5.2f}x mlx-lm with the same BLAS and dtype, "
-              f"{100 * ours / bound:5.1f}% of the {unit} ({bound:.1f} tok/s)")
-    r_ours, o_ours = ref["results"]["ours"], opt["results"]["ours"]
-    print("float32, ours, optimized / reference BLAS: " + ", ".join(
-        f"{t} {o_ours[t] / r_ours[t]:.1f}x" for t in ("prefill", "decode", "lora")))
+    stock = rows["reference", "mlx-lm", "float32"]
+    full = rows["optimized", "ours", "float32"]
+    bounds = {"prefill": peaks["gemm_gflops"] * 1e9 / flops_per_token(full["prefill_len"] // 2),
+              # LoRA: forward plus the input gradients (the frozen weights get none): about twice the forward
+              "lora": peaks["gemm_gflops"] * 1e9 / (2 * flops_per_token(full["lora_len"] // 2))}
+    print("\nours with the optimized BLAS, best dtype per task; ratios to stock mlx-lm (reference BLAS, float32):")
+    for task in ("prefill", "decode", "lora"):
+        best = max((x for k, x in rows.items() if k[:2] == ("optimized", "ours")), key=lambda x: x[task])
+        same = rows.get(("optimized", "mlx-lm", best["dtype"]))
+        bound = bounds.get(task) or peaks["read_gbs"] * 1e9 / weight_bytes(best["dtype"])
+        unit = "read-bandwidth bound" if task == "decode" else "GEMM bound"
+        print(f"  {task:<8} {best['dtype']:<9} {best[task]:8.2f} tok/s = {best[task] / stock[task]:6.1f}x stock mlx-lm; "
+              + (f"{best[task] / same[task]:.2f}x mlx-lm with the same BLAS and dtype; " if same else "")
+              + f"{100 * best[task] / bound:.0f}% of the {unit} ({bound:.1f} tok/s)")
+    ref = rows["reference", "ours", "float32"]
+    print("  float32 ours, optimized / reference BLAS: " + ", ".join(
+        f"{t} {full[t] / ref[t]:.1f}x" for t in ("prefill", "decode", "lora")))
+    halves = [x for k, x in rows.items() if k[:2] == ("optimized", "ours") and k[2] != "float32"]
+    print("  without an optimized BLAS the fastest dtype would be: " + ", ".join(
+        f"{t} {max([ref] + halves, key=lambda x: x[t])['dtype']}" for t in ("prefill", "decode", "lora"))
+        + " (half precision does not use BLAS)")
+    for label in runs:
+        if label not in ("reference", "optimized"):
+            other = rows[label, "ours", "float32"]
+            print(f"  {label} BLAS / optimized, float32 ours: " + ", ".join(
+                f"{t} {other[t] / full[t]:.2f}x" for t in ("prefill", "decode", "lora")))
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def _mkl_wheel_paths() -> list[str]:
         dist = metadata.distribution("mkl")
     except metadata.PackageNotFoundError:
         return []
-    return [str(dist.locate_file(f)) for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
+    return [os.path.normpath(dist.locate_file(f)) for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
 
 
 def candidates() -> Iterator[tuple[str, str]]:
