@@ -152,13 +152,26 @@ model = Model(get_preset("tiny"))
 model.load_weights(sys.argv[1])
 tokens = mx.load(sys.argv[2])["tokens"]
 mx.save_safetensors(sys.argv[3], {"logits": model(tokens)})
-print(blas.status().loaded)
+print(blas.status().kind)
 """
 
 
+def mkl_wheel() -> str:
+    paths = blas._mkl_wheel_paths()
+    if not paths:
+        pytest.skip("the mkl wheel is not installed (pip install mkl)")
+    return paths[0]
+
+
 @linux_only
-def test_logits_agree_with_and_without_the_optimized_blas(tmp_path):
-    system_openblas()
+@pytest.mark.parametrize("library", ["openblas", "mkl"])
+def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library):
+    # OpenBLAS as detected by default; MKL named explicitly, since a system OpenBLAS comes first.
+    if library == "mkl":
+        setting = mkl_wheel()
+    else:
+        system_openblas()
+        setting = None
     import mlx.core as mx
 
     from openelm_mlx.config import get_preset
@@ -168,12 +181,12 @@ def test_logits_agree_with_and_without_the_optimized_blas(tmp_path):
     Model(get_preset("tiny")).save_weights(str(tmp_path / "w.safetensors"))
     mx.save_safetensors(str(tmp_path / "t.safetensors"), {"tokens": mx.random.randint(3, 1000, (2, 24))})
     logits = {}
-    for setting in ("none", None):
-        out = tmp_path / f"logits-{setting}.safetensors"
-        proc = run(LOGITS, setting, tmp_path / "w.safetensors", tmp_path / "t.safetensors", out)
-        assert proc.stdout.split()[-1] == str(setting is None)  # the optimized BLAS was in use, or not
-        logits[setting] = mx.load(str(out))["logits"]
-    ref, fast = logits["none"], logits[None]
+    for name, value, kind in (("reference", "none", "reference"), ("fast", setting, library)):
+        out = tmp_path / f"logits-{name}.safetensors"
+        proc = run(LOGITS, value, tmp_path / "w.safetensors", tmp_path / "t.safetensors", out)
+        assert proc.stdout.split()[-1] == kind  # the BLAS that computed these logits
+        logits[name] = mx.load(str(out))["logits"]
+    ref, fast = logits["reference"], logits["fast"]
     assert ref.shape == fast.shape == (2, 24, get_preset("tiny").vocab_size)
     assert mx.abs(ref).max().item() > 1.0  # not a degenerate model
     assert mx.allclose(ref, fast, rtol=1e-5, atol=1e-4).item(), mx.abs(ref - fast).max().item()
@@ -189,3 +202,15 @@ def test_info_reports_the_blas_in_use(setting):
     gflops = float(next(line for line in lines if line.startswith("matmul 64x64 float32")).split()[-2])
     assert gflops > 0
     assert any(line.startswith("mlx: ") for line in lines)
+
+
+def test_mkl_wheel_is_found_through_its_metadata(monkeypatch, tmp_path):
+    # The mkl wheel installs libmkl_rt into <prefix>/lib, outside site-packages; RECORD lists it as ../../lib/...
+    site = tmp_path / "lib" / "python3" / "site-packages"
+    info = site / "mkl-2099.0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mkl\nVersion: 2099.0.0\n")
+    (info / "RECORD").write_text("../../../lib/libmkl_rt.so.2,,\n../../../lib/libmkl_core.so.2,,\n"
+                                 "mkl-2099.0.0.dist-info/METADATA,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert blas._mkl_wheel_paths() == [str(tmp_path / "lib" / "libmkl_rt.so.2")]
