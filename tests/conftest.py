@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import openelm_mlx  # noqa: F401  (loads the optimized BLAS before any test module imports mlx)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("OPENELM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

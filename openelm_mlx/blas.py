@@ -1,0 +1,231 @@
+"""Optimized BLAS for MLX's Linux CPU backend, loaded before mlx is first imported.
+
+The Linux `mlx[cpu]` wheel links its own copy of the netlib *reference* BLAS (`mlx_cpu.libs/libblas-*.so`), so
+float32 matmuls run at a few GFLOP/s. libmlx binds `cblas_sgemm` & co. by name when it is loaded; a library
+loaded earlier with RTLD_GLOBAL is searched first, so an optimized BLAS exporting the same unprefixed `cblas_*`
+/ LAPACK symbols takes over every MLX CPU matmul. Loading it after `mlx.core` does nothing (measured), hence the
+call from `openelm_mlx/__init__.py` and the warning when mlx came first.
+
+Order: `OPENELM_MLX_BLAS=/path/lib.so` (`none` turns the whole thing off), the system OpenBLAS (Debian/Ubuntu
+`libopenblas0-pthread`, Fedora, Arch, conda; also found via `ldconfig -p`), then `libmkl_rt` from the `mkl`
+wheel. Nothing happens off Linux (macOS uses Accelerate). Only the standard library is imported here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+ENV_VAR = "OPENELM_MLX_BLAS"
+OFF_VALUES = {"none", "off", "0", "false", "reference"}
+TASKS = ("prefill", "decode", "lora")
+
+
+class BlasPreloadWarning(RuntimeWarning):
+    """The optimized BLAS could not be loaded (bad OPENELM_MLX_BLAS path, or mlx imported first)."""
+
+
+@dataclass(frozen=True)
+class BlasStatus:
+    """Which BLAS MLX's CPU backend uses in this process."""
+
+    loaded: bool  # an optimized BLAS was loaded globally by this module
+    path: Optional[str] = None
+    kind: str = "reference"  # "openblas", "mkl", "other" (a library given by OPENELM_MLX_BLAS), or "reference"
+    source: str = ""  # "OPENELM_MLX_BLAS", "system", "mkl wheel"
+    version: str = ""  # openblas_get_config() / MKL's version string
+    reason: str = ""  # why none was loaded
+    too_late: bool = False  # mlx.core was imported before openelm_mlx
+
+
+_status: Optional[BlasStatus] = None
+_handles: list = []  # keep the loaded libraries referenced for the life of the process
+
+
+def _multiarch() -> str:
+    import sysconfig
+
+    return sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+
+
+def _known_openblas_paths() -> list[str]:
+    """Where distributions put OpenBLAS; the unversioned alternatives link first, so the admin's choice wins."""
+    arch = _multiarch()
+    paths = []
+    for root in (f"/usr/lib/{arch}", f"/lib/{arch}"):
+        paths.append(f"{root}/libopenblas.so.0")
+        paths += [f"{root}/openblas-{variant}/libopenblas.so.0" for variant in ("pthread", "openmp", "serial")]
+    for root in ("/usr/lib64", "/usr/lib", "/usr/local/lib", "/opt/OpenBLAS/lib", f"{sys.prefix}/lib"):
+        # Fedora names the pthread build libopenblasp, the OpenMP one libopenblaso.
+        paths += [f"{root}/{name}" for name in ("libopenblasp.so.0", "libopenblas.so.0", "libopenblas.so")]
+    return paths
+
+
+def _ldconfig_paths(prefix: str) -> list[str]:
+    """Libraries in the dynamic linker cache whose name starts with `prefix` (`ldconfig -p`)."""
+    for exe in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        try:
+            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        found = []
+        for line in out.splitlines():
+            name, _, path = line.strip().partition(" => ")
+            if name.startswith(prefix) and path:  # a wrong-arch entry fails to load and is skipped
+                found.append(path.strip())
+        return found
+    return []
+
+
+def _mkl_wheel_paths() -> list[str]:
+    """libmkl_rt from the `mkl` wheel (it installs into <prefix>/lib, outside site-packages)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("mkl")
+    except metadata.PackageNotFoundError:
+        return []
+    return [os.path.normpath(dist.locate_file(f)) for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
+
+
+def candidates() -> Iterator[tuple[str, str]]:
+    """(path, source) pairs to try after OPENELM_MLX_BLAS, best first; the ldconfig lookup runs only if needed."""
+    seen = set()
+    groups = (
+        ("system", lambda: [p for p in _known_openblas_paths() if os.path.exists(p)]),
+        ("system", lambda: _ldconfig_paths("libopenblas")),
+        ("mkl wheel", _mkl_wheel_paths),
+        ("system", lambda: _ldconfig_paths("libmkl_rt")),
+    )
+    for source, find in groups:
+        for path in find():
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                yield path, source
+
+
+def _identify(lib: ctypes.CDLL) -> tuple[str, str]:
+    """(kind, version) of a loaded BLAS from its own introspection functions."""
+    if hasattr(lib, "openblas_get_config"):
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        return "openblas", lib.openblas_get_config().decode(errors="replace").strip()
+    if hasattr(lib, "MKL_Get_Version_String"):
+        buf = ctypes.create_string_buffer(256)
+        lib.MKL_Get_Version_String(buf, len(buf))
+        return "mkl", buf.value.decode(errors="replace").strip()
+    return "other", ""
+
+
+def _try_load(path: str) -> tuple[Optional[ctypes.CDLL], str]:
+    """Load `path` globally if it is a BLAS with unprefixed cblas symbols; else (None, what is wrong)."""
+    if os.sep in path and not os.path.exists(path):  # a bare name like libmkl_rt.so.2 is left to dlopen's search
+        return None, f"{path} does not exist"
+    try:
+        # Probe privately first, so a library without the symbols never enters the global scope.
+        probe = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+    except OSError as exc:
+        return None, f"{path} could not be loaded ({exc})"
+    if not hasattr(probe, "cblas_sgemm"):
+        return None, f"{path} does not export cblas_sgemm (not a CBLAS library, or its symbols are prefixed)"
+    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL), ""
+
+
+def _load(path: str, source: str) -> tuple[Optional[BlasStatus], str]:
+    lib, problem = _try_load(path)
+    if lib is None:
+        return None, problem
+    _handles.append(lib)
+    kind, version = _identify(lib)
+    return BlasStatus(loaded=True, path=path, kind=kind, source=source, version=version), ""
+
+
+def preload() -> BlasStatus:
+    """Find and globally load an optimized BLAS, once per process; returns (and records) what is in use."""
+    global _status
+    if _status is None:
+        _status = _preload()
+    return _status
+
+
+def _preload() -> BlasStatus:
+    if not sys.platform.startswith("linux"):
+        return BlasStatus(loaded=False, kind="platform", reason=f"not needed on {sys.platform}")
+    setting = os.environ.get(ENV_VAR, "").strip()
+    if setting.lower() in OFF_VALUES:
+        return BlasStatus(loaded=False, reason=f"turned off by {ENV_VAR}={setting}")
+    if "mlx.core" in sys.modules:
+        # libmlx has bound its reference BLAS already; loading now would change nothing (measured).
+        available = setting if setting and setting.lower() != "auto" else next(candidates(), (None,))[0]
+        if available:
+            warnings.warn(f"mlx was imported before openelm_mlx, so MLX keeps its slow reference BLAS on CPU "
+                          f"instead of {available}; import openelm_mlx first (or set {ENV_VAR}=none)",
+                          BlasPreloadWarning, stacklevel=3)
+        return BlasStatus(loaded=False, reason="mlx.core was imported before openelm_mlx", too_late=True)
+    if setting and setting.lower() != "auto":
+        status, problem = _load(setting, ENV_VAR)
+        if status is not None:
+            return status
+        warnings.warn(f"{ENV_VAR}={setting!r}: {problem}; falling back to automatic detection",
+                      BlasPreloadWarning, stacklevel=3)
+    problems = []
+    for path, source in candidates():
+        status, problem = _load(path, source)
+        if status is not None:
+            return status
+        problems.append(problem)
+    reason = "no optimized BLAS found (on Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+    return BlasStatus(loaded=False, reason="; ".join([reason] + problems))
+
+
+def status() -> BlasStatus:
+    """What `preload` did in this process (running it if the package import did not)."""
+    return preload()
+
+
+def _threads(kind: str) -> Optional[int]:
+    name = {"openblas": "openblas_get_num_threads", "mkl": "MKL_Get_Max_Threads"}.get(kind)
+    if not _handles or name is None or not hasattr(_handles[-1], name):
+        return None
+    return int(getattr(_handles[-1], name)())
+
+
+def describe() -> str:
+    """One line for `--verbose` output and `python -m openelm_mlx.info`: which BLAS MLX's CPU backend uses."""
+    s = status()
+    if s.loaded:
+        name = {"openblas": "OpenBLAS", "mkl": "Intel MKL"}.get(s.kind, "CBLAS library")
+        threads = _threads(s.kind)
+        version = f" [{s.version}]" if s.version else ""
+        return (f"BLAS: {name} {s.path}{version} (from {s.source}, loaded before mlx"
+                f"{f', {threads} threads' if threads else ''})")
+    if s.kind == "platform":
+        return f"BLAS: the platform's own (nothing preloaded: {s.reason})"
+    return f"BLAS: MLX's bundled reference BLAS, slow on CPU ({s.reason})"
+
+
+# Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (see README): with an
+# optimized BLAS float32 GEMM/GEMV is many times faster than bfloat16/float16, whose CPU matmuls bypass BLAS.
+_CPU_DTYPE = {
+    True: {"prefill": "float32", "decode": "float32", "lora": "float32"},
+    False: {"prefill": "float32", "decode": "float32", "lora": "float32"},
+}
+
+
+def preferred_cpu_dtype(task: str) -> Optional[str]:
+    """The fastest compute dtype for `task` ("prefill", "decode" or "lora") when MLX computes on the CPU, or
+    None on a GPU (keep the checkpoint's dtype). Imports mlx to read the default device."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.cpu:
+        return None
+    return _CPU_DTYPE[status().loaded][task]

@@ -1,0 +1,216 @@
+"""The optimized-BLAS preload (openelm_mlx.blas): detection order, the off switch, fallbacks, and that logits do
+not change beyond float32 rounding. Each case runs in a fresh interpreter: the BLAS is fixed when mlx loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from openelm_mlx import blas
+
+ROOT = Path(__file__).resolve().parents[1]
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload only acts on Linux")
+
+
+def system_openblas() -> str:
+    path = next((p for p, source in blas.candidates() if "openblas" in p.lower()), None)
+    if path is None:
+        pytest.skip("no system OpenBLAS (apt-get install libopenblas0-pthread) to test the optimized path with")
+    return path
+
+
+def run(code: str, setting: str | None, *args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != blas.ENV_VAR}
+    if setting is not None:
+        env[blas.ENV_VAR] = setting
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+STATUS = """
+import json, sys, warnings
+warnings.simplefilter("always")
+import openelm_mlx
+from openelm_mlx import blas
+s = blas.status()
+print(json.dumps({"loaded": s.loaded, "path": s.path, "kind": s.kind, "source": s.source, "reason": s.reason,
+                  "too_late": s.too_late, "mlx": "mlx" in sys.modules, "line": blas.describe()}))
+"""
+
+
+def status_in_subprocess(setting: str | None) -> tuple[dict, str]:
+    proc = run(STATUS, setting)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@linux_only
+def test_off_switch_loads_nothing():
+    status, stderr = status_in_subprocess("none")
+    assert not status["loaded"] and status["path"] is None and "OPENELM_MLX_BLAS=none" in status["reason"]
+    assert "reference BLAS" in status["line"] and not status["mlx"] and "Warning" not in stderr
+
+
+@linux_only
+def test_system_openblas_is_found_and_loaded_without_importing_mlx():
+    path = system_openblas()
+    status, stderr = status_in_subprocess(None)
+    assert status["loaded"] and status["kind"] == "openblas" and status["source"] == "system"
+    assert os.path.realpath(status["path"]) == os.path.realpath(path)
+    assert "OpenBLAS" in status["line"] and not status["mlx"] and "Warning" not in stderr
+
+
+@linux_only
+def test_explicit_path_comes_first(tmp_path):
+    # A symlink under another name proves the library came from OPENELM_MLX_BLAS, not from detection.
+    link = tmp_path / "libmyblas.so"
+    link.symlink_to(system_openblas())
+    status, _ = status_in_subprocess(str(link))
+    assert status["loaded"] and status["path"] == str(link) and status["source"] == "OPENELM_MLX_BLAS"
+
+
+@linux_only
+@pytest.mark.parametrize("kind", ["missing", "not a library", "no cblas symbols"])
+def test_bad_explicit_path_warns_and_falls_back(tmp_path, kind):
+    if kind == "missing":
+        bad, expected = tmp_path / "libnope.so", "does not exist"
+    elif kind == "not a library":
+        bad, expected = tmp_path / "libbroken.so", "could not be loaded"
+        bad.write_bytes(b"not an ELF file")
+    else:
+        import ctypes.util
+
+        libm = ctypes.util.find_library("m")
+        if libm is None:
+            pytest.skip("no libm to stand in for a library without cblas symbols")
+        bad, expected = libm, "does not export cblas_sgemm"
+    status, stderr = status_in_subprocess(str(bad))
+    assert "BlasPreloadWarning" in stderr and str(bad) in stderr and expected in stderr
+    assert "falling back to automatic detection" in stderr
+    auto, _ = status_in_subprocess(None)
+    assert status["loaded"] == auto["loaded"] and status["path"] == auto["path"]  # the fallback is detection
+    assert status["source"] != "OPENELM_MLX_BLAS"
+
+
+@linux_only
+def test_importing_mlx_first_is_recorded_as_too_late():
+    system_openblas()
+    proc = run("import mlx.core\n" + STATUS, None)
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert status["too_late"] and not status["loaded"] and "imported before openelm_mlx" in status["reason"]
+    assert "BlasPreloadWarning" in proc.stderr and "import openelm_mlx first" in proc.stderr
+
+
+def test_detection_order(monkeypatch, tmp_path):
+    # Known install locations first, then the ldconfig cache, then the mkl wheel, then a system libmkl_rt;
+    # a library reachable by two names is tried once.
+    files = {name: tmp_path / name for name in ("libopenblas.so.0", "ld_openblas.so", "libmkl_rt.so.2", "sys_mkl.so")}
+    for path in files.values():
+        path.touch()
+    alias = tmp_path / "alias.so.0"
+    alias.symlink_to(files["libopenblas.so.0"])
+    monkeypatch.setattr(blas, "_known_openblas_paths", lambda: [str(tmp_path / "absent.so"), str(files["libopenblas.so.0"])])
+    monkeypatch.setattr(blas, "_ldconfig_paths", lambda prefix: {
+        "libopenblas": [str(alias), str(files["ld_openblas.so"])], "libmkl_rt": [str(files["sys_mkl.so"])]}[prefix])
+    monkeypatch.setattr(blas, "_mkl_wheel_paths", lambda: [str(files["libmkl_rt.so.2"])])
+    assert list(blas.candidates()) == [
+        (str(files["libopenblas.so.0"]), "system"), (str(files["ld_openblas.so"]), "system"),
+        (str(files["libmkl_rt.so.2"]), "mkl wheel"), (str(files["sys_mkl.so"]), "system")]
+
+
+@linux_only
+def test_ldconfig_parsing_finds_the_system_openblas():
+    path = system_openblas()
+    found = [os.path.realpath(p) for p in blas._ldconfig_paths("libopenblas")]
+    if not found:
+        pytest.skip("ldconfig is not available or its cache lists no OpenBLAS")
+    assert os.path.realpath(path) in found
+
+
+def test_preferred_cpu_dtype_rejects_unknown_tasks():
+    with pytest.raises(ValueError, match="unknown task 'training'"):
+        blas.preferred_cpu_dtype("training")
+
+
+LOGITS = """
+import sys
+import openelm_mlx
+import mlx.core as mx
+from openelm_mlx import blas
+from openelm_mlx.config import get_preset
+from openelm_mlx.model import Model
+mx.set_default_device(mx.cpu)
+model = Model(get_preset("tiny"))
+model.load_weights(sys.argv[1])
+tokens = mx.load(sys.argv[2])["tokens"]
+mx.save_safetensors(sys.argv[3], {"logits": model(tokens)})
+print(blas.status().kind)
+"""
+
+
+def mkl_wheel() -> str:
+    paths = blas._mkl_wheel_paths()
+    if not paths:
+        pytest.skip("the mkl wheel is not installed (pip install mkl)")
+    return paths[0]
+
+
+@linux_only
+@pytest.mark.parametrize("library", ["openblas", "mkl"])
+def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library):
+    # OpenBLAS as detected by default; MKL named explicitly, since a system OpenBLAS comes first.
+    if library == "mkl":
+        setting = mkl_wheel()
+    else:
+        system_openblas()
+        setting = None
+    import mlx.core as mx
+
+    from openelm_mlx.config import get_preset
+    from openelm_mlx.model import Model
+
+    mx.random.seed(3)
+    Model(get_preset("tiny")).save_weights(str(tmp_path / "w.safetensors"))
+    mx.save_safetensors(str(tmp_path / "t.safetensors"), {"tokens": mx.random.randint(3, 1000, (2, 24))})
+    logits = {}
+    for name, value, kind in (("reference", "none", "reference"), ("fast", setting, library)):
+        out = tmp_path / f"logits-{name}.safetensors"
+        proc = run(LOGITS, value, tmp_path / "w.safetensors", tmp_path / "t.safetensors", out)
+        assert proc.stdout.split()[-1] == kind  # the BLAS that computed these logits
+        logits[name] = mx.load(str(out))["logits"]
+    ref, fast = logits["reference"], logits["fast"]
+    assert ref.shape == fast.shape == (2, 24, get_preset("tiny").vocab_size)
+    assert mx.abs(ref).max().item() > 1.0  # not a degenerate model
+    assert mx.allclose(ref, fast, rtol=1e-5, atol=1e-4).item(), mx.abs(ref - fast).max().item()
+
+
+@pytest.mark.parametrize("setting", ["none", None])
+def test_info_reports_the_blas_in_use(setting):
+    proc = run("from openelm_mlx.info import main; main(['--size', '64', '--dtypes', 'float32'])", setting)
+    lines = proc.stdout.splitlines()
+    blas_line = next(line for line in lines if line.startswith("BLAS: "))
+    if setting == "none" and sys.platform.startswith("linux"):
+        assert "reference BLAS" in blas_line and "OPENELM_MLX_BLAS=none" in blas_line
+    gflops = float(next(line for line in lines if line.startswith("matmul 64x64 float32")).split()[-2])
+    assert gflops > 0
+    assert any(line.startswith("mlx: ") for line in lines)
+
+
+def test_mkl_wheel_is_found_through_its_metadata(monkeypatch, tmp_path):
+    # The mkl wheel installs libmkl_rt into <prefix>/lib, outside site-packages; RECORD lists it as ../../lib/...
+    site = tmp_path / "lib" / "python3" / "site-packages"
+    info = site / "mkl-2099.0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mkl\nVersion: 2099.0.0\n")
+    (info / "RECORD").write_text("../../../lib/libmkl_rt.so.2,,\n../../../lib/libmkl_core.so.2,,\n"
+                                 "mkl-2099.0.0.dist-info/METADATA,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert blas._mkl_wheel_paths() == [str(tmp_path / "lib" / "libmkl_rt.so.2")]
