@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows) or directories of them")
     add("--out", help="run directory (checkpoints, metrics.jsonl, token cache, the final export in RUN_DIR/hf)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", help="OpenELM-270M / -450M / -1_1B / -3B / -tiny (default tiny)")
+    g.add_argument("--preset", help="OpenELM-270M / -450M / -1_1B / -3B / -tiny")
     for name in ("model-dim", "num-transformer-layers", "head-dim", "num-gqa-groups", "ffn-dim-divisor"):
         g.add_argument(f"--{name}", type=int, help="override the preset's value")
     g.add_argument("--qkv-multipliers", nargs=2, type=float, metavar=("FIRST", "LAST"))
@@ -151,28 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uniform", action="store_true", help="isotropic variant with the same parameter count")
     g.add_argument("--tokenizer", help="SentencePiece tokenizer.model (e.g. Llama-2's)")
     g = p.add_argument_group("data")
-    g.add_argument("--seq-len", type=int, help="tokens per sample (default 256; Apple: 2048)")
+    g.add_argument("--seq-len", type=int, help="tokens per sample")
     g.add_argument("--pack", action="store_true", help="pack documents into full windows instead of padding")
-    g.add_argument("--doc-separator", help="document separator in .txt files (default <|endoftext|>)")
-    g.add_argument("--val-fraction", type=float, help="fraction of documents held out (default 0.02)")
+    g.add_argument("--doc-separator", help="document separator in .txt files")
+    g.add_argument("--val-fraction", type=float, help="fraction of documents held out")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
-    g.add_argument("--batch-size", type=int, help="samples per micro-batch per process (default 8)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    g.add_argument("--min-lr", type=float, help="final cosine learning rate (default 0.1 x lr)")
-    g.add_argument("--warmup", type=int, help="linear warmup steps from 1e-6 (default 100)")
-    g.add_argument("--lr-decay-iters", type=int, help="cosine horizon in steps (default --iters)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
-    g.add_argument("--grad-clip", type=float, help="max gradient norm (default 1.0)")
-    g.add_argument("--z-loss", type=float, help="z-loss coefficient (default 1e-4)")
+    g.add_argument("--iters", type=int, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, help="samples per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, help="final cosine learning rate")
+    g.add_argument("--warmup", type=int, help="linear warmup steps from 1e-6")
+    g.add_argument("--lr-decay-iters", type=int, help="cosine horizon in steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices")
+    g.add_argument("--grad-clip", type=float, help="max gradient norm")
+    g.add_argument("--z-loss", type=float, help="z-loss coefficient")
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line (default 10)")
-    g.add_argument("--eval-every", type=int, help="steps per validation (default 200)")
-    g.add_argument("--val-batches", type=int, help="validation batches per evaluation (default 20)")
-    g.add_argument("--save-every", type=int, help="steps per checkpoint (default 500)")
-    g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept (default 3)")
+    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line")
+    g.add_argument("--eval-every", type=int, help="steps per validation")
+    g.add_argument("--val-batches", type=int, help="validation batches per evaluation")
+    g.add_argument("--save-every", type=int, help="steps per checkpoint")
+    g.add_argument("--keep-checkpoints", type=int, help="checkpoints kept")
     g.add_argument("--resume", nargs="?", const="latest", help="continue the run in --out (or from CHECKPOINT)")
     g.add_argument("--export", help="also write the final HF-layout model directory here")
     g.add_argument("--force", action="store_true", help="start over in an --out that holds a run")
@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (large presets)")
+    defaults = TrainConfig()
+    for action in p._actions:  # the defaults live in TrainConfig only; show them in --help from there
+        value = getattr(defaults, action.dest, None)
+        if action.help and value not in (None, False, []):
+            action.help += f" (default {value})"
     return p
 
 
@@ -268,6 +273,19 @@ def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
     return ((lse - target) * keep).sum(), (lse.square() * keep).sum()
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_backward(forward, x: torch.Tensor, y: torch.Tensor, z_loss: float, scale: float,
+                     autocast_dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch: backward of (CE + z_loss * z) * scale; returns the detached sums."""
+    with autocast_context(x.device, autocast_dtype):
+        ce, z = loss_sums(forward(x), y)
+    ((ce + z_loss * z) * scale).backward()
+    return ce.detach(), z.detach()
 
 
 def flops_per_token(cfg: OpenELMConfig, seq_len: int) -> float:
@@ -596,11 +614,6 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
         f"device {device}{' bf16 autocast' if autocast_dtype else ''}; world {d.world}"
         f"{' FSDP' if tc.fsdp else ' DDP' if d.world > 1 else ''}")
 
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
-
     def evaluate() -> float:
         wrapped.eval()
         n = min(len(val_windows), tc.val_batches * B * d.world)
@@ -613,7 +626,7 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
         else:  # fewer samples than processes: everyone evaluates all of them
             share, scale = val_windows[:n], 1.0 / d.world
         ce_sum, count = 0.0, 0.0
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast_context(device, autocast_dtype):
             for i in range(0, len(share), B):
                 x, y = data_lib.collate(cache, share[i:i + B], tc.seq_len, pad_id)
                 ce, _ = loss_sums(forward(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
@@ -667,13 +680,11 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
                 first = (micro * d.world + d.rank) * B
                 x, y = data_lib.collate(cache, windows[first:first + B], tc.seq_len, pad_id)
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                with _no_sync(wrapped, tc, d, last=micro == tc.grad_accum - 1), autocast():
-                    ce, z = loss_sums(forward(x), y)
+                with _no_sync(wrapped, tc, d, last=micro == tc.grad_accum - 1):
                     # normalised by the global count and times world, since DDP/FSDP average over processes
-                    loss = (ce + tc.z_loss * z) * (d.world / targets)
-                loss.backward()
-                ce_total += ce.detach()
-                z_total += z.detach()
+                    ce, z = forward_backward(forward, x, y, tc.z_loss, d.world / targets, autocast_dtype)
+                ce_total += ce
+                z_total += z
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
                 grad_norm = grad_norm.full_tensor()
