@@ -111,6 +111,17 @@ def test_loss_falls_with_pinned_first_losses(tmp_path):
 
 
 @pytest.mark.slow
+def test_activation_checkpointing_and_bf16_autocast_reproduce_the_golden_losses(tmp_path):
+    ckpt = small_run(tmp_path, "ac", iters=3, activation_checkpointing=True)
+    np.testing.assert_allclose([l for _, l in ckpt.losses], GOLDEN_FIRST_LOSSES[:3], atol=2e-4)
+    bf16 = small_run(tmp_path, "bf16", iters=3, dtype="bfloat16")
+    np.testing.assert_allclose([l for _, l in bf16.losses], GOLDEN_FIRST_LOSSES[:3], rtol=1e-2)
+    packed = small_run(tmp_path, "pack", iters=3, pack=True)
+    assert packed.losses[0][1] != pytest.approx(GOLDEN_FIRST_LOSSES[0], abs=1e-3)  # different samples
+    assert packed.losses[-1][1] < packed.losses[0][1]
+
+
+@pytest.mark.slow
 def test_resume_is_exact_and_keeps_last_checkpoints(tmp_path):
     straight = small_run(tmp_path, "straight", iters=20, save_every=5, keep_checkpoints=2)
     assert [p.name for p in train_mod.list_checkpoints(straight.run_dir)] == ["step-0000015", "step-0000020"]
