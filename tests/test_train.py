@@ -265,3 +265,8 @@ def test_two_process_gloo_matches_one_process(tmp_path, mode, one_process_run):
     want, got = load_reference(one_process_run / "hf"), load_reference(tmp_path / "two" / "hf")
     for name, p in want.state_dict().items():
         torch.testing.assert_close(got.state_dict()[name], p, atol=1e-4, rtol=0)
+
+
+def test_example_yaml_resolves():
+    tc = resolve_config(["-c", str(ROOT / "examples" / "train-tiny-tinystories.yaml"), "--iters", "7"])
+    assert (tc.preset, tc.seq_len, tc.iters, tc.lr) == ("OpenELM-tiny", 128, 7, 3e-3)
