@@ -550,6 +550,8 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
     from tqdm import tqdm
 
     ckpt = _resume_state(tc, run_dir)
+    if tc.export and Path(tc.export).exists() and not tc.force:
+        raise TrainingError(f"--export {tc.export} already exists; pass --force to overwrite it")
     if ckpt is None and tc.force and is_main:
         for stale in ("checkpoints", "hf", "metrics.jsonl", "loss_curve.png"):
             p = run_dir / stale
