@@ -88,10 +88,13 @@ class Attention(nn.Module):
         groups = self.n_q // self.n_kv
         k = k.repeat_interleave(groups, dim=1)  # query head h reads KV head h // groups
         v = v.repeat_interleave(groups, dim=1)
-        if mask is None:
+        if mask is None and cache is None:
+            # Full causal pass (training): is_causal lets SDPA pick its flash / memory-efficient kernels.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
             # Bottom-right aligned causal mask: SDPA's is_causal is top-left aligned, wrong with a cache.
-            mask = causal_mask(L, k.shape[2], x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = causal_mask(L, k.shape[2], x.device) if mask is None else mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
 
 
