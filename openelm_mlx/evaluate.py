@@ -141,6 +141,12 @@ class OpenELMLM(TemplateLM):
         return out
 
 
+def task_list(spec: str) -> list[str]:
+    """'arc_easy, paper' -> task names, with 'paper' expanded to the paper's suite."""
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    return [x for t in names for x in (PAPER_TASKS if t == "paper" else (t,))]
+
+
 @dataclass
 class EvaluateSettings:
     model: Optional[str] = None
@@ -178,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate an MLX OpenELM model with lm-evaluation-harness.")
     p.add_argument("--model", default=None, help="MLX model directory")
     p.add_argument("--tasks", default=None,
-                   help=f"comma-separated lm-eval task names (the paper's: {','.join(PAPER_TASKS)})")
+                   help="comma-separated lm-eval task names; 'paper' is the paper's zero-shot suite "
+                        f"({','.join(PAPER_TASKS)})")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (the paper: 0)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if below 1)")
     p.add_argument("--include-path", default=None, help="folder of extra task YAML files")
@@ -202,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     limit = int(s.limit) if s.limit is not None and s.limit >= 1 else s.limit
     start = time.perf_counter()
     try:
-        results = evaluate(model=s.model, tasks=[t.strip() for t in s.tasks.split(",") if t.strip()],
+        results = evaluate(model=s.model, tasks=task_list(s.tasks),
                            num_fewshot=s.num_fewshot, limit=limit, include_path=s.include_path,
                            batch_size=s.batch_size, adapter_path=s.adapter_path, seed=s.seed)
     except ImportError as e:

@@ -2,8 +2,11 @@
 harness, its log-likelihoods against ones computed directly from the model's logits, rolling log-likelihoods
 against the perplexity windows, and greedy generation with stop strings against a cache-free argmax loop."""
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # nothing here may touch the network
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,11 +18,13 @@ import pytest  # noqa: E402
 from conftest import shared_file  # noqa: E402
 from model_dirs import reference_model, save_tiny  # noqa: E402
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed "
-                                                "(pip install 'openelm-mlx[eval]'; `make test` installs it)")
-from lm_eval.api.instance import Instance  # noqa: E402
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+requires_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-evaluation-harness is not installed "
+                                "(pip install 'openelm-mlx[eval]'; `make test` installs it)")
+if HAVE_LM_EVAL:
+    from lm_eval.api.instance import Instance
 
-from openelm_mlx.evaluate import OpenELMLM, evaluate, main  # noqa: E402
+from openelm_mlx.evaluate import PAPER_TASKS, OpenELMLM, evaluate, main, task_list  # noqa: E402
 from openelm_mlx.perplexity import perplexity  # noqa: E402
 
 DOCS = [
@@ -79,6 +84,7 @@ def direct_loglikelihood(model, tok, context, continuation):
 
 
 @pytest.mark.slow
+@requires_lm_eval
 def test_local_multiple_choice_task_matches_direct_loglikelihoods(lm, model_dir, task_dir):
     results = evaluate(model=str(model_dir), tasks=["tiny_mc"], include_path=str(task_dir), batch_size=4,
                        num_fewshot=0, log_samples=True)
@@ -93,6 +99,7 @@ def test_local_multiple_choice_task_matches_direct_loglikelihoods(lm, model_dir,
     assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(np.mean(correct))
 
 
+@requires_lm_eval
 def test_cli_writes_results_json(model_dir, task_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
     main(["--model", str(model_dir), "--tasks", "tiny_mc", "--include-path", str(task_dir), "--limit", "2",
@@ -106,6 +113,7 @@ def test_cli_writes_results_json(model_dir, task_dir, tmp_path, capsys):
               "--output-path", str(out)])
 
 
+@requires_lm_eval
 def test_empty_context_is_bos(lm):
     req = Instance("loglikelihood", {}, ("", "Once upon a time"), 0)
     (got, _), = lm.loglikelihood([req])
@@ -115,6 +123,7 @@ def test_empty_context_is_bos(lm):
     assert got == pytest.approx(logp[np.arange(len(ids) - 1), ids[1:]].sum(), abs=1e-4)
 
 
+@requires_lm_eval
 def test_rolling_loglikelihood_uses_the_perplexity_windows(model_dir):
     lm = OpenELMLM(str(model_dir), batch_size=2, max_length=32)
     texts = [shared_file("tinystories-fixture-4kb.txt").read_text()[:700], "A short one."]
@@ -136,6 +145,7 @@ def greedy_reference(model, tok, context, n):
     return tok.decode(new)
 
 
+@requires_lm_eval
 def test_generate_until_is_greedy_and_stops_at_stop_strings(lm):
     context = "Once upon a time, there was a little"
     want = greedy_reference(lm.model, lm.tokenizer, context, 10)
@@ -145,3 +155,17 @@ def test_generate_until_is_greedy_and_stops_at_stop_strings(lm):
     assert stop.strip()
     req = Instance("generate_until", {}, (context, {"until": [stop], "max_gen_toks": 10}), 0)
     assert lm.generate_until([req]) == [want[:want.find(stop)]]
+
+
+def test_paper_alias_expands_to_the_seven_zero_shot_tasks():
+    assert task_list("paper") == list(PAPER_TASKS) == [
+        "arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "sciq", "winogrande"]
+    assert task_list(" tiny_mc ,paper")[:2] == ["tiny_mc", "arc_challenge"]
+
+
+def test_cli_without_the_harness_says_how_to_install(tmp_path):
+    code = ("import sys; sys.modules['lm_eval'] = None; from openelm_mlx.evaluate import main; "
+            f"main(['--model', {str(tmp_path)!r}, '--tasks', 'arc_easy'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "pip install 'openelm-mlx[eval]'" in proc.stderr

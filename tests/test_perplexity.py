@@ -141,3 +141,10 @@ def test_quantized_perplexity_reported_next_to_float(dirs, text, tmp_path, capsy
     out = capsys.readouterr().out
     assert "| model | precision | perplexity | change vs first |" in out
     assert out.count("-bit (group 64)") == 2
+
+
+@pytest.mark.parametrize("module", ["openelm_mlx.perplexity", "openelm_mlx.evaluate"])
+def test_evaluation_modules_do_not_import_torch(module):
+    from test_imports import modules_after_import
+
+    assert "torch" not in modules_after_import(f"import {module}")
