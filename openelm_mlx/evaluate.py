@@ -62,6 +62,7 @@ class OpenELMLM(TemplateLM):
         self.name = str(pretrained)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> default
         self.max_length = int(max_length or self.config.max_context_length)
+        self.tokens_processed = 0  # for the tokens/s summary
 
     # --- what TemplateLM needs --------------------------------------------------------------------------------
     @property
@@ -93,6 +94,7 @@ class OpenELMLM(TemplateLM):
             full = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
             pairs.append((full[:-1], full[1:]))
         scored = score(self.model, pairs, self.batch_size, verbose=not disable_tqdm)
+        self.tokens_processed += sum(len(p[0]) for p in pairs)
         out = []
         for (lp, greedy), (_, _, continuation_enc) in zip(scored, requests):
             n = len(continuation_enc)
@@ -108,6 +110,7 @@ class OpenELMLM(TemplateLM):
                 pairs.append(pair)
                 owner.append(i)
         totals = [0.0] * len(requests)
+        self.tokens_processed += sum(len(p[0]) for p in pairs)
         for i, (lp, _) in zip(owner, score(self.model, pairs, self.batch_size, verbose=not disable_tqdm)):
             totals[i] += float(lp.astype("float64").sum())
         return totals
@@ -135,6 +138,7 @@ class OpenELMLM(TemplateLM):
                 if any(s in detok.text for s in until):
                     break
             detok.finalize()
+            self.tokens_processed += len(ids) + len(detok.tokens)
             text = detok.text
             cut = min((text.find(s) for s in until if s in text), default=len(text))
             out.append(text[:cut])
@@ -164,7 +168,8 @@ class EvaluateSettings:
 def evaluate(*, model: str, tasks: Sequence[str], num_fewshot: Optional[int] = None, limit: Optional[float] = None,
              include_path: Optional[str] = None, batch_size: int = 8, adapter_path: Optional[str] = None,
              seed: int = 0, log_samples: bool = False) -> dict:
-    """Run lm-eval `tasks` on an MLX model directory; returns the harness's results dict."""
+    """Run lm-eval `tasks` on an MLX model directory; returns the harness's results dict (plus
+    `tokens_processed`, the tokens the model read)."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -175,9 +180,11 @@ def evaluate(*, model: str, tasks: Sequence[str], num_fewshot: Optional[int] = N
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
     if manager is None or not set(tasks) <= set(manager.all_tasks) | set(manager.all_groups):
         manager = TaskManager(include_path=include_path)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=manager, log_samples=log_samples, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=manager, log_samples=log_samples, random_seed=seed,
+                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    results["tokens_processed"] = lm.tokens_processed
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,16 +219,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = evaluate(model=s.model, tasks=task_list(s.tasks),
                            num_fewshot=s.num_fewshot, limit=limit, include_path=s.include_path,
                            batch_size=s.batch_size, adapter_path=s.adapter_path, seed=s.seed)
-    except ImportError as e:
-        sys.exit(f"error: {e}")
-    except (OSError, ValueError, KeyError) as e:
+    except (ImportError, OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     from lm_eval.utils import make_table
 
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    print(f"{time.perf_counter() - start:.1f} s, peak memory {mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+    elapsed = time.perf_counter() - start
+    print(f"{results['tokens_processed']} tokens in {elapsed:.1f} s ({results['tokens_processed'] / elapsed:.1f} "
+          f"tokens/s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
     if out is not None:
         data = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot", "config")
                 if k in results}
