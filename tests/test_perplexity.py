@@ -148,3 +148,46 @@ def test_evaluation_modules_do_not_import_torch(module):
     from test_imports import modules_after_import
 
     assert "torch" not in modules_after_import(f"import {module}")
+
+
+def test_adapter_path_scores_the_adapted_model(dirs, text, tmp_path, capsys):
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from openelm_mlx.adapters import DEFAULT_KEYS
+
+    lora = {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": list(DEFAULT_KEYS)}
+    model, _ = load_model(dirs["float"])
+    model.freeze()
+    linear_to_lora_layers(model, 2, lora)
+    rng = np.random.default_rng(0)
+    adapters = {k: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))
+                for k, v in tree_flatten(model.trainable_parameters())}
+    adapter_dir = tmp_path / "adapters"
+    adapter_dir.mkdir()
+    mx.save_safetensors(str(adapter_dir / "adapters.safetensors"), adapters)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}))
+
+    # independent: fold y = xW^T + scale (x A) B into W' = W + scale (A B)^T on a plain float model
+    fused, _ = load_model(dirs["float"])
+    params = dict(tree_flatten(fused.parameters()))
+    new = {}
+    for name in adapters:
+        if name.endswith(".lora_a"):
+            base = name[: -len(".lora_a")]
+            a, b = adapters[name], adapters[base + ".lora_b"]
+            new[base + ".weight"] = params[base + ".weight"] + lora["scale"] * (a @ b).T
+    assert len(new) == 2 * len(DEFAULT_KEYS)
+    fused.load_weights(list(new.items()), strict=False)
+    tok = Tokenizer(dirs["float"])
+    ids = tok.encode(text, add_bos=False)[:200]
+    want = perplexity(fused, tok, ids, SEQ)[0]
+    assert want != pytest.approx(perplexity(load_model(dirs["float"])[0], tok, ids, SEQ)[0], rel=1e-3)
+
+    data = tmp_path / "t.txt"
+    data.write_text(text)
+    main(["--model", str(dirs["float"]), "--data", str(data), "--sequence-length", str(SEQ),
+          "--limit-tokens", "200", "--adapter-path", str(adapter_dir)])
+    got = float(capsys.readouterr().out.split("Perplexity:")[1].split()[0])
+    assert got == pytest.approx(want, rel=1e-3)
