@@ -5,7 +5,7 @@ Apple's recipe: that is the reference trainer's job), saves it as an MLX directo
 8-bit, 4-bit and, when the converter provides them, mixed-bit versions, and scores each on the same held-out
 tokens with `openelm_mlx.perplexity` (BOS-first windows). Prints a markdown table to stdout.
 
-    python benchmarks/quality.py [--iters 250] [--out benchmarks/out/quality]
+    python benchmarks/quality.py [--iters 150] [--out benchmarks/out/quality] [--reuse]
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ def main(argv=None) -> None:
     p.add_argument("--data", default=str(SHARED / "tinystories-sample-2mb.txt"))
     p.add_argument("--tokenizer", default=str(SHARED / "llama2-tokenizer.model"))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "quality"))
-    p.add_argument("--iters", type=int, default=250)
+    p.add_argument("--iters", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--sequence-length", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--held-out-stories", type=int, default=40)
-    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-tokens", type=int, default=2048)
     p.add_argument("--q-group-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="skip training if OUT/float32 exists")
