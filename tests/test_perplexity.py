@@ -191,3 +191,14 @@ def test_adapter_path_scores_the_adapted_model(dirs, text, tmp_path, capsys):
           "--limit-tokens", "200", "--adapter-path", str(adapter_dir)])
     got = float(capsys.readouterr().out.split("Perplexity:")[1].split()[0])
     assert got == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("which", ["float", "q4"])
+def test_perplexity_equals_mlx_lm_loading_the_same_directory(dirs, text, which):
+    """mlx-lm's own OpenELM implementation and loader (independent of ours) on the same directory and tokens."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    peer, _ = mlx_lm_load_model(dirs[which])
+    ours, _, tok = load(dirs[which])
+    ids = tok.encode(text, add_bos=False)[:300]
+    assert perplexity(ours, tok, ids, SEQ)[1] == pytest.approx(perplexity(peer, tok, ids, SEQ)[1], rel=1e-5)
