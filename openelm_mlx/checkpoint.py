@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import mlx.core as mx
@@ -115,6 +116,22 @@ def quantize_like(model: nn.Module, quantization: dict, weights: Optional[dict] 
                 class_predicate=predicate)
 
 
+def unpacked_shapes(weights: dict, quantization: dict) -> dict:
+    """Quantized weights are stored packed; check them as the (rows, groups * group_size) they de-quantize to."""
+    out = {}
+    for name, value in weights.items():
+        base = name.removesuffix(".weight")
+        scales = weights.get(f"{base}.scales") if base != name else None
+        if scales is None:
+            out[name] = value
+            continue
+        override = quantization.get(base)
+        group_size = override.get("group_size", quantization["group_size"]) if isinstance(override, dict) \
+            else quantization["group_size"]
+        out[name] = SimpleNamespace(shape=(*value.shape[:-1], scales.shape[-1] * group_size))
+    return out
+
+
 def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConfig]:
     """Load an MLX model directory (float or quantized)."""
     path = Path(path)
@@ -122,7 +139,8 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConf
     with open(path / "config.json") as f:
         quantization = json.load(f).get("quantization")
     weights = load_safetensors(weight_files(path))
-    check_weights(weights, cfg, source=str(path), ignore_suffixes=QUANT_SUFFIXES if quantization else ())
+    shapes = unpacked_shapes(weights, quantization) if quantization else weights
+    check_weights(shapes, cfg, source=str(path), ignore_suffixes=QUANT_SUFFIXES if quantization else ())
     model = Model(cfg)
     if quantization:
         quantize_like(model, quantization, weights)
@@ -145,3 +163,15 @@ def save_model(model: Model, path: str | Path, quantization: Optional[dict] = No
         if tokenizer_src is not None:
             shutil.copy(tokenizer_src, tmp / "tokenizer.model")
     return Path(path)
+
+
+def load(path: str | Path, adapter_path: Optional[str | Path] = None, lazy: bool = False):
+    """Model, config and tokenizer of an MLX model directory, with LoRA/DoRA adapters applied if given."""
+    from .tokenizer import Tokenizer
+
+    model, cfg = load_model(path, lazy=lazy)
+    if adapter_path is not None:
+        from .adapters import load_adapters
+
+        model = load_adapters(model, adapter_path)
+    return model, cfg, Tokenizer(path)

@@ -1,0 +1,50 @@
+"""CLI settings with one precedence rule: dataclass defaults < YAML file (`-c/--config`) < flags given."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Optional, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default=None,
+                        help="YAML file of settings (keys are the flag names with '_'); flags override it")
+
+
+def parse_settings(parser: argparse.ArgumentParser, defaults: type[T], argv: Optional[Sequence[str]] = None) -> T:
+    """Parse `argv` into a `defaults` dataclass instance.
+
+    Every flag of `parser` except `--config` must be declared with `default=None` so that a flag the user did
+    not give is told apart from one set to its default value.
+    """
+    args = vars(parser.parse_args(argv))
+    names = {f.name for f in dataclasses.fields(defaults)}
+    values: dict = {}
+    config = args.pop("config", None)
+    if config:
+        path = Path(config)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise SettingsError(f"{path}: cannot read the settings file ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise SettingsError(f"{path}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise SettingsError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
+            values[name] = value
+    values.update({k: v for k, v in args.items() if v is not None})
+    return defaults(**values)
