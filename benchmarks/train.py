@@ -128,7 +128,7 @@ def main(argv=None) -> int:
             tps = batch * seq / sec
             flops = flops_per_token(cfg, seq) * tps
             rows.append((preset, f"{num_parameters(cfg) / 1e6:.1f}M", mode, batch, seq, f"{sec * 1e3:,.0f}",
-                         f"{tps:,.0f}", f"{flops / 1e9:,.2f}", f"{100 * flops / peak:.1f}%"))
+                         f"{tps:,.0f}" if tps >= 100 else f"{tps:.2f}", f"{flops / 1e9:,.2f}", f"{100 * flops / peak:.1f}%"))
     head = ("preset", "params", "mode", "batch", "seq", "ms/step", "tokens/s", "model GFLOP/s", "MFU")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
