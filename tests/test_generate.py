@@ -150,6 +150,28 @@ def test_quantized_model_generates_and_equals_dequantized(tiny, tmp_path, bits):
     assert len(got) == 16 and got == tokens_of(deq, tok, PROMPT, max_tokens=16)
 
 
+def test_half_precision_quantized_model_runs_in_float32_on_cpu(tiny, tmp_path):
+    ref, _ = tiny
+    model = mlx_model_of(ref)
+    model.set_dtype(mx.float16)
+    quantization = {"group_size": 64, "bits": 4}
+    nn.quantize(model, **quantization)
+    path = write_dir(model, tmp_path / "q4-half", quantization=quantization)
+    stored, _ = load_model(path)
+    ours, tok = gen.load(path)
+    q_stored, q_ours = stored.layers[2].ffn.proj_1, ours.layers[2].ffn.proj_1
+    assert mx.array_equal(q_ours.weight, q_stored.weight) and q_stored.scales.dtype == mx.float16
+    want_dtype = mx.float32 if mx.default_device() == mx.cpu else mx.float16
+    assert q_ours.scales.dtype == want_dtype and mx.array_equal(q_ours.scales, q_stored.scales.astype(want_dtype))
+    ids = mx.array([tok.encode(PROMPT)])
+    got = np.array(ours(ids).astype(mx.float32))
+    np.testing.assert_allclose(got, np.array(dequantized_copy(ours)(ids).astype(mx.float32)), atol=1e-4, rtol=0)
+    # the stored model run in float16 agrees to float16 rounding (1.1e-2 relative measured here)
+    half = np.array(stored(ids).astype(mx.float32))
+    assert np.linalg.norm(got - half) / np.linalg.norm(half) < 2e-2
+    assert (got.argmax(-1) == half.argmax(-1)).mean() > 0.9
+
+
 def test_eos_stops_generation(loaded):
     model, tok = loaded
     n_prompt = len(tok.encode(PROMPT))
