@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--precisions", default=",".join(PRECISIONS))
-    p.add_argument("--rounds", type=int, default=1, help="alternating rounds per precision (median reported)")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per precision (median reported)")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="Llama-2 tokenizer.model")
     args = p.parse_args(argv)
 

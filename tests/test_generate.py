@@ -150,6 +150,7 @@ def test_quantized_model_generates_and_equals_dequantized(tiny, tmp_path, bits):
     assert len(got) == 16 and got == tokens_of(deq, tok, PROMPT, max_tokens=16)
 
 
+@pytest.mark.slow  # runs the stored float16 quantized model, which is slow on MLX's CPU backend (the point)
 def test_half_precision_quantized_model_runs_in_float32_on_cpu(tiny, tmp_path):
     ref, _ = tiny
     model = mlx_model_of(ref)
