@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "OpenELMConfig": "config", "get_preset": "config", "layer_plan": "config", "load_config": "config",
     "Model": "model", "Tokenizer": "tokenizer", "load_model": "checkpoint", "save_model": "checkpoint",
+    "load": "generate", "generate": "generate", "stream_generate": "generate", "batch_generate": "generate",
 }
 
 
@@ -20,5 +21,8 @@ def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        # Bind every name this module exports: importing the submodule `generate` binds that name to the module.
+        globals().update({n: getattr(module, n) for n, m in _LAZY.items() if m == _LAZY[name]})
+        return globals()[name]
     raise AttributeError(f"module 'openelm_mlx' has no attribute {name!r}")

@@ -1,0 +1,422 @@
+"""Text generation with OpenELM: `python -m openelm_mlx.generate` and the Python API (`load`, `generate`,
+`stream_generate`, `batch_generate`).
+
+Our MLX model is driven by mlx-lm's machinery (`generate_step`, `speculative_generate_step`, `BatchGenerator`,
+its samplers, logits processors and KV caches); the tokenizer, streaming detokenizer and the OpenELM-Instruct
+chat template are ours (`openelm_mlx.tokenizer`). Apple's `generate_openelm.py` (apple/OpenELM-*-Instruct)
+samples with `repetition_penalty=1.2`. mlx-lm is imported inside functions: its package import pulls in
+transformers and torch, which `import openelm_mlx.generate` must not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .adapters import load_adapters
+from .checkpoint import load_model
+from .model import Model
+from .tokenizer import Tokenizer
+
+Prompt = Union[str, Sequence[int]]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Only what a converted MLX repo needs; never *.py (no remote code).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+DEFAULT_PREFILL_STEP = 2048
+
+
+class GenerateError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local directory as is; otherwise an `org/name` hub id fetched (or found in the cache) with
+    huggingface_hub, which honours HF_HOME and HF_HUB_OFFLINE."""
+    local = Path(path)
+    if local.exists():
+        if not local.is_dir():
+            raise GenerateError(f"{local}: is a file; --model takes a model directory (config.json, "
+                                f"model.safetensors, tokenizer.model)")
+        return local
+    if HUB_ID.match(str(path)):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(str(path), allow_patterns=HUB_PATTERNS))
+        except Exception as e:  # offline cache miss, unknown repo, network error
+            raise GenerateError(f"{path}: no such local directory, and fetching it from the Hugging Face hub "
+                                f"failed ({type(e).__name__}: {e})") from None
+    raise GenerateError(f"{path}: no such model directory; convert one first "
+                        f"(python -m openelm_mlx.convert --hf-path apple/OpenELM-270M-Instruct) or pass --model")
+
+
+def load(path: str | Path = "mlx_model", adapter_path: Optional[str | Path] = None,
+         lazy: bool = False) -> tuple[Model, Tokenizer]:
+    """Load a converted model directory (or MLX hub repo) and its tokenizer, with optional LoRA adapters."""
+    path = resolve_model_path(path)
+    model, _ = load_model(path, lazy=lazy)
+    upcast_quantized_on_cpu(model)
+    tokenizer = Tokenizer(path)
+    if adapter_path is not None:
+        model = load_adapters(model, adapter_path)
+    return model, tokenizer
+
+
+def upcast_quantized_on_cpu(model: Model) -> bool:
+    """On MLX's CPU backend, run a quantized model in float32: its float16/bfloat16 scales, biases and norms are
+    cast up (exact), because CPU quantized matmuls with half-precision scales are 10-30x slower than with float32
+    ones (mlx 0.32, measured by benchmarks/generate.py). The packed weights are untouched; memory grows by the
+    scales (about 6% at 4 bits, group 64). Returns whether it cast anything."""
+    import mlx.nn as nn
+
+    if mx.default_device() != mx.cpu:
+        return False
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if not quantized or all(m.scales.dtype == mx.float32 for m in quantized):
+        return False
+    model.set_dtype(mx.float32)  # floating parameters only; the uint32 packed weights keep their type
+    mx.eval(model.parameters())
+    return True
+
+
+def is_instruct(path: str | Path) -> bool:
+    """Whether a model is an Instruct (chat) model: the source name the converter records in config.json
+    (`_name_or_path`, e.g. "apple/OpenELM-270M-Instruct") or the model's own path/hub id contains "instruct"."""
+    names = [Path(path).name, str(path) if HUB_ID.match(str(path)) else ""]
+    config = Path(path) / "config.json"
+    if config.is_file():
+        try:
+            names.append(str(json.loads(config.read_text()).get("_name_or_path", "")))
+        except json.JSONDecodeError:
+            pass  # load_model reports a broken config.json with its line number
+    return any("instruct" in name.lower() for name in names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts and settings shared by the API and the CLI
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, chat: bool = False,
+                  system_prompt: Optional[str] = None) -> list[int]:
+    """Prompt text -> ids (BOS first); with `chat`, wrapped in the OpenELM-Instruct template. Ids pass through."""
+    if not isinstance(prompt, str):
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerateError("the prompt is empty (no token ids)")
+        return ids
+    if not prompt.strip():
+        raise GenerateError("the prompt is empty; pass some text with -p/--prompt (or -p - to read stdin)")
+    if not chat:
+        return tokenizer.encode(prompt)
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    return tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
+
+
+def check_length(num_prompt: int, max_tokens: int, context: int) -> None:
+    """Too long a prompt is an error; prompt plus max tokens past the context is a warning."""
+    if num_prompt > context:
+        raise GenerateError(f"the prompt is {num_prompt} tokens, longer than the model's context of {context} "
+                            f"tokens (max_context_length in config.json); shorten it")
+    if max_tokens > 0 and num_prompt + max_tokens > context:
+        warnings.warn(f"prompt ({num_prompt} tokens) plus max tokens ({max_tokens}) exceeds the model's context "
+                      f"of {context} tokens; output past position {context} is unreliable", stacklevel=3)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable:
+    from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
+
+    return mlx_lm_make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+def make_logits_processors(repetition_penalty: Optional[float] = None,
+                           repetition_context_size: int = 20) -> list:
+    from mlx_lm.sample_utils import make_logits_processors as mlx_lm_make_logits_processors
+
+    return mlx_lm_make_logits_processors(repetition_penalty=repetition_penalty,
+                                         repetition_context_size=repetition_context_size)
+
+
+def make_cache(model: Model, max_kv_size: Optional[int] = None) -> list:
+    """Per-layer KV caches; with `max_kv_size`, mlx-lm's rotating cache (keeps the first 4 positions)."""
+    if max_kv_size is None:
+        return model.make_cache()
+    from mlx_lm.models.cache import RotatingKVCache
+
+    return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate` (the fields of mlx-lm's GenerationResponse).
+
+    `text` is the newly completed text (may be empty); `peak_memory` is in GB; `finish_reason` is "stop" (EOS),
+    "length" (max tokens) or None while generating.
+    """
+
+    text: str
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: Optional[str] = None
+
+
+def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, *, max_tokens: int = 256,
+                    sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
+                    max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64,
+                    quantized_kv_start: int = 0, draft_model: Optional[Model] = None,
+                    num_draft_tokens: int = 3, prefill_step_size: int = DEFAULT_PREFILL_STEP,
+                    prompt_cache: Optional[list] = None) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text, encoded with BOS; or token ids), yielding text as it completes.
+
+    Stops at EOS or after `max_tokens`. Greedy unless a `sampler` is given (see `make_sampler`). With
+    `draft_model` (same tokenizer), speculative decoding: greedy output equals the model's own greedy output.
+    """
+    from mlx_lm.generate import generate_step, speculative_generate_step
+
+    ids = encode_prompt(tokenizer, prompt)
+    if max_tokens < 1:
+        raise GenerateError(f"max_tokens must be at least 1, got {max_tokens}")
+    check_length(len(ids), max_tokens, model.config.max_context_length)
+    kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+    common = dict(max_tokens=max_tokens, sampler=sampler, logits_processors=logits_processors,
+                  prefill_step_size=prefill_step_size, **kv)
+    if kv_bits is not None and max_kv_size is not None:
+        raise GenerateError("--kv-bits and --max-kv-size cannot be combined (mlx-lm's rotating cache cannot be "
+                            "quantized)")
+    if kv_bits is not None and model.config.head_dim % kv_group_size:
+        raise GenerateError(f"--kv-group-size {kv_group_size} does not divide the model's head_dim "
+                            f"{model.config.head_dim}; use 32, 64 or 128 dividing it")
+    if draft_model is not None:
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise GenerateError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the "
+                                f"model's ({model.config.vocab_size}); they must share a tokenizer")
+        if max_kv_size is not None:
+            raise GenerateError("speculative decoding needs a trimmable KV cache; drop --max-kv-size")
+        cache = prompt_cache or make_cache(model) + make_cache(draft_model)
+        steps = speculative_generate_step(mx.array(ids), model, draft_model, num_draft_tokens=num_draft_tokens,
+                                          prompt_cache=cache, **common)
+    else:
+        cache = prompt_cache or make_cache(model, max_kv_size)
+        steps = ((t, lp, False) for t, lp in generate_step(mx.array(ids), model, prompt_cache=cache, **common))
+
+    detok = tokenizer.detokenizer()
+    eos = tokenizer.eos_token_ids
+    tic = time.perf_counter()
+    prompt_tps, n, token, logprobs, from_draft = 0.0, 0, None, None, False
+
+    def response(text, finish_reason=None):
+        elapsed = time.perf_counter() - tic
+        return GenerationResponse(text, token, logprobs, from_draft, len(ids), prompt_tps, n,
+                                  n / elapsed if elapsed > 0 else 0.0, mx.get_peak_memory() / 1e9, finish_reason)
+
+    for n, (token, logprobs, from_draft) in enumerate(steps, start=1):
+        if n == 1:  # the first token arrives when the prompt is processed
+            prompt_tps = len(ids) / (time.perf_counter() - tic)
+            tic = time.perf_counter()
+        if token in eos:
+            yield response(detok.finalize(), "stop")
+            return
+        text = detok.add_token(token)
+        if n == max_tokens:
+            yield response(text + detok.finalize(), "length")
+            return
+        yield response(text)
+
+
+def generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, verbose: bool = False, **kwargs) -> str:
+    """The whole response text; `kwargs` as for `stream_generate`. `verbose` prints mlx-lm's stats to stderr."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += last.text
+    if verbose and last is not None:
+        print_stats(last)
+    return text
+
+
+def print_stats(r: GenerationResponse, file=None) -> None:
+    """mlx-lm's summary lines, so tools that read its output read ours."""
+    file = file or sys.stderr
+    print(f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {r.peak_memory:.3f} GB", file=file)
+
+
+def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt], *, max_tokens: int = 256,
+                   sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
+                   prefill_step_size: int = DEFAULT_PREFILL_STEP, batch_size: int = 32) -> list[str]:
+    """Generate for several prompts at once with mlx-lm's BatchGenerator (left-padded batches with a padding
+    mask, each sequence stopping at its own EOS). Greedy output equals one-at-a-time `generate`."""
+    from mlx_lm.generate import batch_generate as mlx_lm_batch_generate
+
+    if not prompts:
+        raise GenerateError("no prompts given")
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    for i in ids:
+        check_length(len(i), max_tokens, model.config.max_context_length)
+    out = mlx_lm_batch_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=sampler,
+                                logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+                                completion_batch_size=batch_size, prefill_batch_size=min(batch_size, 8),
+                                return_token_ids=True)
+    return [tokenizer.decode(t) for t in out.token_ids]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class GenerateConfig:
+    """CLI defaults; a YAML file (-c/--config, these keys) overrides them, flags override both."""
+
+    model: str = "mlx_model"
+    prompt: Optional[str] = None
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    seed: Optional[int] = None
+    chat: Optional[bool] = None  # None: on for Instruct models (see `is_instruct`)
+    system_prompt: Optional[str] = None
+    adapter_path: Optional[str] = None
+    max_kv_size: Optional[int] = None
+    kv_bits: Optional[int] = None
+    kv_group_size: int = 64
+    quantized_kv_start: int = 0
+    draft_model: Optional[str] = None
+    num_draft_tokens: int = 3
+    prefill_step_size: int = DEFAULT_PREFILL_STEP
+    verbose: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: only flags given on the command line appear, so they override the YAML file and no more.
+    p = argparse.ArgumentParser(prog="python -m openelm_mlx.generate", argument_default=argparse.SUPPRESS,
+                                description="Generate text with an OpenELM model converted to MLX.")
+    p.add_argument("-c", "--config", help="YAML file with settings (keys as the long flags, with underscores)")
+    p.add_argument("--model", help="model directory, or an MLX repo id on the Hugging Face hub (default: mlx_model)")
+    p.add_argument("-p", "--prompt", help="prompt text; '-' reads it from stdin")
+    p.add_argument("-m", "--max-tokens", type=int, help="maximum number of tokens to generate (default: 256)")
+    p.add_argument("--temp", type=float, help="sampling temperature; 0 is greedy (default: 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 1.0, off)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: 0, off)")
+    p.add_argument("--min-p", type=float, help="min-p sampling threshold (default: 0, off)")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="penalise tokens seen in the last --repetition-context-size tokens; Apple's OpenELM "
+                        "examples use 1.2 (default: off)")
+    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty looks back on (default: 20)")
+    p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction,
+                   help="wrap the prompt in the OpenELM-Instruct chat template (default: on for Instruct models)")
+    p.add_argument("--system-prompt", help="system message for the chat template")
+    p.add_argument("--adapter-path", help="directory with LoRA adapters (adapter_config.json, adapters.safetensors)")
+    p.add_argument("--max-kv-size", type=int, help="bound the KV cache (rotating; keeps the first 4 tokens)")
+    p.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 6, 8], help="quantize the KV cache to this many bits")
+    p.add_argument("--kv-group-size", type=int, help="group size for KV-cache quantization (default: 64)")
+    p.add_argument("--quantized-kv-start", type=int, help="quantize the KV cache from this position (default: 0)")
+    p.add_argument("--draft-model", help="smaller model (same tokenizer) for speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens the draft model proposes per step (default: 3)")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens processed per step (default: 2048)")
+    p.add_argument("--verbose", action="store_true", help="print prompt/generation speed and peak memory to stderr")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> GenerateConfig:
+    values = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise GenerateError(f"{path}: cannot read the YAML settings ({e})") from None
+        fields = {f.name for f in dataclasses.fields(GenerateConfig)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise GenerateError(f"{path}: unknown settings {unknown}; known: {sorted(fields)}")
+    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    return GenerateConfig(**values)
+
+
+def run(*, settings: GenerateConfig, stdin=None, out=None) -> GenerationResponse:
+    """Generate with CLI settings, streaming the text to `out` (stdout); stats and warnings go to stderr."""
+    out = out or sys.stdout
+    s = settings
+    prompt = s.prompt
+    if prompt is None:
+        raise GenerateError("no prompt; pass -p/--prompt TEXT (or -p - to read it from stdin)")
+    if prompt == "-":
+        prompt = (stdin or sys.stdin).read()
+    if s.seed is not None:
+        mx.random.seed(s.seed)
+    model, tokenizer = load(s.model, adapter_path=s.adapter_path)
+    draft = load(s.draft_model)[0] if s.draft_model else None
+    chat = s.chat if s.chat is not None else is_instruct(s.model) or is_instruct(resolve_model_path(s.model))
+    ids = encode_prompt(tokenizer, prompt, chat=chat, system_prompt=s.system_prompt)
+    last = None
+    for last in stream_generate(
+            model, tokenizer, ids, max_tokens=s.max_tokens,
+            sampler=make_sampler(s.temp, s.top_p, s.top_k, s.min_p),
+            logits_processors=make_logits_processors(s.repetition_penalty, s.repetition_context_size),
+            max_kv_size=s.max_kv_size, kv_bits=s.kv_bits, kv_group_size=s.kv_group_size,
+            quantized_kv_start=s.quantized_kv_start, draft_model=draft, num_draft_tokens=s.num_draft_tokens,
+            prefill_step_size=s.prefill_step_size):
+        print(last.text, end="", file=out, flush=True)
+    print(file=out, flush=True)
+    if s.verbose:
+        print_stats(last)
+    return last
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"[WARNING] {msg}", file=sys.stderr)
+        try:
+            run(settings=settings_from_args(args))
+        except (ValueError, OSError) as e:  # our errors (GenerateError, ConfigError, AdapterError, ...) name the cause
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """`openelm_mlx.generate` names both this module and its `generate` function (as in mlx-lm); importing the
+    module rebinds the package attribute to it, so calling it still generates."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+    sys.exit(main())
