@@ -211,11 +211,12 @@ def describe() -> str:
     return f"BLAS: MLX's bundled reference BLAS, slow on CPU ({s.reason})"
 
 
-# Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (see README): with an
-# optimized BLAS float32 GEMM/GEMV is many times faster than bfloat16/float16, whose CPU matmuls bypass BLAS.
+# Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (2 cores, OpenBLAS
+# 0.3.21): with an optimized BLAS float32 prefill and LoRA run 10-20x faster than bfloat16 / float16, whose CPU
+# matmuls bypass BLAS, and decode ties with bfloat16; without one, bfloat16 is about 1.5-2x faster than float32.
 _CPU_DTYPE = {
     True: {"prefill": "float32", "decode": "float32", "lora": "float32"},
-    False: {"prefill": "float32", "decode": "float32", "lora": "float32"},
+    False: {"prefill": "bfloat16", "decode": "bfloat16", "lora": "bfloat16"},
 }
 
 

@@ -135,6 +135,16 @@ def test_ldconfig_parsing_finds_the_system_openblas():
     assert os.path.realpath(path) in found
 
 
+@linux_only
+@pytest.mark.parametrize("setting", ["none", None])
+def test_preferred_cpu_dtype_follows_the_blas_in_use(setting):
+    if setting is None:
+        system_openblas()
+    proc = run("import openelm_mlx.blas as b; print(*(b.preferred_cpu_dtype(t) for t in b.TASKS))", setting)
+    expected = "bfloat16" if setting == "none" else "float32"
+    assert proc.stdout.split() == [expected] * len(blas.TASKS)
+
+
 def test_preferred_cpu_dtype_rejects_unknown_tasks():
     with pytest.raises(ValueError, match="unknown task 'training'"):
         blas.preferred_cpu_dtype("training")
