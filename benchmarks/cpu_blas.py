@@ -285,7 +285,8 @@ def report(runs: dict, load_before: float, load_after: float) -> None:
         same = rows.get(("optimized", "mlx-lm", best["dtype"]))
         bound = bounds.get(task) or peaks["read_gbs"] * 1e9 / weight_bytes(best["dtype"])
         unit = "read-bandwidth bound" if task == "decode" else "GEMM bound"
-        print(f"  {task:<8} {best['dtype']:<9} {best[task]:8.2f} tok/s = {best[task] / stock[task]:6.1f}x stock mlx-lm; "
+        print(f"  {task:<8} {best['dtype']:<9} {best[task]:8.2f} tok/s = "
+              f"{best[task] / stock[task]:6.1f}x stock mlx-lm; "
               + (f"{best[task] / same[task]:.2f}x mlx-lm with the same BLAS and dtype; " if same else "")
               + f"{100 * best[task] / bound:.0f}% of the {unit} ({bound:.1f} tok/s)")
     ref = rows["reference", "ours", "float32"]

@@ -14,6 +14,7 @@ wheel. Nothing happens off Linux (macOS uses Accelerate). Only the standard libr
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import subprocess
@@ -68,20 +69,24 @@ def _known_openblas_paths() -> list[str]:
     return paths
 
 
-def _ldconfig_paths(prefix: str) -> list[str]:
-    """Libraries in the dynamic linker cache whose name starts with `prefix` (`ldconfig -p`)."""
+@functools.lru_cache(maxsize=1)
+def _ldconfig_cache() -> str:
     for exe in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
         try:
-            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
+            return subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             continue
-        found = []
-        for line in out.splitlines():
-            name, _, path = line.strip().partition(" => ")
-            if name.startswith(prefix) and path:  # a wrong-arch entry fails to load and is skipped
-                found.append(path.strip())
-        return found
-    return []
+    return ""
+
+
+def _ldconfig_paths(prefix: str) -> list[str]:
+    """Libraries in the dynamic linker cache (`ldconfig -p`) whose name starts with `prefix`."""
+    found = []
+    for line in _ldconfig_cache().splitlines():
+        name, _, path = line.strip().partition(" => ")
+        if name.startswith(prefix) and path:  # a wrong-arch or ILP64 entry fails the probe and is skipped
+            found.append(path.strip())
+    return found
 
 
 def _mkl_wheel_paths() -> list[str]:
@@ -92,7 +97,8 @@ def _mkl_wheel_paths() -> list[str]:
         dist = metadata.distribution("mkl")
     except metadata.PackageNotFoundError:
         return []
-    return [os.path.normpath(dist.locate_file(f)) for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
+    files = [f for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
+    return [os.path.normpath(dist.locate_file(f)) for f in files]
 
 
 def candidates() -> Iterator[tuple[str, str]]:
