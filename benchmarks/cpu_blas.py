@@ -5,8 +5,8 @@ matmul GFLOP/s, prefill and decode tokens/s and LoRA training tokens/s, with MLX
 with the optimized BLAS, for `openelm_mlx.model.Model` and mlx-lm's `mlx_lm.models.openelm.Model`, and for
 float32 / bfloat16 / float16. The BLAS is fixed when mlx is first imported, so each BLAS setting runs in its own
 subprocess (`OPENELM_MLX_BLAS=none` for the reference); inside one, all models alternate (run by run, decode step
-by decode step) so they see the same load on a shared machine. The parent measures the peaks: numpy's (OpenBLAS)
-float32 GEMM GFLOP/s and the memory read bandwidth.
+by decode step) so they see the same load on a shared machine. The peaks, numpy's own (OpenBLAS) float32 GEMM
+GFLOP/s and the memory read bandwidth, are measured in each child before and after its models (the best counts).
 
     python benchmarks/cpu_blas.py                      # about 6-9 minutes on 2 busy cores
     python benchmarks/cpu_blas.py --quick              # fewer tokens everywhere, a smoke test
@@ -60,6 +60,7 @@ def run_child(variants: list[dict]) -> dict:
 
     mx.set_default_device(mx.cpu)
     out = {"blas": blas.describe(), "optimized": blas.status().loaded, "matmul_gflops": {}, "logit_diff": {}}
+    peaks = [machine_peaks()]  # again after the models: the load of a shared machine changes over minutes
     n = 1024
     for dtype in dict.fromkeys(v["dtype"] for v in variants):
         a, b = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
@@ -131,6 +132,8 @@ def run_child(variants: list[dict]) -> dict:
                 t = _timed(lambda: mx.eval(steps[key](batch)))
                 res[key]["lora"] = max(res[key].get("lora", 0.0), spec[key]["lora_seq"] / t)
     log("  LoRA: " + _fmt(res, "lora"))
+    peaks.append(machine_peaks())
+    out["peaks"] = {k: max(p[k] for p in peaks) for k in ("gemm_gflops", "read_gbs")}
     out["results"] = [dict(impl=k[0], dtype=k[1], prefill_len=spec[k]["prefill"], decode_len=spec[k]["decode"],
                            lora_len=spec[k]["lora_seq"], **res[k]) for k in models]
     return out
@@ -180,7 +183,7 @@ def machine_peaks() -> dict:
     chunks = np.array_split(a, threads)
     with ThreadPoolExecutor(threads) as pool:  # numpy reductions release the GIL
         best = min(_timed(lambda: list(pool.map(np.max, chunks))) for _ in range(5))
-    return {"gemm_gflops": gflops, "read_gbs": a.nbytes / best / 1e9, "numpy": np.__version__}
+    return {"gemm_gflops": gflops, "read_gbs": a.nbytes / best / 1e9}
 
 
 def flops_per_token(context: int) -> float:
@@ -231,10 +234,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     full, small = (QUICK_FULL, QUICK_SMALL) if opts.quick else (
         dict(FULL, lora_steps=opts.lora_steps, reps=opts.reps), SMALL)
-    peaks = machine_peaks()
-    peaks["load_before"] = os.getloadavg()[0]
-    log(f"machine: {os.cpu_count()} CPUs, numpy GEMM {peaks['gemm_gflops']:.1f} GFLOP/s, "
-        f"read {peaks['read_gbs']:.1f} GB/s")
+    load_before = os.getloadavg()[0]
     fp32 = [dict(full, impl=impl, dtype="float32") for impl in ("ours", "mlx-lm")]
     plan = [("reference", "none", [dict(v, **small) for v in fp32]),
             # bfloat16 / float16 matmuls bypass BLAS on CPU (a few GFLOP/s): small sizes, our model only.
@@ -246,16 +246,18 @@ def main(argv=None) -> None:
         log(f"[{label} BLAS: OPENELM_MLX_BLAS={env_blas}]")
         runs[label] = child_run(env_blas, variants)
         log(f"  {runs[label]['blas']}")
-    peaks["load_after"] = os.getloadavg()[0]
-    report(runs, peaks)
+    report(runs, load_before, os.getloadavg()[0])
     log(f"total {time.perf_counter() - start:.0f} s")
 
 
-def report(runs: dict, peaks: dict) -> None:
-    print(f"{os.cpu_count()} CPUs; load average {peaks['load_before']:.1f} at the start, "
-          f"{peaks['load_after']:.1f} at the end (other processes share these cores)")
-    print(f"peaks: numpy float32 GEMM {peaks['gemm_gflops']:.1f} GFLOP/s (numpy {peaks['numpy']}), "
-          f"memory read {peaks['read_gbs']:.1f} GB/s")
+def report(runs: dict, load_before: float, load_after: float) -> None:
+    import numpy as np
+
+    peaks = runs["optimized"]["peaks"]
+    print(f"{os.cpu_count()} CPUs; load average {load_before:.1f} at the start, {load_after:.1f} at the end "
+          f"(other processes share these cores)")
+    print(f"peaks (best of before and after the optimized run, in its process): numpy {np.__version__} float32 "
+          f"GEMM {peaks['gemm_gflops']:.1f} GFLOP/s, memory read {peaks['read_gbs']:.1f} GB/s")
     for label, r in runs.items():
         print(f"{label}: {r['blas']}")
         print(f"  matmul 1024x1024 GFLOP/s: " + ", ".join(f"{d} {g:.1f}" for d, g in r["matmul_gflops"].items())
@@ -283,7 +285,8 @@ def report(runs: dict, peaks: dict) -> None:
         same = rows.get(("optimized", "mlx-lm", best["dtype"]))
         bound = bounds.get(task) or peaks["read_gbs"] * 1e9 / weight_bytes(best["dtype"])
         unit = "read-bandwidth bound" if task == "decode" else "GEMM bound"
-        print(f"  {task:<8} {best['dtype']:<9} {best[task]:8.2f} tok/s = {best[task] / stock[task]:6.1f}x stock mlx-lm; "
+        print(f"  {task:<8} {best['dtype']:<9} {best[task]:8.2f} tok/s = "
+              f"{best[task] / stock[task]:6.1f}x stock mlx-lm; "
               + (f"{best[task] / same[task]:.2f}x mlx-lm with the same BLAS and dtype; " if same else "")
               + f"{100 * best[task] / bound:.0f}% of the {unit} ({bound:.1f} tok/s)")
     ref = rows["reference", "ours", "float32"]

@@ -14,6 +14,7 @@ wheel. Nothing happens off Linux (macOS uses Accelerate). Only the standard libr
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import subprocess
@@ -68,20 +69,24 @@ def _known_openblas_paths() -> list[str]:
     return paths
 
 
-def _ldconfig_paths(prefix: str) -> list[str]:
-    """Libraries in the dynamic linker cache whose name starts with `prefix` (`ldconfig -p`)."""
+@functools.lru_cache(maxsize=1)
+def _ldconfig_cache() -> str:
     for exe in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
         try:
-            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
+            return subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             continue
-        found = []
-        for line in out.splitlines():
-            name, _, path = line.strip().partition(" => ")
-            if name.startswith(prefix) and path:  # a wrong-arch entry fails to load and is skipped
-                found.append(path.strip())
-        return found
-    return []
+    return ""
+
+
+def _ldconfig_paths(prefix: str) -> list[str]:
+    """Libraries in the dynamic linker cache (`ldconfig -p`) whose name starts with `prefix`."""
+    found = []
+    for line in _ldconfig_cache().splitlines():
+        name, _, path = line.strip().partition(" => ")
+        if name.startswith(prefix) and path:  # a wrong-arch or ILP64 entry fails the probe and is skipped
+            found.append(path.strip())
+    return found
 
 
 def _mkl_wheel_paths() -> list[str]:
@@ -92,7 +97,8 @@ def _mkl_wheel_paths() -> list[str]:
         dist = metadata.distribution("mkl")
     except metadata.PackageNotFoundError:
         return []
-    return [os.path.normpath(dist.locate_file(f)) for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
+    files = [f for f in dist.files or [] if Path(str(f)).name.startswith("libmkl_rt.so")]
+    return [os.path.normpath(dist.locate_file(f)) for f in files]
 
 
 def candidates() -> Iterator[tuple[str, str]]:
@@ -211,11 +217,12 @@ def describe() -> str:
     return f"BLAS: MLX's bundled reference BLAS, slow on CPU ({s.reason})"
 
 
-# Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (see README): with an
-# optimized BLAS float32 GEMM/GEMV is many times faster than bfloat16/float16, whose CPU matmuls bypass BLAS.
+# Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (2 cores, OpenBLAS
+# 0.3.21): with an optimized BLAS float32 prefill and LoRA run 10-20x faster than bfloat16 / float16, whose CPU
+# matmuls bypass BLAS, and decode ties with bfloat16; without one, bfloat16 is about 1.5-2x faster than float32.
 _CPU_DTYPE = {
     True: {"prefill": "float32", "decode": "float32", "lora": "float32"},
-    False: {"prefill": "float32", "decode": "float32", "lora": "float32"},
+    False: {"prefill": "bfloat16", "decode": "bfloat16", "lora": "bfloat16"},
 }
 
 

@@ -24,8 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .adapters import load_adapters
-from .checkpoint import load_model
+from . import checkpoint
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -68,12 +67,8 @@ def resolve_model_path(path: str | Path) -> Path:
 def load(path: str | Path = "mlx_model", adapter_path: Optional[str | Path] = None,
          lazy: bool = False) -> tuple[Model, Tokenizer]:
     """Load a converted model directory (or MLX hub repo) and its tokenizer, with optional LoRA adapters."""
-    path = resolve_model_path(path)
-    model, _ = load_model(path, lazy=lazy)
+    model, _, tokenizer = checkpoint.load(resolve_model_path(path), adapter_path, lazy=lazy)
     upcast_quantized_on_cpu(model)
-    tokenizer = Tokenizer(path)
-    if adapter_path is not None:
-        model = load_adapters(model, adapter_path)
     return model, tokenizer
 
 

@@ -30,8 +30,8 @@ def run(code: str, setting: str | None, *args) -> subprocess.CompletedProcess:
     if setting is not None:
         env[blas.ENV_VAR] = setting
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env, capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -117,7 +117,8 @@ def test_detection_order(monkeypatch, tmp_path):
         path.touch()
     alias = tmp_path / "alias.so.0"
     alias.symlink_to(files["libopenblas.so.0"])
-    monkeypatch.setattr(blas, "_known_openblas_paths", lambda: [str(tmp_path / "absent.so"), str(files["libopenblas.so.0"])])
+    known = [str(tmp_path / "absent.so"), str(files["libopenblas.so.0"])]
+    monkeypatch.setattr(blas, "_known_openblas_paths", lambda: known)
     monkeypatch.setattr(blas, "_ldconfig_paths", lambda prefix: {
         "libopenblas": [str(alias), str(files["ld_openblas.so"])], "libmkl_rt": [str(files["sys_mkl.so"])]}[prefix])
     monkeypatch.setattr(blas, "_mkl_wheel_paths", lambda: [str(files["libmkl_rt.so.2"])])
@@ -133,6 +134,16 @@ def test_ldconfig_parsing_finds_the_system_openblas():
     if not found:
         pytest.skip("ldconfig is not available or its cache lists no OpenBLAS")
     assert os.path.realpath(path) in found
+
+
+@linux_only
+@pytest.mark.parametrize("setting", ["none", None])
+def test_preferred_cpu_dtype_follows_the_blas_in_use(setting):
+    if setting is None:
+        system_openblas()
+    proc = run("import openelm_mlx.blas as b; print(*(b.preferred_cpu_dtype(t) for t in b.TASKS))", setting)
+    expected = "bfloat16" if setting == "none" else "float32"
+    assert proc.stdout.split() == [expected] * len(blas.TASKS)
 
 
 def test_preferred_cpu_dtype_rejects_unknown_tasks():
