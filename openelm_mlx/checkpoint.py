@@ -356,17 +356,15 @@ def _tokenizer_json_cached(sp_model: str, mtime_ns: int, size: int) -> str:
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
-    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
-    ranked = []
-    for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i):
-            continue
-        piece = sp.id_to_piece(i)
-        for k in range(1, len(piece)):
-            left, right = piece[:k], piece[k:]
-            if left in vocab and right in vocab:
-                ranked.append((-sp.get_score(i), i, vocab[left], vocab[right], left, right))
-    merges = [(left, right) for *_, left, right in sorted(ranked)]
+    n = sp.vocab_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    get = vocab.get
+    normal = [not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)) for i in range(n)]
+    ranked = sorted((-sp.get_score(i), i, left, right)
+                    for i, piece in enumerate(pieces) if normal[i] for k in range(1, len(piece))
+                    if (left := get(piece[:k])) is not None and (right := get(piece[k:])) is not None)
+    merges = [(pieces[left], pieces[right]) for *_, left, right in ranked]
     unk, bos, eos = (sp.id_to_piece(sp.unk_id()), sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

@@ -222,8 +222,13 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
     weights = read_source_weights(source, allow_pickle)
     check_weights(weights, cfg, source=str(source))
     dtype = dtype or default_dtype(cfg)
+    cast = {}
+    for name in list(weights):  # one tensor at a time: peak memory is the output plus one source tensor
+        cast[name] = weights.pop(name).astype(getattr(mx, dtype))
+        mx.eval(cast[name])
     model = Model(cfg)
-    model.load_weights([(k, v.astype(getattr(mx, dtype))) for k, v in weights.items()], strict=True)
+    model.load_weights(list(cast.items()), strict=True)
+    del cast
     quantization = None
     if quantize:
         quantization = quantize_model(model, q_bits, q_group_size, quant_recipe)
@@ -239,7 +244,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
                         max_shard_bytes=max_shard_bytes, chat_template=chat_template)
         del model
         if verify:
-            report = verify_conversion(weights, tmp, cfg, tok_path, dtype, quantized=quantize)
+            source_weights = read_source_weights(source, allow_pickle)  # again: not kept in memory above
+            report = verify_conversion(source_weights, tmp, cfg, tok_path, dtype, quantized=quantize)
             _log(verbose, f"verify: {report}")
             if not report.passed:
                 raise VerifyError(f"{out}: the converted model does not match the PyTorch reference on the "
