@@ -5,7 +5,7 @@
 Writes a random float32 checkpoint in Apple's HF layout (config.json, model.safetensors, tokenizer.model), then
 converts it with each tool, alternating ours / mlx-lm round by round so machine load hits both alike. Each
 conversion runs in its own subprocess, which reports its own peak RSS (`ru_maxrss`) and the time of the convert
-call itself (imports excluded; the subprocess's wall time is printed too). Ratios are ours / mlx-lm (lower is
+call itself (imports excluded; the subprocess's wall time is printed too); peak memory is VmHWM on Linux. Ratios are ours / mlx-lm (lower is
 better; the target is <= 1.0).
 """
 
@@ -55,9 +55,19 @@ def run_child(tool: str, src: Path, out: Path, quantize: bool) -> dict:
         convert(hf_path=str(src), mlx_path=str(out), dtype="float16", quantize=quantize,
                 q_bits=4 if quantize else None, q_group_size=64 if quantize else None)
     seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_rss_gb": peak_rss_bytes() / (1 << 30)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS. On Linux ru_maxrss survives exec (a child reports its parent's peak if that
+    was higher), so read the address space's high-water mark VmHWM instead."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_bytes = rss if sys.platform == "darwin" else rss * 1024
-    return {"seconds": seconds, "peak_rss_gb": rss_bytes / (1 << 30)}
+    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def measure(tool: str, src: Path, out: Path, quantize: bool) -> dict:
@@ -89,7 +99,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
     p.add_argument("--child", nargs=3, metavar=("TOOL", "SRC", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--quantize", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--make-source", nargs=3, metavar=("SIZE", "DIR", "TOKENIZER"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.make_source:
+        size, src, tok = args.make_source
+        make_source(Path(src), f"OpenELM-{size}", Path(tok))
+        return 0
     if args.child:
         tool, src, out = args.child
         print(json.dumps(run_child(tool, Path(src), Path(out), args.quantize)))
@@ -101,8 +116,9 @@ def main(argv=None) -> int:
     try:
         for size in args.sizes:
             src = work / f"src-{size}"
-            if not src.exists():
-                make_source(src, f"OpenELM-{size}", Path(args.tokenizer))
+            if not src.exists():  # in a subprocess too, so this process stays small
+                subprocess.run([sys.executable, __file__, "--make-source", size, str(src), args.tokenizer],
+                               check=True, cwd=ROOT, env=_env())
             for quantize in (False, True):
                 mode = "q4" if quantize else "fp16"
                 runs = {"ours": [], "mlx-lm": []}

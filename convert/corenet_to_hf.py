@@ -13,11 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from openelm_mlx.checkpoint import OutputExistsError  # noqa: E402
-from openelm_mlx.config import ConfigError  # noqa: E402
-from openelm_mlx.export import HF_DTYPES, ExportError, corenet_to_hf_dir  # noqa: E402
-from openelm_mlx.tokenizer import TokenizerError  # noqa: E402
-from openelm_mlx.weights import WeightsError  # noqa: E402
+from openelm_mlx.export import HF_DTYPES, USER_ERRORS, corenet_to_hf_dir  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +33,7 @@ def main(argv=None) -> int:
     try:
         out = corenet_to_hf_dir(args.checkpoint, args.hf_path, config=args.config, tokenizer=args.tokenizer,
                                 dtype=args.dtype, force=args.force)
-    except (ExportError, ConfigError, WeightsError, TokenizerError, OutputExistsError) as e:
+    except (USER_ERRORS, ConfigError, WeightsError, TokenizerError, OutputExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}", file=sys.stderr)

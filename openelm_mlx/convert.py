@@ -23,10 +23,11 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import (MAX_SHARD_BYTES, QUANT_RECIPES, OutputExistsError, atomic_dir, bits_per_weight,
                          load_model, load_safetensors, quantize_model, weight_files, write_model_dir)
-from .config import ConfigError, OpenELMConfig, load_config
+from .config import OpenELMConfig, load_config
+from .export import USER_ERRORS
 from .model import Model
 from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
-from .weights import WeightsError, check_weights
+from .weights import check_weights
 
 DEFAULT_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"  # what Apple's OpenELM instructions load
 TOKENIZER_PATTERNS = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
                          quant_recipe=args.quant_recipe, verify=args.verify, force=args.force,
                          revision=args.revision, allow_pickle=args.allow_pickle,
                          max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
-    except (ConvertError, ConfigError, WeightsError, TokenizerError, OutputExistsError) as e:
+    except (ConvertError, *USER_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0 if result.path.is_dir() else 1

@@ -15,11 +15,11 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .checkpoint import (atomic_dir, dequantized_weights, load_model, save_weights, write_config,
+from .checkpoint import (OutputExistsError, atomic_dir, dequantized_weights, load_model, save_weights, write_config,
                          write_generation_config, write_tokenizer_files)
-from .config import OpenELMConfig, get_preset, load_config
-from .tokenizer import find_tokenizer_file
-from .weights import check_weights, corenet_to_hf, torch_to_mlx
+from .config import ConfigError, OpenELMConfig, get_preset, load_config
+from .tokenizer import TokenizerError, find_tokenizer_file
+from .weights import WeightsError, check_weights, corenet_to_hf, torch_to_mlx
 
 HF_DTYPES = ("float16", "bfloat16", "float32")
 # Apple's repos name their remote-code classes here; transformers needs them (with the .py files) to load.
@@ -29,6 +29,10 @@ AUTO_MAP = {"AutoConfig": "configuration_openelm.OpenELMConfig",
 
 class ExportError(ValueError):
     pass
+
+
+# What a CLI reports as "error: ..." (bad input, not a bug).
+USER_ERRORS = (ExportError, ConfigError, WeightsError, TokenizerError, OutputExistsError)
 
 
 def write_hf_dir(out: str | Path, cfg: OpenELMConfig, weights: dict[str, mx.array], dtype: str,

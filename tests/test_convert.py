@@ -283,3 +283,10 @@ def test_cli_reports_errors_on_stderr(source, tmp_path, capsys):
     assert "already exists; pass --force" in capsys.readouterr().err
     assert conv.main(["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")]) == 1
     assert "no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["openelm_mlx.convert", "openelm_mlx.export"])
+def test_converter_modules_do_not_import_torch(module):
+    from test_imports import modules_after_import
+
+    assert "torch" not in modules_after_import(f"import {module}")  # only --allow-pickle / CoreNet load it

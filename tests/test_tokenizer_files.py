@@ -9,6 +9,7 @@ from openelm_mlx.checkpoint import write_tokenizer_files
 from openelm_mlx.tokenizer import Tokenizer
 
 from conftest import shared_file
+from test_tokenizer import _vectors as llama_cpp_vectors
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +31,6 @@ def hf(tok_dir):
     return load_tokenizer(tok_dir)  # mlx-lm's wrapper over transformers' AutoTokenizer
 
 
-def texts():
-    inp = shared_file("tokenizer-vectors", "llama-spm.inp").read_text(encoding="utf-8")
-    out = shared_file("tokenizer-vectors", "llama-spm.out").read_text(encoding="utf-8")
-    strings = inp.split("\n__ggml_vocab_test__\n")
-    ids = [[int(t) for t in line.split()] for line in out.split("\n")[: len(strings)]]
-    return strings, ids
-
-
 def test_files_written(tok_dir):
     names = sorted(p.name for p in tok_dir.iterdir())
     assert names == ["special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
@@ -45,7 +38,7 @@ def test_files_written(tok_dir):
 
 
 def test_hf_tokenizer_matches_sentencepiece_on_llama_cpp_vectors(hf, ours):
-    strings, ids = texts()
+    strings, ids = llama_cpp_vectors()
     assert hf.encode("Once") == [1, 9038]
     for text, want in zip(strings, ids):
         assert hf.encode(text) == [1] + want == ours.encode(text), repr(text)
