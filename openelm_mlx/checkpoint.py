@@ -1,12 +1,16 @@
 """MLX model directories: load and save them (config.json + safetensors + tokenizer), atomically.
 
-The layout is mlx-lm's (`model_type: "openelm"`, HF key names, `quantization` in config.json), so `mlx_lm.load`
-opens our directories too.
+The layout is mlx-lm's (`model_type: "openelm"`, HF key names, `quantization` in config.json with per-layer
+overrides under the module path, `model-0000k-of-0000n.safetensors` shards with an index above a size limit), so
+`mlx_lm.load` opens our directories too, tokenizer included: besides Llama-2's `tokenizer.model` we write a
+`tokenizer.json` that reproduces SentencePiece exactly (with BOS), because transformers 5 given only the
+`.model` file builds a tokenizer that adds no BOS and drops the leading-space piece.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -19,11 +23,14 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import OpenELMConfig, load_config, to_dict
+from .config import OpenELMConfig, load_config, num_parameters, to_dict
 from .model import Model
 from .weights import WeightsError, check_weights
 
 QUANT_SUFFIXES = (".scales", ".biases")
+MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class OutputExistsError(FileExistsError):
@@ -80,15 +87,53 @@ def write_config(path: Path, cfg: OpenELMConfig, quantization: Optional[dict] = 
 
 
 def weight_files(path: Path) -> list[str]:
+    """The safetensors files of a model directory: those its index names, else `model*.safetensors`."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise WeightsError(f"{index} names shards that are not there: {', '.join(missing)}")
+        return [str(path / f) for f in files]
     files = sorted(glob.glob(str(path / "model*.safetensors")))
     if not files:
         raise WeightsError(f"{path}: no model*.safetensors files")
     return files
 
 
+def check_safetensors_file(path: str | Path) -> dict:
+    """Parse a safetensors header and check the file holds all the bytes it describes; returns the header.
+
+    mlx reads tensor data lazily, so without this a truncated download fails late and without the file name.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > size - 8:
+            raise WeightsError(f"{path}: truncated or not a safetensors file ({size} bytes, no complete header); "
+                               "download or export it again")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(f"{path}: truncated: its header describes {end} bytes of tensor data but the file holds "
+                           f"{size - 8 - n}; download or export it again")
+    return header
+
+
 def load_safetensors(files: list[str]) -> dict[str, mx.array]:
     weights = {}
     for f in files:
+        check_safetensors_file(f)
         try:
             weights.update(mx.load(f))
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context
@@ -116,20 +161,20 @@ def quantize_like(model: nn.Module, quantization: dict, weights: Optional[dict] 
                 class_predicate=predicate)
 
 
-def unpacked_shapes(weights: dict, quantization: dict) -> dict:
-    """Quantized weights are stored packed; check them as the (rows, groups * group_size) they de-quantize to."""
-    out = {}
+def unpacked_shapes(weights: dict, quantization: Optional[dict]) -> dict:
+    """Each tensor's logical shape (a quantized weight's packed width expanded), for `check_weights`."""
+
+    shapes = {}
     for name, value in weights.items():
-        base = name.removesuffix(".weight")
-        scales = weights.get(f"{base}.scales") if base != name else None
-        if scales is None:
-            out[name] = value
+        shape = tuple(value.shape)
+        layer = name.removesuffix(".weight")
+        if name.endswith(QUANT_SUFFIXES) and quantization:
             continue
-        override = quantization.get(base)
-        group_size = override.get("group_size", quantization["group_size"]) if isinstance(override, dict) \
-            else quantization["group_size"]
-        out[name] = SimpleNamespace(shape=(*value.shape[:-1], scales.shape[-1] * group_size))
-    return out
+        if quantization and name.endswith(".weight") and f"{layer}.scales" in weights:
+            params = quantization.get(layer) if isinstance(quantization.get(layer), dict) else quantization
+            shape = shape[:-1] + (weights[f"{layer}.scales"].shape[-1] * params["group_size"],)
+        shapes[name] = SimpleNamespace(shape=shape)
+    return shapes
 
 
 def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConfig]:
@@ -139,8 +184,7 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConf
     with open(path / "config.json") as f:
         quantization = json.load(f).get("quantization")
     weights = load_safetensors(weight_files(path))
-    shapes = unpacked_shapes(weights, quantization) if quantization else weights
-    check_weights(shapes, cfg, source=str(path), ignore_suffixes=QUANT_SUFFIXES if quantization else ())
+    check_weights(unpacked_shapes(weights, quantization), cfg, source=str(path))
     model = Model(cfg)
     if quantization:
         quantize_like(model, quantization, weights)
@@ -151,17 +195,45 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConf
     return model, cfg
 
 
+def save_weights(path: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES,
+                 fmt: str = "mlx") -> list[str]:
+    """Write `weights` as `model.safetensors`, or as shards plus an index when they exceed `max_shard_bytes`.
+
+    A tensor larger than the limit gets a shard of its own. `fmt` is the safetensors `format` metadata
+    ("mlx"; "pt" for files transformers should read). Returns the file names.
+    """
+    shards: list[dict] = []
+    size = max_shard_bytes
+    for name, value in weights.items():
+        if size + value.nbytes > max_shard_bytes and (not shards or shards[-1]):
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        mx.save_safetensors(str(path / name), shard, metadata={"format": fmt})
+        weight_map.update({k: name for k in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
 def save_model(model: Model, path: str | Path, quantization: Optional[dict] = None, force: bool = False,
-               tokenizer_src: Optional[Path] = None) -> Path:
-    """Write `model` as an MLX model directory, atomically."""
+               tokenizer_src: Optional[Path] = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+               chat_template: bool = False) -> Path:
+    """Write `model` as an MLX model directory, atomically (tokenizer files too when `tokenizer_src` is given)."""
     from mlx.utils import tree_flatten
 
     with atomic_dir(path, force=force) as tmp:
-        weights = dict(tree_flatten(model.parameters()))
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        write_config(tmp, model.config, quantization)
-        if tokenizer_src is not None:
-            shutil.copy(tokenizer_src, tmp / "tokenizer.model")
+        write_model_dir(tmp, model.config, dict(tree_flatten(model.parameters())), quantization, tokenizer_src,
+                        max_shard_bytes=max_shard_bytes, chat_template=chat_template)
     return Path(path)
 
 
@@ -175,3 +247,164 @@ def load(path: str | Path, adapter_path: Optional[str | Path] = None, lazy: bool
 
         model = load_adapters(model, adapter_path)
     return model, cfg, Tokenizer(path)
+
+
+def write_model_dir(path: Path, cfg: OpenELMConfig, weights: dict[str, mx.array],
+                    quantization: Optional[dict] = None, tokenizer_src: Optional[Path] = None, *,
+                    max_shard_bytes: int = MAX_SHARD_BYTES, chat_template: bool = False) -> None:
+    """Fill the (temporary) directory `path`: weights, config.json, generation_config.json, tokenizer files."""
+    save_weights(path, weights, max_shard_bytes)
+    write_config(path, cfg, quantization)
+    write_generation_config(path, cfg)
+    if tokenizer_src is not None:
+        write_tokenizer_files(path, tokenizer_src, chat_template=chat_template)
+
+
+def write_generation_config(path: Path, cfg: OpenELMConfig) -> None:
+    """Generation defaults read by mlx-lm and transformers (BOS/EOS ids, as in Apple's repos)."""
+    data = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    (Path(path) / "generation_config.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantization (mlx-lm's format) and de-quantization.
+
+# Mixed recipes: (low bits, high bits). The OpenELM-aware rule is in `recipe_predicate`.
+QUANT_RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6),
+                 "mixed_4_8": (4, 8)}
+
+
+def recipe_bits(recipe: str, cfg: OpenELMConfig) -> dict[str, int]:
+    """Bits per quantizable layer path for a mixed recipe.
+
+    High bits go to (1) the tied embedding, which is also the output head; (2) every projection of the first and
+    last max(1, N/8) layers; (3) in between, every third layer's `qkv_proj` (it holds V) and `proj_2` (the down
+    projection), as llama.cpp's Q4_K_M does for v/down. Everything else gets low bits.
+    """
+    if recipe not in QUANT_RECIPES:
+        raise ValueError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(QUANT_RECIPES)}")
+    low, high = QUANT_RECIPES[recipe]
+    n = cfg.num_transformer_layers
+    edge = max(1, n // 8)
+    bits = {"transformer.token_embeddings": high}
+    for i in range(n):
+        edge_layer = i < edge or i >= n - edge
+        every_third = (i - edge) % 3 == 2
+        for name in ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2"):
+            sensitive = edge_layer or (every_third and name in ("attn.qkv_proj", "ffn.proj_2"))
+            bits[f"transformer.layers.{i}.{name}"] = high if sensitive else low
+    return bits
+
+
+def quantize_model(model: Model, bits: int = 4, group_size: int = 64, recipe: Optional[str] = None) -> dict:
+    """Quantize `model` in place with `nn.quantize`; returns the `quantization` entry for config.json.
+
+    A layer whose input width is not a multiple of `group_size` stays in floating point (mlx-lm does the same).
+    With a recipe, every quantized layer's settings are recorded under its module path, as mlx-lm stores them.
+    """
+    per_layer = recipe_bits(recipe, model.config) if recipe else None
+    quantization: dict = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    if per_layer:
+        quantization["bits"] = min(per_layer.values())
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            return False
+        if per_layer is None:
+            return True
+        params = {"group_size": group_size, "bits": per_layer[path], "mode": "affine"}
+        quantization[path] = params
+        return params
+
+    nn.quantize(model, group_size=group_size, bits=quantization["bits"], class_predicate=predicate)
+    return quantization
+
+
+def bits_per_weight(model: Model) -> float:
+    """Stored bits per original parameter (scales and biases included), as mlx-lm reports it."""
+    from mlx.utils import tree_flatten
+
+    total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return total * 8 / num_parameters(model.config)
+
+
+def dequantized_weights(model: nn.Module, dtype: Optional[mx.Dtype] = None) -> dict[str, mx.array]:
+    """The model's weights under their HF names with quantized layers expanded back to floating point."""
+    from mlx.utils import tree_flatten
+
+    weights = dict(tree_flatten(model.parameters()))
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            del weights[f"{name}.scales"], weights[f"{name}.biases"]
+            weights[f"{name}.weight"] = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits,
+                                                      mode=m.mode)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    return weights
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizer files for other tools (mlx-lm, transformers, llama.cpp's converter).
+
+# The OpenELM-Instruct template (`tokenizer.chat_text`) in Jinja, for tools that render chat templates.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _tokenizer_json(sp_model: Path) -> str:
+    stat = Path(sp_model).stat()
+    return _tokenizer_json_cached(str(Path(sp_model).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json_cached(sp_model: str, mtime_ns: int, size: int) -> str:
+    """A `tokenizers` BPE pipeline equal to SentencePiece's encoding of Llama-2's model, with BOS.
+
+    Merges are every split of a piece into two pieces, ranked by the merged piece's score (SentencePiece BPE
+    merges the highest-scoring pair first; Llama-2's whitespace-run pieces score -1e9 and so merge last). The
+    dummy prefix is a normalizer (`Prepend`), not Metaspace, which skips it before a leading space.
+    """
+    import sentencepiece as spm
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    n = sp.vocab_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    get = vocab.get
+    normal = [not (sp.is_control(i) or sp.is_byte(i) or sp.is_unknown(i)) for i in range(n)]
+    ranked = sorted((-sp.get_score(i), i, left, right)
+                    for i, piece in enumerate(pieces) if normal[i] for k in range(1, len(piece))
+                    if (left := get(piece[:k])) is not None and (right := get(piece[k:])) is not None)
+    merges = [(pieces[left], pieces[right]) for *_, left, right in ranked]
+    unk, bos, eos = (sp.id_to_piece(sp.unk_id()), sp.id_to_piece(sp.bos_id()), sp.id_to_piece(sp.eos_id()))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (unk, bos, eos)])
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, sp.bos_id())])
+    return tok.to_str()
+
+
+def write_tokenizer_files(path: str | Path, tokenizer_model: str | Path, chat_template: bool = False) -> None:
+    """Copy `tokenizer.model` into the directory `path` and write `tokenizer.json`, `tokenizer_config.json`
+    and `special_tokens_map.json` so that transformers / `mlx_lm.load` tokenize exactly like SentencePiece with
+    BOS. `chat_template` adds the OpenELM-Instruct template (only for Instruct models: mlx-lm applies a
+    template whenever one is present)."""
+    path = Path(path)
+    tokenizer_model = Path(tokenizer_model)
+    if tokenizer_model.resolve() != (path / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_model, path / "tokenizer.model")
+    (path / "tokenizer.json").write_text(_tokenizer_json(tokenizer_model), encoding="utf-8")
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    # PreTrainedTokenizerFast loads tokenizer.json as is; transformers 5's LlamaTokenizer would rebuild the
+    # pipeline and lose the exact SentencePiece behaviour.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": True,
+              "add_eos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 2048,
+              "padding_side": "left"}
+    if chat_template:
+        config["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

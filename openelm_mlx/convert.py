@@ -1,0 +1,354 @@
+"""Convert OpenELM checkpoints to a self-contained MLX model directory, optionally quantized, and verify it.
+
+Sources: a Hugging Face hub id (Apple's `apple/OpenELM-*` repos), a local directory in their layout (config.json
+in the schema of Apple's `configuration_openelm.py`, safetensors with `transformer.*` names; our trainer's export
+is one), sharded safetensors with an index, or, only with `--allow-pickle`, `pytorch_model*.bin` files. Apple's
+repos ship no tokenizer; like Apple's instructions we fall back to Llama-2's (`meta-llama/Llama-2-7b-hf`). The CLI
+follows mlx-lm's `convert` (flags, output layout), so `mlx_lm.load` opens the result too.
+
+    python -m openelm_mlx.convert --hf-path apple/OpenELM-270M-Instruct -q --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .checkpoint import (MAX_SHARD_BYTES, QUANT_RECIPES, OutputExistsError, atomic_dir, bits_per_weight,
+                         load_model, load_safetensors, quantize_model, weight_files, write_model_dir)
+from .config import OpenELMConfig, load_config
+from .export import USER_ERRORS
+from .model import Model
+from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
+from .weights import check_weights
+
+DEFAULT_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"  # what Apple's OpenELM instructions load
+TOKENIZER_PATTERNS = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+# Never "*.py": Apple's repos carry remote code, which we do not run.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+PICKLE_PATTERNS = ["pytorch_model*.bin"]
+DTYPES = ("float16", "bfloat16", "float32")
+Q_BITS = (2, 3, 4, 6, 8)
+Q_GROUP_SIZES = (32, 64, 128)
+PROBE_PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+# STYLE.md: fp32 logits within 1e-4 absolute; half precisions by relative L2 error against fp32.
+FLOAT32_ATOL = 1e-4
+HALF_REL_L2 = {"float16": 1e-2, "bfloat16": 5e-2}
+
+
+class ConvertError(ValueError):
+    """A source, tokenizer or option the converter cannot use; the message says what to pass instead."""
+
+
+class VerifyError(ConvertError):
+    """The converted model does not reproduce the reference within tolerance."""
+
+
+@dataclass
+class VerifyReport:
+    max_abs_delta: float
+    rel_l2: float
+    greedy_agreement: float  # fraction of probe positions whose argmax token agrees
+    num_positions: int
+    passed: bool
+    criterion: str
+
+    def __str__(self):
+        verdict = "ok" if self.passed else "FAILED"
+        return (f"max |delta logit| {self.max_abs_delta:.3g}, relative L2 {self.rel_l2:.3g}, greedy agreement "
+                f"{self.greedy_agreement * self.num_positions:.0f}/{self.num_positions} ({self.criterion}: {verdict})")
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    dtype: str
+    quantization: Optional[dict]
+    bits_per_weight: float
+    size_bytes: int
+    seconds: float
+    verify: Optional[VerifyReport] = None
+
+
+def _log(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(f"[convert] {msg}", file=sys.stderr, flush=True)
+
+
+def default_dtype(cfg: OpenELMConfig) -> str:
+    """bfloat16 for 3B-sized models (CoreNet: float16 activations overflow there), else float16."""
+    return "bfloat16" if cfg.model_dim >= 3072 else "float16"
+
+
+def _is_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def _snapshot(repo: str, revision: Optional[str], patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download  # honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE
+
+    return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+
+
+def resolve_source(hf_path: str | Path, revision: Optional[str] = None, allow_pickle: bool = False) -> Path:
+    """A local model directory for `hf_path`: the directory itself, or a hub snapshot (json/safetensors only)."""
+    path = Path(hf_path)
+    if path.exists():
+        if not path.is_dir():
+            raise ConvertError(f"{path} is a file; pass the model directory (config.json + safetensors) or a hub id")
+        return path
+    if not _is_hub_id(str(hf_path)):
+        raise ConvertError(f"{hf_path}: no such directory, and not a Hugging Face hub id (ORG/NAME)")
+    try:
+        return _snapshot(str(hf_path), revision, HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else []))
+    except Exception as e:  # huggingface_hub raises many types (offline, gated, not found, network)
+        raise ConvertError(f"cannot get {hf_path} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                           "Check the repo id and your network / HF_HUB_OFFLINE, or pass a local directory "
+                           "as --hf-path") from None
+
+
+def resolve_tokenizer(tokenizer: Optional[str | Path], source: Path) -> Path:
+    """The `tokenizer.model` to use: `tokenizer` (file, directory or hub id), else the source's own, else
+    Llama-2's from the hub; fails with a message saying exactly what to pass."""
+    if tokenizer is None:
+        own = source / "tokenizer.model"
+        if own.is_file():
+            return own
+        try:
+            return _snapshot(DEFAULT_TOKENIZER_REPO, None, ["tokenizer.model"]) / "tokenizer.model"
+        except Exception as e:
+            raise ConvertError(
+                f"{source} has no tokenizer.model and the default tokenizer repo {DEFAULT_TOKENIZER_REPO} "
+                f"could not be fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                "Pass --tokenizer PATH (Llama-2's tokenizer.model, or a directory holding it) or "
+                f"--tokenizer HUB_ID (a repo you can access; {DEFAULT_TOKENIZER_REPO} is gated: accept its "
+                "licence and run `hf auth login` first)") from None
+    path = Path(tokenizer)
+    if path.exists():
+        try:
+            return find_tokenizer_file(path)
+        except TokenizerError as e:
+            raise ConvertError(f"--tokenizer {tokenizer}: {e}; pass a tokenizer.model file or a directory "
+                               "holding one") from None
+    if not _is_hub_id(str(tokenizer)):
+        raise ConvertError(f"--tokenizer {tokenizer}: no such file or directory, and not a hub id (ORG/NAME)")
+    try:
+        found = _snapshot(str(tokenizer), None, ["tokenizer.model"]) / "tokenizer.model"
+    except Exception as e:
+        raise ConvertError(f"--tokenizer {tokenizer}: cannot fetch it from the hub ({type(e).__name__}); pass "
+                           "a local tokenizer.model instead") from None
+    if not found.is_file():
+        raise ConvertError(f"--tokenizer {tokenizer}: the repo has no tokenizer.model (OpenELM needs Llama-2's "
+                           "SentencePiece model)")
+    return found
+
+
+def read_source_weights(source: Path, allow_pickle: bool = False) -> dict[str, mx.array]:
+    """All tensors of a source directory: safetensors (single, or shards with an index), else pickles."""
+    has_safetensors = (source / "model.safetensors.index.json").is_file() or any(source.glob("model*.safetensors"))
+    if has_safetensors:
+        return load_safetensors(weight_files(source))
+    pickles = sorted(source.glob("pytorch_model*.bin")) or sorted(source.glob("*.bin"))
+    if not pickles:
+        raise ConvertError(f"{source}: no weights found (model.safetensors, model-*.safetensors with "
+                           "model.safetensors.index.json, or pytorch_model*.bin)")
+    names = ", ".join(p.name for p in pickles)
+    if not allow_pickle:
+        raise ConvertError(f"{source} holds only pickle weights ({names}). Pickles can run code when loaded, so "
+                           "they are refused: convert them to safetensors, or pass --allow-pickle to load them "
+                           "with torch.load(weights_only=True)")
+    import torch  # only here: the MLX side never needs torch otherwise
+
+    from .weights import torch_to_mlx
+
+    weights = {}
+    for p in pickles:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConvertError(f"{p}: cannot load it with torch.load(weights_only=True): {e}") from None
+        weights.update(torch_to_mlx(state))
+    return weights
+
+
+def _check_options(dtype, quantize, q_bits, q_group_size, quant_recipe):
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if quantize or quant_recipe:
+        if q_bits not in Q_BITS:
+            raise ConvertError(f"--q-bits {q_bits}: choose one of {Q_BITS}")
+        if q_group_size not in Q_GROUP_SIZES:
+            raise ConvertError(f"--q-group-size {q_group_size}: choose one of {Q_GROUP_SIZES}")
+        if quant_recipe is not None and quant_recipe not in QUANT_RECIPES:
+            raise ConvertError(f"--quant-recipe {quant_recipe}: choose one of {', '.join(QUANT_RECIPES)}")
+
+
+def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenizer: Optional[str | Path] = None,
+            dtype: Optional[str] = None, quantize: bool = False, q_bits: int = 4, q_group_size: int = 64,
+            quant_recipe: Optional[str] = None, verify: bool = False, force: bool = False,
+            revision: Optional[str] = None, allow_pickle: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+            chat_template: Optional[bool] = None, verbose: bool = True) -> ConvertResult:
+    """Convert `hf_path` (hub id or directory) into the MLX model directory `mlx_path`, atomically.
+
+    `quant_recipe` (implies `quantize`) picks a mixed-bit recipe from `checkpoint.QUANT_RECIPES`.
+    `chat_template` writes the OpenELM-Instruct template into the tokenizer config (default: when the source
+    name contains "instruct"). With `verify`, the PyTorch reference is run on the source weights and the
+    written model must match it (unquantized outputs only; quantized ones are reported).
+    """
+    start = time.perf_counter()
+    out = Path(mlx_path)
+    if out.exists() and not force:  # checked first so a refused run downloads nothing
+        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
+    _check_options(dtype, quantize, q_bits, q_group_size, quant_recipe)
+    quantize = quantize or quant_recipe is not None
+
+    source = resolve_source(hf_path, revision, allow_pickle)
+    cfg = load_config(source)
+    tok_path = resolve_tokenizer(tokenizer, source)
+    vocab = Tokenizer(tok_path).vocab_size
+    if vocab != cfg.vocab_size:
+        raise ConvertError(f"{tok_path}: the tokenizer has {vocab} pieces but the model's vocab_size is "
+                           f"{cfg.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+    _log(verbose, f"source {source} ({cfg.num_transformer_layers} layers, model_dim {cfg.model_dim}), "
+                  f"tokenizer {tok_path}")
+
+    weights = read_source_weights(source, allow_pickle)
+    check_weights(weights, cfg, source=str(source))
+    dtype = dtype or default_dtype(cfg)
+    cast = {}
+    for name in list(weights):  # one tensor at a time: peak memory is the output plus one source tensor
+        cast[name] = weights.pop(name).astype(getattr(mx, dtype))
+        mx.eval(cast[name])
+    model = Model(cfg)
+    model.load_weights(list(cast.items()), strict=True)
+    del cast
+    quantization = None
+    if quantize:
+        quantization = quantize_model(model, q_bits, q_group_size, quant_recipe)
+        _log(verbose, f"quantizing: {quant_recipe or f'{q_bits}-bit'}, group size {q_group_size}")
+    bpw = bits_per_weight(model)
+    if chat_template is None:
+        chat_template = "instruct" in str(hf_path).lower()
+
+    report = None
+    with atomic_dir(out, force=force) as tmp:
+        _log(verbose, f"writing {out} ({dtype})")
+        write_model_dir(tmp, cfg, dict(tree_flatten(model.parameters())), quantization, tok_path,
+                        max_shard_bytes=max_shard_bytes, chat_template=chat_template)
+        del model
+        if verify:
+            source_weights = read_source_weights(source, allow_pickle)  # again: not kept in memory above
+            report = verify_conversion(source_weights, tmp, cfg, tok_path, dtype, quantized=quantize)
+            _log(verbose, f"verify: {report}")
+            if not report.passed:
+                raise VerifyError(f"{out}: the converted model does not match the PyTorch reference on the "
+                                  f"source weights: {report}; nothing was written")
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    result = ConvertResult(out, dtype, quantization, bpw, size, time.perf_counter() - start, report)
+    _log(verbose, f"done: {out} {dtype}{' quantized' if quantize else ''}, {bpw:.2f} bits per weight, "
+                  f"{size / 1e6:.1f} MB on disk, {result.seconds:.1f} s, peak memory {peak_memory_gb():.2f} GB")
+    return result
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 30) if sys.platform == "darwin" else rss / (1 << 20)  # bytes on macOS, KiB on Linux
+
+
+def verify_conversion(source_weights: dict[str, mx.array], out_dir: Path, cfg: OpenELMConfig, tokenizer: Path,
+                      dtype: str, quantized: bool, prompt: str = PROBE_PROMPT) -> VerifyReport:
+    """Compare the written model with the PyTorch reference run in float32 on the source weights."""
+    import numpy as np
+    import torch
+
+    from .reference.model import Model as ReferenceModel
+    from .weights import mlx_to_torch
+
+    ids = Tokenizer(tokenizer).encode(prompt)
+    ref = ReferenceModel(cfg)
+    ref.load_state_dict(mlx_to_torch(source_weights, "float32"), strict=True)
+    ref.eval()
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).numpy()[0].astype(np.float64)
+    del ref
+    model, _ = load_model(out_dir)
+    got = np.array(model(mx.array([ids])).astype(mx.float32))[0].astype(np.float64)
+    delta = np.abs(got - want)
+    max_abs = float(delta.max())
+    rel_l2 = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    agree = got.argmax(-1) == want.argmax(-1)
+    # A flipped argmax is a failure only where the reference's top-2 margin exceeds twice the observed error:
+    # random or near-tied logits may flip under honest half-precision rounding.
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    clear_flips = int(np.sum(~agree & (top2[:, 1] - top2[:, 0] > 2 * max_abs)))
+    if quantized:
+        passed, criterion = True, "quantized: reported, not enforced"
+    elif dtype == "float32":
+        passed, criterion = max_abs <= FLOAT32_ATOL, f"float32: max |delta| <= {FLOAT32_ATOL}"
+    else:
+        tol = HALF_REL_L2[dtype]
+        passed = rel_l2 < tol and clear_flips == 0
+        criterion = f"{dtype}: relative L2 < {tol} and no clear greedy flips"
+    return VerifyReport(max_abs, rel_l2, float(agree.mean()), len(ids), passed, criterion)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m openelm_mlx.convert", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-path", "--model", required=True,
+                   help="hub id (e.g. apple/OpenELM-270M-Instruct) or a local HF-layout directory")
+    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
+    p.add_argument("--tokenizer", default=None,
+                   help=f"tokenizer.model file, a directory holding one, or a hub id (default: the source's own, "
+                        f"else {DEFAULT_TOKENIZER_REPO})")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of the weights (default: bfloat16 for 3B-sized models, else float16)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the linear layers and the embedding")
+    p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4, help="bits per weight (default 4)")
+    p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
+                   help="quantization group size (default 64)")
+    p.add_argument("--quant-recipe", choices=list(QUANT_RECIPES), default=None,
+                   help="mixed-bit recipe LOW_HIGH: tied embedding/head, first and last layers and every third "
+                        "layer's qkv_proj/proj_2 at HIGH bits (implies -q; --q-bits is ignored)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the PyTorch reference on the source weights and compare logits on a probe prompt")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --mlx-path")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model*.bin sources (loaded with torch.load(weights_only=True))")
+    p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_BYTES / (1 << 30),
+                   help="split model.safetensors into shards above this size (default 5)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = convert(args.hf_path, args.mlx_path, tokenizer=args.tokenizer, dtype=args.dtype,
+                         quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
+                         quant_recipe=args.quant_recipe, verify=args.verify, force=args.force,
+                         revision=args.revision, allow_pickle=args.allow_pickle,
+                         max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
+    except (ConvertError, *USER_ERRORS) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0 if result.path.is_dir() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

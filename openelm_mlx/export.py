@@ -1,0 +1,109 @@
+"""Bridges to Hugging Face layout: an MLX model directory (float, quantized or fused) and a CoreNet training
+checkpoint, each written as the directory Apple's `apple/OpenELM-*` repos hold (config.json in the schema of
+`configuration_openelm.py` with `architectures`/`auto_map`, `model.safetensors` with `transformer.*` names,
+tied embedding and no `lm_head`) plus Llama-2's `tokenizer.model`, so that transformers with Apple's
+`modeling_openelm.py` and llama.cpp's `convert_hf_to_gguf.py` read it. CoreNet names and the 32128-row padded
+vocabulary follow apple/corenet `general_gpt.py`; the renaming itself is `weights.corenet_to_hf`.
+
+torch is imported only to read CoreNet's pickles (`torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from .checkpoint import (OutputExistsError, atomic_dir, dequantized_weights, load_model, save_weights, write_config,
+                         write_generation_config, write_tokenizer_files)
+from .config import ConfigError, OpenELMConfig, get_preset, load_config
+from .tokenizer import TokenizerError, find_tokenizer_file
+from .weights import WeightsError, check_weights, corenet_to_hf, torch_to_mlx
+
+HF_DTYPES = ("float16", "bfloat16", "float32")
+# Apple's repos name their remote-code classes here; transformers needs them (with the .py files) to load.
+AUTO_MAP = {"AutoConfig": "configuration_openelm.OpenELMConfig",
+            "AutoModelForCausalLM": "modeling_openelm.OpenELMForCausalLM"}
+
+
+class ExportError(ValueError):
+    pass
+
+
+# What a CLI reports as "error: ..." (bad input, not a bug).
+USER_ERRORS = (ExportError, ConfigError, WeightsError, TokenizerError, OutputExistsError)
+
+
+def write_hf_dir(out: str | Path, cfg: OpenELMConfig, weights: dict[str, mx.array], dtype: str,
+                 tokenizer: Optional[Path], force: bool = False) -> Path:
+    """Write an HF-layout directory (atomically) from HF-named floating-point weights."""
+    if dtype not in HF_DTYPES:
+        raise ExportError(f"dtype {dtype!r}: choose one of {', '.join(HF_DTYPES)}")
+    check_weights(weights, cfg, source="weights to export")
+    weights = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+    with atomic_dir(out, force=force) as tmp:
+        save_weights(tmp, weights, fmt="pt")  # transformers refuses safetensors without format "pt"
+        write_config(tmp, cfg, auto_map=AUTO_MAP, torch_dtype=dtype)
+        write_generation_config(tmp, cfg)
+        if tokenizer is not None:
+            write_tokenizer_files(tmp, tokenizer)
+    return Path(out)
+
+
+def _model_dtype(weights: dict[str, mx.array]) -> str:
+    dtypes = {str(v.dtype).removeprefix("mlx.core.") for v in weights.values()}
+    for name in ("float32", "bfloat16", "float16"):  # the widest float the model holds
+        if name in dtypes:
+            return name
+    return "float16"
+
+
+def mlx_to_hf(mlx_path: str | Path, hf_path: str | Path, *, dtype: Optional[str] = None,
+              tokenizer: Optional[str | Path] = None, force: bool = False) -> Path:
+    """MLX model directory (quantized layers are de-quantized) -> HF-layout directory.
+
+    `dtype` defaults to the model's own float dtype (its scales' dtype when quantized). The tokenizer is the MLX
+    directory's `tokenizer.model` unless `tokenizer` names another file or directory.
+    """
+    mlx_path = Path(mlx_path)
+    model, cfg = load_model(mlx_path, lazy=True)
+    weights = dequantized_weights(model)
+    tok = find_tokenizer_file(tokenizer) if tokenizer is not None else mlx_path / "tokenizer.model"
+    if not tok.is_file():
+        raise ExportError(f"{mlx_path} has no tokenizer.model; pass --tokenizer PATH (Llama-2's tokenizer.model) "
+                          "so the HF directory is complete")
+    return write_hf_dir(hf_path, cfg, weights, dtype or _model_dtype(weights), tok, force)
+
+
+def _state_dict_of(obj, source: str) -> dict:
+    """The model state dict inside a CoreNet checkpoint (a bare state dict, or one under a known key)."""
+    for key in ("model_state_dict", "model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    if isinstance(obj, dict) and all(hasattr(v, "shape") for v in obj.values()):
+        return obj
+    raise ExportError(f"{source}: no model state dict found (expected tensors at the top level or under "
+                      "'model_state_dict' / 'model' / 'state_dict')")
+
+
+def resolve_config(config: str | Path) -> OpenELMConfig:
+    """A preset name (e.g. OpenELM-270M) or a config.json file / directory."""
+    path = Path(config)
+    return load_config(path) if path.exists() else get_preset(str(config))
+
+
+def corenet_to_hf_dir(checkpoint: str | Path, hf_path: str | Path, *, config: str | Path,
+                      tokenizer: Optional[str | Path], dtype: str = "float32", force: bool = False) -> Path:
+    """CoreNet training checkpoint (`.pt`) -> HF-layout directory (names with `transformer.`, padding dropped)."""
+    import torch
+
+    checkpoint = Path(checkpoint)
+    cfg = resolve_config(config)
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExportError(f"{checkpoint}: cannot load it with torch.load(weights_only=True): {e}") from None
+    state = corenet_to_hf(_state_dict_of(obj, str(checkpoint)), cfg, source=str(checkpoint))
+    tok = find_tokenizer_file(tokenizer) if tokenizer is not None else None
+    return write_hf_dir(hf_path, cfg, torch_to_mlx(state), dtype, tok, force)
