@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -29,7 +30,8 @@ from typing import Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinystories-sample-2mb.txt"
+# The test assets (../shared/data next to the checkout, or $OPENELM_SHARED_DATA, as in tests/conftest.py)
+DEFAULT_DATA = Path(os.environ.get("OPENELM_SHARED_DATA", ROOT.parent / "shared" / "data")) / "tinystories-sample-2mb.txt"
 VARIANTS = ("layer-wise", "uniform")
 
 
