@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("-c", "--config", help="YAML file of settings (keys are the flag names with '_'), or a packaged recipe "
         "name (openelm-270m, openelm-270m-smoke, ...); flags override it")
-    add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows) or directories of them")
+    add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows), directories of them, or Hugging Face "
+        "datasets: hf:ID[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV] (hub id or local dir)")
     add("--out", help="run directory (checkpoints, metrics.jsonl, token cache, the final export in RUN_DIR/hf)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help="OpenELM-270M / -450M / -1_1B / -3B / -tiny (default tiny)")
