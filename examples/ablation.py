@@ -143,11 +143,18 @@ def _write_heldout_text(sources, val_fraction: float, path: Path) -> None:
 
 def _module_perplexity(model_dir: Path, text: Path, seq_len: int) -> Optional[float]:
     """Perplexity from `python -m openelm_mlx.perplexity` (MLX) when that command exists in this install."""
-    try:
-        from openelm_mlx.perplexity import evaluate_perplexity
-    except ImportError:
+    import openelm_mlx
+
+    if not (Path(openelm_mlx.__file__).parent / "perplexity.py").exists():  # not in this version of the package
         return None
-    rows = evaluate_perplexity(model=str(model_dir), data=str(text), sequence_length=seq_len)
+    from openelm_mlx.perplexity import evaluate_perplexity
+
+    try:
+        rows = evaluate_perplexity(model=str(model_dir), data=str(text), sequence_length=seq_len)
+    except Exception as e:  # an evaluation module from another version of the package: report, don't stop
+        print(f"[ablation] perplexity command failed on {model_dir} ({type(e).__name__}: {e}); skipped",
+              file=sys.stderr)
+        return None
     return float(rows[0]["perplexity"])
 
 
