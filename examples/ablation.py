@@ -169,20 +169,19 @@ def format_table(summary: dict) -> str:
              f"{s['batch_size']} x {s['seq_len']} tokens = {s['iters'] * s['batch_size'] * s['seq_len']:,} "
              f"training tokens per run; peak LR {s['learning_rate']}, warmup {s['warmup']}; seeds "
              f"{', '.join(map(str, s['seeds']))}. Validation: the last {s['val_fraction']:.0%} of documents.", "",
-             "| variant | parameters | layers (q heads, kv heads, ffn) | val loss, mean ± std | per seed | "
-             "perplexity (exp loss) | minutes per run |",
-             "|---|---:|---|---|---|---:|---:|"]
+             "| variant | parameters | layers (q heads, kv heads, ffn) | training tokens | val loss, mean ± std | "
+             "per seed | perplexity (exp loss) |",
+             "|---|---:|---|---:|---|---|---:|"]
     for variant in VARIANTS:
         rs = [r for r in runs if r["variant"] == variant]
         mean, std = _mean_std([r["val_loss"] for r in rs])
-        layers = rs[0]["layers"]
+        layers = [tuple(layer) for layer in rs[0]["layers"]]  # lists after a JSON round trip
         shape = (f"{layers[0]} -> {layers[-1]}" if layers[0] != layers[-1] else f"{layers[0]} x {len(layers)}")
         ppl = f"{math.exp(mean):.2f}"
         if all(r.get("eval_perplexity") for r in rs):
             ppl += f" (perplexity command: {statistics.fmean(r['eval_perplexity'] for r in rs):.2f})"
-        lines.append(f"| {variant} | {rs[0]['num_parameters']:,} | {shape} | {mean:.4f} ± {std:.4f} | "
-                     f"{', '.join(format(r['val_loss'], '.4f') for r in rs)} | {ppl} | "
-                     f"{statistics.fmean(r['seconds'] for r in rs) / 60:.1f} |")
+        lines.append(f"| {variant} | {rs[0]['num_parameters']:,} | {shape} | {rs[0]['tokens']:,} | "
+                     f"{mean:.4f} ± {std:.4f} | {', '.join(format(r['val_loss'], '.4f') for r in rs)} | {ppl} |")
     by_seed = {}
     for r in runs:
         by_seed.setdefault(r["seed"], {})[r["variant"]] = r["val_loss"]
