@@ -168,34 +168,38 @@ def get_preset(name: str) -> OpenELMConfig:
 
 
 def uniform_variant(cfg: OpenELMConfig) -> OpenELMConfig:
-    """An isotropic model (every layer alike) with about the same parameter count as `cfg`.
+    """An isotropic model (every layer alike) with about the same parameter count as `cfg` (within 1%).
 
-    Searches the rule's own grid (query dim in steps of head_dim * num_gqa_groups, FFN dim in steps of
-    ffn_dim_divisor) for the closest count, preferring the attention width nearest the layer-wise mean; the
-    multipliers are scalars chosen so `layer_plan` reproduces those exact sizes. Used for the ablation.
+    Every layer gets the query width on the rule's grid (steps of head_dim * num_gqa_groups) nearest the
+    layer-wise model's mean, so both spend about the same share on attention, and the FFN width (a multiple of
+    ffn_dim_divisor) that brings the count closest to `cfg`'s. Where that grid is too coarse for 1% (small
+    models), the FFN divisor is halved, down to 8. The multipliers are scalars chosen so `layer_plan`
+    reproduces those exact sizes. Used for the ablation.
     """
     target = num_parameters(cfg)
     plans = layer_plan(cfg)
-    q_step, f_step, d = cfg.head_dim * cfg.num_gqa_groups, cfg.ffn_dim_divisor, cfg.model_dim
+    q_step = cfg.head_dim * cfg.num_gqa_groups
     mean_q = sum(p.num_query_heads for p in plans) * cfg.head_dim / len(plans)
-    best = None
-    for q_dim in range(q_step, 4 * d + 1, q_step):
-        lo, hi = 1, 64 * d // f_step  # binary search the FFN width, whose count grows monotonically
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if num_parameters(_uniform(cfg, q_dim, mid * f_step)) < target:
-                lo = mid + 1
-            else:
-                hi = mid
-        for k in (lo - 1, lo):
-            if k < 1:
-                continue
-            cand = _uniform(cfg, q_dim, k * f_step)
-            key = (abs(num_parameters(cand) - target) > 0.0099 * target, abs(q_dim - mean_q),
-                   abs(num_parameters(cand) - target))
-            if best is None or key < best[0]:
-                best = (key, cand)
-    return best[1]
+    q_dim = max(q_step, round(mean_q / q_step) * q_step)
+    divisor = cfg.ffn_dim_divisor
+    while True:
+        best = _closest_ffn(cfg.replace(ffn_dim_divisor=divisor), q_dim, target)
+        if abs(num_parameters(best) / target - 1) < 0.01 or divisor <= 8:
+            return best
+        divisor //= 2
+
+
+def _closest_ffn(cfg: OpenELMConfig, q_dim: int, target: int) -> OpenELMConfig:
+    f_step = cfg.ffn_dim_divisor
+    lo, hi = 1, 64 * cfg.model_dim // f_step  # binary search the FFN width, whose count grows monotonically
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if num_parameters(_uniform(cfg, q_dim, mid * f_step)) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    candidates = [_uniform(cfg, q_dim, k * f_step) for k in (lo - 1, lo) if k >= 1]
+    return min(candidates, key=lambda c: abs(num_parameters(c) - target))
 
 
 def _uniform(cfg: OpenELMConfig, q_dim: int, ffn_dim: int) -> OpenELMConfig:

@@ -7,8 +7,9 @@ cross-document attention), plus an optional packed mode. Imports neither torch n
 numpy batches into tensors.
 
 A *source* yields documents (`str`) and a JSON-able fingerprint that changes when its content does; the cache
-is rebuilt only when a fingerprint, the tokenizer or the format changes. A Hugging Face dataset id (streamed with
-`datasets`) would be one more source class returned by `resolve_sources`.
+is rebuilt only when a fingerprint, the tokenizer or the format changes. Sources are local .txt / .jsonl files
+and Hugging Face datasets (`hf:ID[:CONFIG][?split=...&text_field=...]`, streamed with the optional `datasets`
+library), which is how Apple's public pre-training corpora (RefinedWeb, RedPajama, PILE, Dolma) plug in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
+from urllib.parse import parse_qsl
 
 import numpy as np
 
@@ -125,12 +127,124 @@ def _file_fingerprint(path: Path) -> dict:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+HF_PREFIX = "hf:"
+HF_OPTIONS = ("split", "text_field", "max_docs", "revision")
+
+
+@dataclass
+class HFDataset:
+    """A Hugging Face dataset read with `datasets` in streaming mode (nothing is downloaded up front).
+
+    Spec: `hf:PATH[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV]`, e.g. `hf:allenai/c4:en` or
+    `hf:tiiuae/falcon-refinedweb?text_field=content`. PATH is a hub id or a local directory of data files
+    (.jsonl/.json/.parquet/.csv/.txt, read by the same `load_dataset` call) or of a `save_to_disk` dataset.
+    Pin `revision` for a hub id: the cache fingerprint then names the exact snapshot.
+    """
+
+    path: str
+    config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    max_docs: Optional[int] = None
+    revision: Optional[str] = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "HFDataset":
+        body, _, query = spec[len(HF_PREFIX):].partition("?")
+        path, _, config = body.partition(":")
+        if not path:
+            raise DataError(f"{spec}: no dataset id; write hf:ID[:CONFIG][?split=...&text_field=...]")
+        options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+        unknown = sorted(set(options) - set(HF_OPTIONS))
+        if unknown:
+            raise DataError(f"{spec}: unknown option(s) {unknown}; known: {', '.join(HF_OPTIONS)}")
+        if "max_docs" in options:
+            if not options["max_docs"].isdigit() or int(options["max_docs"]) < 1:
+                raise DataError(f"{spec}: max_docs must be a positive integer, got {options['max_docs']!r}")
+            options["max_docs"] = int(options["max_docs"])
+        return cls(path, config or None, **options)
+
+    @property
+    def name(self) -> str:
+        query = "&".join(f"{k}={getattr(self, k)}" for k in HF_OPTIONS if getattr(self, k) is not None)
+        return f"{HF_PREFIX}{self.path}{':' + self.config if self.config else ''}?{query}"
+
+    def _local(self) -> Optional[Path]:
+        path = Path(self.path).expanduser()
+        return path if path.is_dir() else None
+
+    def fingerprint(self) -> dict:
+        fp = {"kind": "hf", "path": self.path, "config": self.config, "split": self.split,
+              "text_field": self.text_field, "max_docs": self.max_docs, "revision": self.revision}
+        local = self._local()
+        if local is not None:  # a local dataset changes when its files do
+            fp["path"] = str(local.resolve())
+            fp["files"] = [dict(_file_fingerprint(f), path=str(f.relative_to(local)))
+                           for f in sorted(local.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+        elif self.revision is None:
+            fp["hub_sha"] = _hub_dataset_sha(self.path)
+        return fp
+
+    def documents(self) -> Iterator[str]:
+        rows = self._open()
+        for i, row in enumerate(rows):
+            if self.max_docs is not None and i >= self.max_docs:
+                return
+            text = row.get(self.text_field) if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{self.name}: row {i} has no string field {self.text_field!r} (fields: {fields}); "
+                                "choose one with ?text_field=NAME")
+            if text.strip():
+                yield text
+
+    def _open(self):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{self.name}: reading Hugging Face datasets needs the `datasets` package: "
+                            "pip install 'openelm-mlx[data]'") from None
+        local = self._local()
+        try:
+            if local is not None and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+                ds = datasets.load_from_disk(str(local))  # written by save_to_disk
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = ds[self.split]
+                return ds.to_iterable_dataset()
+            return datasets.load_dataset(str(local) if local else self.path, self.config, split=self.split,
+                                         streaming=True, revision=self.revision)
+        except (DataError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # datasets raises many types (hub, network, missing split or config, ...)
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise DataError(f"{self.name}: cannot open the dataset ({type(e).__name__}: {msg}); check the id, "
+                            "config and split, the network, or HF_DATASETS_OFFLINE / HF_HUB_OFFLINE") from None
+
+
+def _hub_dataset_sha(repo_id: str) -> Optional[str]:
+    """The hub's current commit of a dataset (so an unpinned dataset that changes invalidates the cache), or
+    None when offline or unreachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(repo_id, timeout=10).sha
+    except Exception:  # no network, a gated repo, an id that only `datasets` resolves: keep the spec as the key
+        return None
+
+
 def resolve_sources(specs: Sequence[str], separator: str = "<|endoftext|>") -> list[DocumentSource]:
-    """Turn --data arguments (files, or directories searched recursively for .txt/.jsonl) into sources."""
+    """Turn --data arguments (files, directories searched recursively for .txt/.jsonl, or `hf:` dataset ids)
+    into sources."""
     if not specs:
         raise DataError("no training data: pass --data FILE_OR_DIR [...]")
     sources: list[DocumentSource] = []
     for spec in specs:
+        if spec.startswith(HF_PREFIX):
+            sources.append(HFDataset.parse(spec))
+            continue
         path = Path(spec)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
@@ -141,8 +255,7 @@ def resolve_sources(specs: Sequence[str], separator: str = "<|endoftext|>") -> l
                 raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
             files = [path]
         else:
-            # A Hugging Face dataset id would be resolved here (a streamed `datasets` source).
-            raise DataError(f"{path}: no such file or directory")
+            raise DataError(f"{path}: no such file or directory (a Hugging Face dataset is written hf:ID)")
         for f in files:
             sources.append(JsonlFile(f) if f.suffix == ".jsonl" else TextFile(f, separator))
     return sources

@@ -36,19 +36,19 @@ import torch.nn.functional as F
 import yaml
 
 from . import data as data_lib
+from . import recipes
 from .checkpoint import atomic_dir, atomic_write_bytes, write_config
 from .config import OpenELMConfig, get_preset, load_config, num_parameters, uniform_variant
 from .reference.model import Model, build_model
 from .tokenizer import Tokenizer
 from .weights import check_weights
 
-ADAM_BETAS, ADAM_EPS, WARMUP_START_LR = (0.9, 0.95), 1e-8, 1e-6
 MODEL_KEYS = ("model_dim", "num_transformer_layers", "head_dim", "num_gqa_groups", "ffn_dim_divisor",
               "qkv_multipliers", "ffn_multipliers")
 # Settings a resumed run may change; every other one must equal the checkpoint's (else the run is not the same).
 RESUMABLE = {"iters", "eval_every", "val_batches", "log_every", "save_every", "keep_checkpoints", "device",
              "dtype", "compile", "activation_checkpointing", "fsdp", "export", "resume", "force", "out",
-             "batch_size", "grad_accum"}
+             "batch_size", "grad_accum", "global_batch"}
 
 
 class TrainingError(RuntimeError):
@@ -90,6 +90,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     z_loss: float = 1e-4
     seed: int = 0
+    # AdamW and warmup constants (Apple's values; settings so a recipe states them)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_init_lr: float = 1e-6
+    global_batch: Optional[int] = None  # samples per step; sets grad_accum = global_batch / (batch_size x world)
     # logging and checkpoints
     log_every: int = 10
     eval_every: int = 200
@@ -137,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m openelm_mlx.train", description=__doc__.split("\n")[0],
                                 argument_default=argparse.SUPPRESS)
     add = p.add_argument
-    add("-c", "--config", help="YAML file of settings (keys are the flag names with '_'); flags override it")
-    add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows) or directories of them")
+    add("-c", "--config", help="YAML file of settings (keys are the flag names with '_'), or a packaged recipe "
+        "name (openelm-270m, openelm-270m-smoke, ...); flags override it")
+    add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows), directories of them, or Hugging Face "
+        "datasets: hf:ID[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV] (hub id or local dir)")
     add("--out", help="run directory (checkpoints, metrics.jsonl, token cache, the final export in RUN_DIR/hf)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help="OpenELM-270M / -450M / -1_1B / -3B / -tiny")
@@ -167,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, help="max gradient norm")
     g.add_argument("--z-loss", type=float, help="z-loss coefficient")
     g.add_argument("--seed", type=int)
+    g.add_argument("--adam-beta1", type=float, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, help="AdamW epsilon")
+    g.add_argument("--warmup-init-lr", type=float, help="learning rate at step 0 of the warmup")
+    g.add_argument("--global-batch", type=int,
+                   help="samples per optimizer step across all processes; derives --grad-accum from it")
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line")
     g.add_argument("--eval-every", type=int, help="steps per validation")
@@ -213,7 +227,7 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """defaults < (the run's saved settings, with --resume) < YAML < flags."""
     flags = vars(build_parser().parse_args(argv))
     config_path = flags.pop("config", None)
-    values = _read_yaml(Path(config_path)) if config_path else {}
+    values = _read_yaml(recipes.find(config_path)) if config_path else {}  # a file or a packaged recipe
     values.update({k: tuple(v) if isinstance(v, list) and k.endswith("multipliers") else v
                    for k, v in flags.items()})
     if values.get("resume") and values.get("out"):
@@ -236,11 +250,12 @@ def model_config(tc: TrainConfig, vocab_size: int) -> OpenELMConfig:
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
-    """Linear warmup from 1e-6 to lr over `warmup` steps, then cosine to min_lr at `lr_decay_iters`."""
+    """Linear warmup from warmup_init_lr (1e-6) to lr over `warmup` steps, then cosine to min_lr at
+    `lr_decay_iters`."""
     min_lr = 0.1 * tc.lr if tc.min_lr is None else tc.min_lr
     horizon = tc.lr_decay_iters or tc.iters
     if step < tc.warmup:
-        return WARMUP_START_LR + (tc.lr - WARMUP_START_LR) * step / tc.warmup
+        return tc.warmup_init_lr + (tc.lr - tc.warmup_init_lr) * step / tc.warmup
     if step >= horizon:
         return min_lr
     progress = (step - tc.warmup) / max(1, horizon - tc.warmup)
@@ -253,6 +268,7 @@ class WarmupCosine:
     def __init__(self, tc: TrainConfig):
         self.lr, self.min_lr, self.warmup = tc.lr, tc.min_lr, tc.warmup
         self.iters, self.lr_decay_iters = tc.iters, tc.lr_decay_iters
+        self.warmup_init_lr = tc.warmup_init_lr
 
     def __call__(self, step: int) -> float:
         return lr_at(step, self) / self.lr  # type: ignore[arg-type]
@@ -262,7 +278,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, fused: bool = False)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm weights: Apple applies no decay
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
+                             fused=fused or None)
 
 
 def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +303,27 @@ def forward_backward(forward, x: torch.Tensor, y: torch.Tensor, z_loss: float, s
         ce, z = loss_sums(forward(x), y)
     ((ce + z_loss * z) * scale).backward()
     return ce.detach(), z.detach()
+def with_global_batch(tc: TrainConfig, world: int) -> TrainConfig:
+    """Derive grad_accum from `global_batch` (a recipe's samples per step) for this many processes."""
+    if tc.global_batch is None:
+        return tc
+    per_pass = tc.batch_size * world
+    if tc.global_batch % per_pass:
+        raise TrainingError(f"global_batch {tc.global_batch} is not a multiple of batch_size x processes = "
+                            f"{tc.batch_size} x {world}; change --batch-size or the number of processes")
+    return dataclasses.replace(tc, grad_accum=tc.global_batch // per_pass)
+
+
+def write_model_record(run_dir: Path, cfg: OpenELMConfig, tc: TrainConfig) -> None:
+    """RUN_DIR/model.json: which variant this run trains (layer-wise or uniform), its size and per-layer plan."""
+    from .config import layer_plan, to_dict
+
+    record = {"variant": "uniform" if tc.uniform else "layer-wise", "preset": tc.preset,
+              "num_parameters": num_parameters(cfg),
+              "layers": [{"num_query_heads": p.num_query_heads, "num_kv_heads": p.num_kv_heads,
+                          "ffn_dim": p.ffn_dim} for p in layer_plan(cfg)],
+              "config": to_dict(cfg)}
+    atomic_write_bytes(run_dir / "model.json", json.dumps(record, indent=1).encode())
 
 
 def flops_per_token(cfg: OpenELMConfig, seq_len: int) -> float:
@@ -549,6 +587,7 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
 def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log) -> TrainResult:
     from tqdm import tqdm
 
+    tc = with_global_batch(tc, d.world)
     ckpt = _resume_state(tc, run_dir)
     if tc.export and Path(tc.export).exists() and not tc.force:
         raise TrainingError(f"--export {tc.export} already exists; pass --force to overwrite it")
@@ -581,6 +620,8 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
+    if is_main:
+        write_model_record(run_dir, cfg, tc)
     model = build_model(cfg, seed=tc.seed).to(device)
     model.checkpoint_layers = tc.activation_checkpointing
     wrapped = _wrap_distributed(model, tc, d, device)
