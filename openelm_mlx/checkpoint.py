@@ -115,6 +115,23 @@ def quantize_like(model: nn.Module, quantization: dict, weights: Optional[dict] 
                 class_predicate=predicate)
 
 
+def unpacked_shapes(weights: dict, quantization: Optional[dict]) -> dict:
+    """Each tensor's logical shape (a quantized weight's packed width expanded), for `check_weights`."""
+    from types import SimpleNamespace
+
+    shapes = {}
+    for name, value in weights.items():
+        shape = tuple(value.shape)
+        layer = name.removesuffix(".weight")
+        if name.endswith(QUANT_SUFFIXES) and quantization:
+            continue
+        if quantization and name.endswith(".weight") and f"{layer}.scales" in weights:
+            params = quantization.get(layer) if isinstance(quantization.get(layer), dict) else quantization
+            shape = shape[:-1] + (weights[f"{layer}.scales"].shape[-1] * params["group_size"],)
+        shapes[name] = SimpleNamespace(shape=shape)
+    return shapes
+
+
 def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConfig]:
     """Load an MLX model directory (float or quantized)."""
     path = Path(path)
@@ -122,7 +139,7 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConf
     with open(path / "config.json") as f:
         quantization = json.load(f).get("quantization")
     weights = load_safetensors(weight_files(path))
-    check_weights(weights, cfg, source=str(path), ignore_suffixes=QUANT_SUFFIXES if quantization else ())
+    check_weights(unpacked_shapes(weights, quantization), cfg, source=str(path))
     model = Model(cfg)
     if quantization:
         quantize_like(model, quantization, weights)
