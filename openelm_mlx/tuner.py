@@ -355,6 +355,8 @@ class TrainResult:
     train_loss: float
     val_loss: Optional[float]
     losses: list = field(default_factory=list)  # (iteration, loss) per step
+    trained_tokens: int = 0
+    useful_tokens: int = 0
     tokens_per_sec: float = 0.0
     useful_per_sec: float = 0.0
     useful_fraction: float = 0.0
@@ -488,6 +490,7 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
                 break
     save(result.iteration)
     t = totals["time"] or float("nan")
+    result.trained_tokens, result.useful_tokens = totals["trained"], totals["useful"]
     result.tokens_per_sec = totals["trained"] / t
     result.useful_per_sec = totals["useful"] / t
     result.useful_fraction = totals["useful"] / max(totals["positions"], 1)
