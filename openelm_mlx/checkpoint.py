@@ -163,7 +163,6 @@ def quantize_like(model: nn.Module, quantization: dict, weights: Optional[dict] 
 
 def unpacked_shapes(weights: dict, quantization: Optional[dict]) -> dict:
     """Each tensor's logical shape (a quantized weight's packed width expanded), for `check_weights`."""
-
     shapes = {}
     for name, value in weights.items():
         shape = tuple(value.shape)

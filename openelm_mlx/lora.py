@@ -1,0 +1,288 @@
+"""`python -m openelm_mlx.lora`: LoRA, QLoRA (a quantized base) and DoRA fine-tuning of OpenELM on JSONL data.
+
+The flags follow mlx-lm's `mlx_lm.lora`; the adapters it writes (`adapter_config.json` + `adapters.safetensors`)
+load in mlx-lm too. Settings: the `LoraConfig` defaults < a YAML file (`-c`) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .adapters import ADAPTER_WEIGHTS, DEFAULT_KEYS, FINE_TUNE_TYPES
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+@dataclass
+class LoraConfig:
+    model: str = "mlx_model"
+    data: str = "data"
+    fine_tune_type: str = "lora"
+    rank: int = 8
+    alpha: Optional[float] = None  # scale = alpha / rank when given
+    scale: float = 20.0
+    dropout: float = 0.0
+    keys: tuple = DEFAULT_KEYS
+    num_layers: int = -1
+    iters: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    optimizer: str = "adam"
+    warmup: int = 0
+    lr_schedule: str = "cosine"
+    min_learning_rate: float = 0.0
+    max_seq_length: int = 2048
+    mask_prompt: Optional[bool] = None  # None: completions / assistant turns only for those formats
+    valid_fraction: float = 0.1
+    pack: bool = False
+    grad_checkpoint: bool = False
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    val_batches: int = 25
+    save_every: int = 100
+    adapter_path: str = "adapters"
+    resume_adapter_file: Optional[str] = None
+    force: bool = False
+    seed: int = 0
+    test: bool = False
+    test_batches: int = -1
+    fuse: bool = False
+    save_path: str = "fused_model"
+    de_quantize: bool = False
+
+    def __post_init__(self):
+        if self.fine_tune_type not in FINE_TUNE_TYPES:
+            raise ValueError(f"fine_tune_type must be one of {FINE_TUNE_TYPES}, got {self.fine_tune_type!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        self.keys = tuple(self.keys)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else self.scale
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"error: {path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"error: {path}: expected a mapping of settings, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise SystemExit(f"error: {path}: unknown setting(s) {unknown}; known: {sorted(fields)}")
+    return data
+
+
+def lora(**settings):
+    """Fine-tune with the given `LoraConfig` settings; returns the `TrainResult` (None when only testing)."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from . import adapters, tuner
+    from .checkpoint import OutputExistsError, load_model
+    from .tokenizer import Tokenizer
+
+    cfg = LoraConfig(**settings)
+    log = tuner.log
+    np.random.seed(cfg.seed)
+    mx.random.seed(cfg.seed)
+    model, _ = load_model(cfg.model)
+    tokenizer = Tokenizer(cfg.model)
+    train_set, valid_set, test_set = tuner.load_datasets(
+        cfg.data, tokenizer, mask_prompt=cfg.mask_prompt, max_seq_length=cfg.max_seq_length,
+        valid_fraction=cfg.valid_fraction, seed=cfg.seed)
+    log(f"Data: {len(train_set)} train, {len(valid_set) if valid_set else 0} valid, "
+        f"{len(test_set) if test_set else 0} test examples ({train_set.format} format)")
+
+    if cfg.iters is None:
+        epochs = cfg.epochs if cfg.epochs is not None else 1.0
+        iters = math.ceil(epochs * tuner.batches_per_epoch(train_set, cfg.batch_size))
+    elif cfg.epochs is not None:
+        raise SystemExit("error: give --iters or --epochs, not both")
+    else:
+        iters = cfg.iters
+    # Check the batch size against the data before any work is spent.
+    next(tuner.iterate_batches(train_set, cfg.batch_size))
+
+    adapter_cfg = adapters.adapter_config(
+        fine_tune_type=cfg.fine_tune_type, num_layers=cfg.num_layers, rank=cfg.rank, scale=cfg.lora_scale,
+        dropout=cfg.dropout, keys=cfg.keys, model=str(cfg.model), data=str(cfg.data), iters=iters,
+        batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed)
+    adapters.apply_adapters(model, adapter_cfg)
+    n_train = sum(v.size for v in adapters.adapter_weights(model).values())
+    n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    log(f"Trainable parameters: {100 * n_train / n_total:.3f}% ({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M)")
+
+    adapter_path = Path(cfg.adapter_path)
+    out_file = adapter_path / ADAPTER_WEIGHTS
+    resume = Path(cfg.resume_adapter_file) if cfg.resume_adapter_file else None
+    if out_file.exists() and not cfg.force and (resume is None or resume.resolve() != out_file.resolve()):
+        raise OutputExistsError(f"{out_file} already exists; pass --force to overwrite it, or resume from it "
+                                f"with --resume-adapter-file {out_file}")
+
+    schedule_args = tuner.TrainArgs(
+        iters=iters, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup=cfg.warmup,
+        lr_schedule=cfg.lr_schedule, min_learning_rate=cfg.min_learning_rate,
+        steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval, val_batches=cfg.val_batches,
+        save_every=cfg.save_every, grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack, seed=cfg.seed)
+    opt_class = optim.Adam if cfg.optimizer == "adam" else optim.AdamW
+    optimizer = opt_class(learning_rate=tuner.build_schedule(schedule_args))
+
+    start = 0
+    if resume is not None:
+        start = resume_from(model, optimizer, resume)
+        if start >= iters and iters > 0:
+            raise SystemExit(f"error: {resume} was trained to iteration {start} already; --iters {iters} is the "
+                             f"total, so raise it to train further")
+
+    def save(iteration: int):
+        meta = {"iteration": iteration}
+        adapters.save_adapters(adapter_path, model, adapter_cfg, meta)
+        adapters.save_adapter_weights(adapter_path / OPTIMIZER_FILE,
+                                      dict(tree_flatten(optimizer.state)), meta)
+        if cfg.save_every and iteration % cfg.save_every == 0 and iteration != iters:
+            adapters.save_adapter_weights(adapter_path / f"{iteration:07d}_{ADAPTER_WEIGHTS}",
+                                          adapters.adapter_weights(model), meta)
+        log(f"Iter {iteration}: Saved adapter weights to {out_file}")
+
+    result = None
+    if iters > start:
+        result = tuner.train(model, optimizer, train_set, valid_set, schedule_args, save=save, start_iteration=start)
+        log(f"Trained {result.iteration - start} iterations in {result.train_time:.1f}s: "
+            f"{result.tokens_per_sec:.1f} trained tokens/s, useful (non-padding) tokens "
+            f"{result.useful_fraction:.1%}, final train loss {result.train_loss:.3f}"
+            + (f", val loss {result.val_loss:.3f}" if result.val_loss is not None else "")
+            + f", peak memory {result.peak_memory_gb:.3f} GB")
+        if result.interrupted:
+            log(f"Stopped by SIGINT at iteration {result.iteration}; resume with "
+                f"--resume-adapter-file {out_file}")
+            return result
+    if cfg.test:
+        if test_set is None:
+            raise SystemExit(f"error: --test needs a test split: {cfg.data} is not a directory with test.jsonl")
+        model.eval()
+        loss, ntoks = tuner.evaluate(model, test_set, cfg.batch_size, cfg.test_batches, pack=cfg.pack)
+        log(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f} ({ntoks} tokens)")
+    if cfg.fuse:
+        from .fuse import fuse
+
+        fuse(model=cfg.model, adapter_path=adapter_path, save_path=cfg.save_path, de_quantize=cfg.de_quantize,
+             force=cfg.force)
+    return result
+
+
+def resume_from(model, optimizer, path: Path) -> int:
+    """Load adapter weights (and, when saved beside them for the same iteration, the optimizer state);
+    returns the iteration they were saved at."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    from .adapters import AdapterError, adapter_weights
+    from .tuner import log
+
+    if not path.is_file():
+        raise AdapterError(f"--resume-adapter-file {path}: no such file")
+    weights, meta = mx.load(str(path), return_metadata=True)
+    expected = adapter_weights(model)
+    wrong = sorted(set(weights) ^ set(expected))
+    wrong += [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    if wrong:
+        raise AdapterError(f"{path}: does not match this run's adapters (rank, keys, num_layers or "
+                           f"fine_tune_type differ); mismatched: {wrong[:6]}")
+    model.load_weights(list(weights.items()), strict=False)
+    iteration = int(meta.get("iteration", 0))
+    opt_file = path.parent / OPTIMIZER_FILE
+    if opt_file.is_file():
+        state, opt_meta = mx.load(str(opt_file), return_metadata=True)
+        if int(opt_meta.get("iteration", -1)) == iteration:
+            optimizer.state = tree_unflatten(list(state.items()))
+            log(f"Resuming from {path} at iteration {iteration} (with the optimizer state)")
+            return iteration
+    log(f"Resuming from {path} at iteration {iteration} (optimizer state not found: moments restart)")
+    return iteration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = LoraConfig()
+    p = argparse.ArgumentParser(prog="python -m openelm_mlx.lora", description=__doc__.splitlines()[0],
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("-c", "--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--model", help=f"MLX model directory, float or quantized (QLoRA) (default {d.model})")
+    p.add_argument("--data", help="a .jsonl file (a validation split is held out) or a directory with "
+                                  "train.jsonl / valid.jsonl / test.jsonl")
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help=f"(default {d.fine_tune_type})")
+    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
+    p.add_argument("--scale", type=float, help=f"LoRA scale, when --alpha is not given (default {d.scale})")
+    p.add_argument("--dropout", type=float, help=f"LoRA dropout (default {d.dropout})")
+    p.add_argument("--keys", nargs="+", help=f"block modules to adapt (default {' '.join(d.keys)})")
+    p.add_argument("--num-layers", type=int, help="adapt the last N blocks; -1 = all (default)")
+    p.add_argument("--iters", type=int, help="total training iterations (a resumed run continues to it)")
+    p.add_argument("--epochs", type=float, help="train for this many passes over the data instead of --iters")
+    p.add_argument("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
+    p.add_argument("--learning-rate", type=float, help=f"peak learning rate (default {d.learning_rate})")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), help=f"(default {d.optimizer})")
+    p.add_argument("--warmup", type=int, help="linear warmup iterations (default 0)")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), help=f"after warmup (default {d.lr_schedule})")
+    p.add_argument("--min-learning-rate", type=float, help="the cosine schedule's end value (default 0)")
+    p.add_argument("--max-seq-length", type=int, help=f"truncate longer examples (default {d.max_seq_length})")
+    mp = p.add_mutually_exclusive_group()
+    mp.add_argument("--mask-prompt", dest="mask_prompt", action="store_true",
+                    help="loss on completions / assistant turns only (default for those formats)")
+    mp.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false", help="loss on every token")
+    p.add_argument("--valid-fraction", type=float,
+                   help=f"validation share held out of a single .jsonl file (default {d.valid_fraction})")
+    p.add_argument("--pack", action="store_true",
+                   help="random batches packed into rows (attention kept per example) instead of length-sorted")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--steps-per-report", type=int, help=f"(default {d.steps_per_report})")
+    p.add_argument("--steps-per-eval", type=int, help=f"(default {d.steps_per_eval})")
+    p.add_argument("--val-batches", type=int, help=f"-1 = the whole validation set (default {d.val_batches})")
+    p.add_argument("--save-every", type=int, help=f"save the adapter every N iterations (default {d.save_every})")
+    p.add_argument("--adapter-path", help=f"output directory (default {d.adapter_path})")
+    p.add_argument("--resume-adapter-file", help="continue training from this adapters.safetensors")
+    p.add_argument("--force", action="store_true", help="overwrite existing adapters / fused model")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--test", action="store_true", help="report test loss and perplexity (needs test.jsonl)")
+    p.add_argument("--test-batches", type=int, help="-1 = the whole test set (default)")
+    p.add_argument("--fuse", action="store_true", help="write a fused model to --save-path after training")
+    p.add_argument("--save-path", help=f"fused model directory (default {d.save_path})")
+    p.add_argument("--de-quantize", action="store_true", help="with --fuse: write a float model")
+    return p
+
+
+def main(argv=None) -> int:
+    from .adapters import AdapterError
+    from .checkpoint import OutputExistsError
+    from .tuner import DataError, TrainingError
+
+    args = vars(build_parser().parse_args(argv))
+    settings = load_yaml(args.pop("config")) if "config" in args else {}
+    settings.update(args)
+    try:
+        result = lora(**settings)
+    except (DataError, AdapterError, OutputExistsError, TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 130 if result is not None and result.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
