@@ -31,5 +31,9 @@ test: venv system-blas
 test-fast: venv system-blas
 	$(PY) -m pytest -q -m "not slow"
 
+# The whole pipeline offline on an embedded default; DEMO_ARGS=--fresh starts over.
+demo: venv system-blas
+	$(PY) -m openelm_mlx.demo $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,286 @@
+"""`make demo`: the whole openelm-mlx pipeline offline, on data every Python install has.
+
+    python -m openelm_mlx.demo [--out demo_out] [--fresh] [--quick]
+
+Stages (each reuses its output from an earlier run unless --fresh):
+  1. corpus   the docstrings of the Python standard library (read with `ast`, nothing is imported or downloaded)
+  2. train    a SentencePiece tokenizer and a small layer-wise-scaled OpenELM with the PyTorch reference trainer
+  3. convert  the trainer's HF-layout export to MLX float16 and 4-bit, each with --verify against the reference
+  4. generate a sample from each MLX model, with tokens/s
+  5. lora     fine-tune on examples/train.jsonl (is a number even?) and measure held-out accuracy before/after
+  6. report   loss curves as PNG and a summary
+Every stage runs the user-facing command (`python -m openelm_mlx.train`, `.convert`, `.lora`) as a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import atomic_write_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SEPARATOR = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes for the full demo (about 10 minutes on 2 cores) and for the quick one run by the tests."""
+
+    corpus_chars: int = 1_200_000
+    vocab_size: int = 2048
+    model_dim: int = 256
+    num_transformer_layers: int = 6
+    train_iters: int = 600
+    seq_len: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    lora_iters: int = 150
+    lora_batch_size: int = 16
+    lora_learning_rate: float = 1e-3
+    test_examples: int = 200
+    sample_tokens: int = 48
+
+
+QUICK = DemoConfig(corpus_chars=150_000, vocab_size=512, model_dim=128, num_transformer_layers=4, train_iters=30,
+                   seq_len=64, batch_size=8, lora_iters=10, lora_batch_size=8, test_examples=20,
+                   sample_tokens=12)
+
+
+def log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
+
+
+def stdlib_corpus(max_chars: int) -> list[str]:
+    """Docstrings (>= 120 characters) of the standard library's modules, classes and functions, in path order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "idlelib", "lib2to3", "tkinter", "turtledemo"}
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if parts[0] in skip or "tests" in parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 120 and SEPARATOR not in doc:
+                    docs.append(doc)
+                    total += len(doc)
+                    if total >= max_chars:
+                        return docs
+    return docs
+
+
+def run_cli(module: str, *args: str, log_path: Optional[Path] = None) -> str:
+    """Run `python -m openelm_mlx.<module> args`, streaming its stderr; return its stdout."""
+    cmd = [sys.executable, "-m", f"openelm_mlx.{module}", *map(str, args)]
+    log("$ " + " ".join(["python", "-m", f"openelm_mlx.{module}", *map(str, args)]))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if log_path is None else subprocess.STDOUT,
+                          text=True, cwd=ROOT)
+    if log_path is not None:
+        atomic_write_bytes(log_path, proc.stdout.encode())
+    if proc.returncode != 0:
+        raise SystemExit(f"[demo] `{' '.join(cmd[2:])}` failed with exit code {proc.returncode}"
+                         + (f"; see {log_path}" if log_path else ""))
+    return proc.stdout
+
+
+def stage_corpus(out: Path, cfg: DemoConfig) -> Path:
+    path = out / "data" / "stdlib_docstrings.txt"
+    if not path.exists():
+        docs = stdlib_corpus(cfg.corpus_chars)
+        atomic_write_bytes(path, f"\n{SEPARATOR}\n".join(docs).encode())
+        log(f"corpus: {len(docs)} docstrings, {path.stat().st_size / 1e6:.2f} MB -> {path}")
+    return path
+
+
+def stage_train(out: Path, corpus: Path, cfg: DemoConfig) -> Path:
+    run = out / "run"
+    export = run / "hf"
+    if not (export / "config.json").exists():
+        run_cli("train", "--preset", "tiny", "--model-dim", cfg.model_dim,
+                "--num-transformer-layers", cfg.num_transformer_layers, "--vocab-size", cfg.vocab_size,
+                "--data", corpus, "--out", run, "--iters", cfg.train_iters, "--seq-len", cfg.seq_len,
+                "--batch-size", cfg.batch_size, "--lr", cfg.lr, "--warmup", max(1, cfg.train_iters // 10),
+                "--eval-every", max(1, cfg.train_iters // 5), "--save-every", cfg.train_iters,
+                "--log-every", max(1, cfg.train_iters // 30), "--seed", 0, "--force")
+    return export
+
+
+def stage_convert(out: Path, hf: Path) -> dict[str, Path]:
+    targets = {"float16": (out / "mlx_fp16", ["--dtype", "float16"]),
+               "4-bit": (out / "mlx_q4", ["--dtype", "float16", "-q", "--q-bits", "4", "--q-group-size", "64"])}
+    for name, (path, flags) in targets.items():
+        if not (path / "config.json").exists():
+            run_cli("convert", "--hf-path", hf, "--mlx-path", path, *flags, "--verify", "--force",
+                    log_path=out / f"convert_{path.name}.log")
+    return {name: path for name, (path, _) in targets.items()}
+
+
+def verify_line(out: Path, path: Path) -> str:
+    log_file = out / f"convert_{path.name}.log"
+    lines = [ln for ln in log_file.read_text().splitlines() if "logit" in ln.lower()] if log_file.exists() else []
+    return lines[-1].strip() if lines else "(no verification line found)"
+
+
+def sample(path: Path, prompt: str, max_tokens: int) -> tuple[str, float]:
+    from .generate import load, stream_generate
+
+    model, tokenizer = load(path)
+    text, last = "", None
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        text += r.text
+        last = r
+    return text, last.generation_tps
+
+
+def task_rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (EXAMPLES / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def accuracy(model_path: Path, adapter_path: Optional[Path], rows: list[dict]) -> float:
+    """Held-out accuracy: the greedy continuation's first word must equal the answer."""
+    from .generate import generate, load
+
+    model, tokenizer = load(model_path, adapter_path=adapter_path)
+    hits = 0
+    for row in rows:
+        text = generate(model, tokenizer, row["prompt"], max_tokens=3)
+        hits += text.strip().split(" ")[0].strip(".,!?") == row["completion"].strip()
+    return hits / len(rows)
+
+
+def stage_lora(out: Path, base: Path, cfg: DemoConfig) -> Path:
+    adapters = out / "adapters"
+    if not (adapters / "adapters.safetensors").exists():
+        data = out / "task"
+        data.mkdir(exist_ok=True)
+        for split in ("train", "valid", "test"):
+            shutil.copy(EXAMPLES / f"{split}.jsonl", data / f"{split}.jsonl")
+        run_cli("lora", "--model", base, "--data", data, "--iters", cfg.lora_iters,
+                "--batch-size", cfg.lora_batch_size, "--learning-rate", cfg.lora_learning_rate,
+                "--steps-per-eval", max(1, cfg.lora_iters // 3), "--adapter-path", adapters, "--seed", 0,
+                "--force")
+    return adapters
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(out: Path, train_metrics: list[dict], lora_metrics: list[dict]) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed; skipping the loss-curve PNG")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metrics, title in ((axes[0], train_metrics, "pre-training (PyTorch reference)"),
+                               (axes[1], lora_metrics, "LoRA fine-tuning (MLX)")):
+        train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m]
+        val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
+        if train:
+            ax.plot(*zip(*train), label="train")
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_demo(*, out: Path, fresh: bool = False, cfg: DemoConfig = DemoConfig()) -> dict:
+    start = time.perf_counter()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = stage_corpus(out, cfg)
+    hf = stage_train(out, corpus, cfg)
+    models = stage_convert(out, hf)
+    from .config import load_config, num_parameters
+
+    summary = {"parameters": num_parameters(load_config(hf))}
+    train_metrics = read_metrics(out / "run" / "metrics.jsonl")
+    losses = [m["loss"] for m in train_metrics if "loss" in m]
+    vals = [m["val_loss"] for m in train_metrics if m.get("val_loss") is not None]
+    summary["train_loss"] = (losses[0], losses[-1]) if losses else None
+    summary["val_loss"] = vals[-1] if vals else None
+    summary["samples"] = {}
+    for name, path in models.items():
+        text, tps = sample(path, "Return the", cfg.sample_tokens)
+        summary["samples"][name] = (text, tps)
+        summary[f"verify_{name}"] = verify_line(out, path)
+        log(f"{name} sample ({tps:.1f} tokens/s): Return the{text!r}")
+    rows = task_rows("test")[: cfg.test_examples]
+    summary["acc_before"] = accuracy(models["float16"], None, rows)
+    adapters = stage_lora(out, models["float16"], cfg)
+    summary["acc_after"] = accuracy(models["float16"], adapters, rows)
+    lora_metrics = read_metrics(adapters / "metrics.jsonl")
+    summary["plot"] = plot_losses(out, train_metrics, lora_metrics)
+    summary["seconds"] = time.perf_counter() - start
+    print_summary(out, summary, len(rows))
+    return summary
+
+
+def print_summary(out: Path, s: dict, n_test: int) -> None:
+    lines = ["", "=== openelm-mlx demo summary ===",
+             f"model:        {s['parameters']:,} parameters (layer-wise scaled OpenELM, trained from scratch)"]
+    if s["train_loss"]:
+        lines.append(f"pre-training: loss {s['train_loss'][0]:.3f} -> {s['train_loss'][1]:.3f}"
+                     + (f", validation loss {s['val_loss']:.3f}" if s["val_loss"] is not None else ""))
+    for name, (text, tps) in s["samples"].items():
+        lines.append(f"{name:>8} MLX: {tps:6.1f} tokens/s; verify: {s['verify_' + name]}")
+    lines.append(f"LoRA task:    'Is N even?' held-out accuracy {s['acc_before']:.0%} before -> "
+                 f"{s['acc_after']:.0%} after ({n_test} numbers never seen in training)")
+    if s["plot"]:
+        lines.append(f"loss curves:  {s['plot']}")
+    lines.append(f"files:        {out}/ (run/hf = HF export, mlx_fp16, mlx_q4, adapters)")
+    lines.append(f"total time:   {s['seconds']:.0f} s")
+    print("\n".join(lines), flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m openelm_mlx.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p.add_argument("--fresh", action="store_true", help="start over instead of reusing earlier stages")
+    p.add_argument("--quick", action="store_true", help="a few steps of each stage (used by the tests)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out).resolve()
+    if out == ROOT or ROOT in out.parents and out.parent == ROOT / "openelm_mlx":
+        raise SystemExit(f"--out {out} is inside the source tree; choose another directory")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run_demo(out=out, fresh=args.fresh, cfg=QUICK if args.quick else DemoConfig())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
