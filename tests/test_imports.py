@@ -18,7 +18,8 @@ def test_pure_modules_import_neither_framework(module):
     assert "torch" not in loaded and "mlx" not in loaded
 
 
-@pytest.mark.parametrize("module", ["openelm_mlx.model", "openelm_mlx.checkpoint", "openelm_mlx.tokenizer"])
+@pytest.mark.parametrize("module", ["openelm_mlx.model", "openelm_mlx.checkpoint", "openelm_mlx.tokenizer",
+                                    "openelm_mlx.adapters", "openelm_mlx.tuner", "openelm_mlx.lora", "openelm_mlx.fuse"])
 def test_mlx_side_does_not_import_torch(module):
     loaded = modules_after_import(f"import {module}")
     assert "torch" not in loaded
