@@ -137,11 +137,8 @@ def lora(**settings):
         raise OutputExistsError(f"{out_file} already exists; pass --force to overwrite it, or resume from it "
                                 f"with --resume-adapter-file {out_file}")
 
-    schedule_args = tuner.TrainArgs(
-        iters=iters, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, warmup=cfg.warmup,
-        lr_schedule=cfg.lr_schedule, min_learning_rate=cfg.min_learning_rate,
-        steps_per_report=cfg.steps_per_report, steps_per_eval=cfg.steps_per_eval, val_batches=cfg.val_batches,
-        save_every=cfg.save_every, grad_checkpoint=cfg.grad_checkpoint, pack=cfg.pack, seed=cfg.seed)
+    shared = {f.name for f in dataclasses.fields(tuner.TrainArgs)} - {"iters"}
+    schedule_args = tuner.TrainArgs(iters=iters, **{k: getattr(cfg, k) for k in shared})
     opt_class = optim.Adam if cfg.optimizer == "adam" else optim.AdamW
     optimizer = opt_class(learning_rate=tuner.build_schedule(schedule_args))
 

@@ -448,8 +448,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_adapter(model_dir, qa_fil
 
 @pytest.mark.slow
 def test_lora_memorises_completions_and_greedy_generation_reproduces_them(model_dir, qa_file, tmp_path, tok):
-    small_run(model_dir, qa_file[0], tmp_path / "ad", iters=80, batch_size=4, learning_rate=2e-2, rank=16,
-              valid_fraction=0, steps_per_report=20, warmup=5)
+    # lr 5e-4 at mlx-lm's scale 20; 1e-2 and above stall near loss 6 on this random base
+    small_run(model_dir, qa_file[0], tmp_path / "ad", iters=60, batch_size=4, learning_rate=5e-4, rank=8,
+              valid_fraction=0, steps_per_report=20, warmup=5, lr_schedule="constant")
     model = adapters.load_adapters(load_model(model_dir)[0], tmp_path / "ad")
     base, _ = load_model(model_dir)
     for prompt, completion in qa_file[1]:
