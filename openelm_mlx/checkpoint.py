@@ -407,3 +407,25 @@ def write_tokenizer_files(path: str | Path, tokenizer_model: str | Path, chat_te
         config["chat_template"] = CHAT_TEMPLATE
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def set_compute_dtype(model: nn.Module, dtype: Optional[str], task: str) -> Optional[str]:
+    """Cast the model's floating parameters for `task` ("prefill", "decode", "lora"); returns the dtype used.
+
+    An explicit `dtype` is applied as is. Without one, a half-precision model is upcast to float32 where
+    `blas.preferred_cpu_dtype(task)` says float32 is fastest (MLX's CPU backend with an optimized BLAS, where
+    float16/bfloat16 matmuls bypass BLAS and run ~10x slower); on a GPU the checkpoint's dtype is kept.
+    Packed quantized weights are integers and never cast.
+    """
+    from mlx.utils import tree_flatten
+
+    from . import blas
+
+    if dtype is None:
+        dtype = blas.preferred_cpu_dtype(task)
+        floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+        if dtype != "float32" or all(d == mx.float32 for d in floats):
+            return None  # only ever upcast by default: never lose precision silently
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return dtype

@@ -38,17 +38,17 @@ SEPARATOR = "<|endoftext|>"
 class DemoConfig:
     """Sizes for the full demo (about 10 minutes on 2 cores) and for the quick one run by the tests."""
 
-    corpus_chars: int = 1_200_000
-    vocab_size: int = 2048
-    model_dim: int = 256
-    num_transformer_layers: int = 6
-    train_iters: int = 600
+    corpus_chars: int = 600_000
+    vocab_size: int = 1024
+    model_dim: int = 128
+    num_transformer_layers: int = 4
+    train_iters: int = 240
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 3e-3
-    lora_iters: int = 150
+    lora_iters: int = 120
     lora_batch_size: int = 16
-    lora_learning_rate: float = 1e-3
+    lora_learning_rate: float = 2e-3
     test_examples: int = 200
     sample_tokens: int = 48
 
