@@ -2,7 +2,8 @@
 
     python examples/make_train_jsonl.py            # writes examples/train.jsonl, valid.jsonl and test.jsonl
 
-Each row is `{"prompt": "Is 47 even?", "completion": " no"}`. The answer depends only on the last digit, so a
+Each row is `{"prompt": "Is 47 even?", "completion": "no"}` (the completion is tokenized on its own and gets
+SentencePiece's leading-space piece itself). The answer depends only on the last digit, so a
 small model can learn it from a few hundred examples in about a minute and generalise to numbers it never saw;
 test.jsonl holds numbers absent from train.jsonl, so the accuracy the demo prints is held-out accuracy.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 
 def parity_rows(numbers):
-    return [{"prompt": f"Is {n} even?", "completion": " yes" if n % 2 == 0 else " no"} for n in numbers]
+    return [{"prompt": f"Is {n} even?", "completion": "yes" if n % 2 == 0 else "no"} for n in numbers]
 
 
 def make_splits(seed: int = 0, n_train: int = 600, n_valid: int = 100, n_test: int = 200):

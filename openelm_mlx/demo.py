@@ -18,6 +18,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,13 +43,14 @@ class DemoConfig:
     vocab_size: int = 1024
     model_dim: int = 128
     num_transformer_layers: int = 4
-    train_iters: int = 240
+    train_iters: int = 500
     seq_len: int = 128
-    batch_size: int = 8
+    batch_size: int = 16
     lr: float = 3e-3
-    lora_iters: int = 120
+    lora_iters: int = 300
     lora_batch_size: int = 16
-    lora_learning_rate: float = 2e-3
+    lora_learning_rate: float = 1e-4  # 3e-4 and above stall at the always-"no" prior on this model
+    lora_rank: int = 16
     test_examples: int = 200
     sample_tokens: int = 48
 
@@ -86,18 +88,19 @@ def stdlib_corpus(max_chars: int) -> list[str]:
     return docs
 
 
-def run_cli(module: str, *args: str, log_path: Optional[Path] = None) -> str:
-    """Run `python -m openelm_mlx.<module> args`, streaming its stderr; return its stdout."""
+def run_cli(module: str, *args, log_path: Path) -> str:
+    """Run `python -m openelm_mlx.<module> args`, echoing its output to stderr and keeping it in `log_path`."""
     cmd = [sys.executable, "-m", f"openelm_mlx.{module}", *map(str, args)]
     log("$ " + " ".join(["python", "-m", f"openelm_mlx.{module}", *map(str, args)]))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if log_path is None else subprocess.STDOUT,
-                          text=True, cwd=ROOT)
-    if log_path is not None:
-        atomic_write_bytes(log_path, proc.stdout.encode())
+    lines = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as proc:
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            lines.append(line)
+    atomic_write_bytes(log_path, "".join(lines).encode())
     if proc.returncode != 0:
-        raise SystemExit(f"[demo] `{' '.join(cmd[2:])}` failed with exit code {proc.returncode}"
-                         + (f"; see {log_path}" if log_path else ""))
-    return proc.stdout
+        raise SystemExit(f"[demo] `{' '.join(cmd[2:])}` failed with exit code {proc.returncode}; see {log_path}")
+    return "".join(lines)
 
 
 def stage_corpus(out: Path, cfg: DemoConfig) -> Path:
@@ -118,7 +121,7 @@ def stage_train(out: Path, corpus: Path, cfg: DemoConfig) -> Path:
                 "--data", corpus, "--out", run, "--iters", cfg.train_iters, "--seq-len", cfg.seq_len,
                 "--batch-size", cfg.batch_size, "--lr", cfg.lr, "--warmup", max(1, cfg.train_iters // 10),
                 "--eval-every", max(1, cfg.train_iters // 5), "--save-every", cfg.train_iters,
-                "--log-every", max(1, cfg.train_iters // 30), "--seed", 0, "--force")
+                "--log-every", max(1, cfg.train_iters // 30), "--seed", 0, "--force", log_path=out / "train.log")
     return export
 
 
@@ -161,7 +164,7 @@ def accuracy(model_path: Path, adapter_path: Optional[Path], rows: list[dict]) -
     hits = 0
     for row in rows:
         text = generate(model, tokenizer, row["prompt"], max_tokens=3)
-        hits += text.strip().split(" ")[0].strip(".,!?") == row["completion"].strip()
+        hits += text.strip().split(" ")[0].strip(".,!?") == row["completion"]
     return hits / len(rows)
 
 
@@ -173,9 +176,9 @@ def stage_lora(out: Path, base: Path, cfg: DemoConfig) -> Path:
         for split in ("train", "valid", "test"):
             shutil.copy(EXAMPLES / f"{split}.jsonl", data / f"{split}.jsonl")
         run_cli("lora", "--model", base, "--data", data, "--iters", cfg.lora_iters,
-                "--batch-size", cfg.lora_batch_size, "--learning-rate", cfg.lora_learning_rate,
+                "--batch-size", cfg.lora_batch_size, "--learning-rate", cfg.lora_learning_rate, "--rank", cfg.lora_rank,
                 "--steps-per-eval", max(1, cfg.lora_iters // 3), "--adapter-path", adapters, "--seed", 0,
-                "--force")
+                "--force", log_path=out / "lora.log")
     return adapters
 
 
@@ -183,6 +186,16 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def lora_metrics(log_path: Path) -> list[dict]:
+    """The LoRA run's `Iter N: Train loss X` / `Iter N: Val loss X` progress lines, as metrics rows."""
+    rows = []
+    if log_path.exists():
+        for m in re.finditer(r"^Iter (\d+): (Train|Val) loss ([0-9.]+)", log_path.read_text(), re.M):
+            key = "loss" if m.group(2) == "Train" else "val_loss"
+            rows.append({"step": int(m.group(1)), key: float(m.group(3))})
+    return rows
 
 
 def plot_losses(out: Path, train_metrics: list[dict], lora_metrics: list[dict]) -> Optional[Path]:
@@ -206,7 +219,8 @@ def plot_losses(out: Path, train_metrics: list[dict], lora_metrics: list[dict]) 
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.legend()
+        if train or val:
+            ax.legend()
     fig.tight_layout()
     path = out / "loss_curves.png"
     fig.savefig(path, dpi=100)
@@ -240,8 +254,7 @@ def run_demo(*, out: Path, fresh: bool = False, cfg: DemoConfig = DemoConfig()) 
     summary["acc_before"] = accuracy(models["float16"], None, rows)
     adapters = stage_lora(out, models["float16"], cfg)
     summary["acc_after"] = accuracy(models["float16"], adapters, rows)
-    lora_metrics = read_metrics(adapters / "metrics.jsonl")
-    summary["plot"] = plot_losses(out, train_metrics, lora_metrics)
+    summary["plot"] = plot_losses(out, train_metrics, lora_metrics(out / "lora.log"))
     summary["seconds"] = time.perf_counter() - start
     print_summary(out, summary, len(rows))
     return summary
