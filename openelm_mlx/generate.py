@@ -354,17 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> GenerateConfig:
     values = {}
     if getattr(args, "config", None):
-        import yaml
+        from .settings import SettingsError, read_settings_file
 
-        path = Path(args.config)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise GenerateError(f"{path}: cannot read the YAML settings ({e})") from None
-        fields = {f.name for f in dataclasses.fields(GenerateConfig)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise GenerateError(f"{path}: unknown settings {unknown}; known: {sorted(fields)}")
+            values = read_settings_file(args.config, {f.name for f in dataclasses.fields(GenerateConfig)})
+        except SettingsError as e:
+            raise GenerateError(str(e)) from None
     values.update({k: v for k, v in vars(args).items() if k != "config"})
     return GenerateConfig(**values)
 

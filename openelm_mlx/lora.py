@@ -73,20 +73,12 @@ class LoraConfig:
 
 
 def load_yaml(path: str | Path) -> dict:
-    import yaml
+    from .settings import SettingsError, read_settings_file
 
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SystemExit(f"error: {path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise SystemExit(f"error: {path}: expected a mapping of settings, got {type(data).__name__}")
-    fields = {f.name for f in dataclasses.fields(LoraConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise SystemExit(f"error: {path}: unknown setting(s) {unknown}; known: {sorted(fields)}")
-    return data
+        return read_settings_file(path, {f.name for f in dataclasses.fields(LoraConfig)})
+    except SettingsError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def lora(**settings):

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 
 from . import data as data_lib
 from . import recipes
@@ -206,21 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_yaml(path: Path) -> dict:
+    from .settings import SettingsError, read_settings_file
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise TrainingError(f"{path}: cannot read the settings file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise TrainingError(f"{path}: invalid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise TrainingError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in _FIELDS:
-            raise TrainingError(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(_FIELDS))}")
-        out[name] = _coerce(name, value, str(path))
-    return out
+        values = read_settings_file(path, set(_FIELDS))
+    except SettingsError as e:
+        raise TrainingError(str(e)) from None
+    return {name: _coerce(name, value, str(path)) for name, value in values.items()}
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
