@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import openelm_mlx  # noqa: F401  (first: loads the optimized BLAS before mlx on Linux)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
