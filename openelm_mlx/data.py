@@ -103,20 +103,24 @@ class JsonlFile:
         return _file_fingerprint(self.path) | {"kind": "jsonl"}
 
     def documents(self) -> Iterator[str]:
-        text = _read_text(self.path)
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{self.path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{self.path}:{lineno}: expected an object with a string \"text\" field, "
-                                f"got {keys}")
-            if row["text"].strip():
-                yield row["text"]
+        for _, text in jsonl_text_rows(self.path, _read_text(self.path)):
+            if text.strip():
+                yield text
+
+
+def jsonl_text_rows(path: Path, text: str) -> Iterator[tuple[int, str]]:
+    """(line number, "text" field) of each non-blank line of a JSONL file's `text`; errors name file and line."""
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field, got {keys}")
+        yield lineno, row["text"]
 
 
 def _file_fingerprint(path: Path) -> dict:

@@ -22,15 +22,12 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from .data import DataError, jsonl_text_rows
 from .settings import add_config_flag, parse_settings
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Documents of a JSONL file are joined by a blank line before the text is tokenized as a whole.
 DOC_SEPARATOR = "\n\n"
-
-
-class DataError(ValueError):
-    pass
 
 
 def read_text(path: str | Path) -> str:
@@ -46,17 +43,7 @@ def read_text(path: str | Path) -> str:
         if not raw.strip():
             raise DataError(f"{path}: the file is empty")
         return raw
-    docs = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f'{path}:{lineno}: expected an object with a string "text" field, got {line[:80]!r}')
-        docs.append(row["text"])
+    docs = [text for _, text in jsonl_text_rows(path, raw)]
     if not docs:
         raise DataError(f"{path}: no JSONL rows")
     return DOC_SEPARATOR.join(docs)
