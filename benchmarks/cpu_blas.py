@@ -12,6 +12,9 @@ GFLOP/s and the memory read bandwidth, are measured in each child before and aft
     python benchmarks/cpu_blas.py --quick              # fewer tokens everywhere, a smoke test
     python benchmarks/cpu_blas.py --also-blas /path/libmkl_rt.so.2   # one more BLAS, e.g. the mkl wheel's
 
+The optimized BLAS also runs once more with OPENELM_MLX_GEMV=0 (row "no-shim"), to show what the cblas_sgemm
+shim in front of OpenBLAS (decode's M == 1 products sent to sgemv) does.
+
 Sizes: float32 with the optimized BLAS uses a 512-token prompt (best of --reps), 128 decode steps (median step)
 and --lora-steps LoRA steps of 128 tokens (best). Runs at a few GFLOP/s (the reference BLAS; bfloat16 and float16,
 whose CPU matmuls do not use BLAS) use a 32-token prompt, 16 decode steps and one 8-token LoRA step: tokens/s of
@@ -205,9 +208,9 @@ def weight_bytes(dtype: str) -> float:
     return num_parameters(get_preset("OpenELM-270M")) * (4 if dtype == "float32" else 2)
 
 
-def child_run(env_blas: str, variants: list[dict]) -> dict:
+def child_run(env_blas: str, variants: list[dict], gemv: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", json.dumps(variants)]
-    env = dict(os.environ, OPENELM_MLX_BLAS=env_blas,
+    env = dict(os.environ, OPENELM_MLX_BLAS=env_blas, OPENELM_MLX_GEMV="1" if gemv else "0",
                PYTHONPATH=os.pathsep.join([str(ROOT)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     if proc.returncode:
@@ -236,15 +239,17 @@ def main(argv=None) -> None:
         dict(FULL, lora_steps=opts.lora_steps, reps=opts.reps), SMALL)
     load_before = os.getloadavg()[0]
     fp32 = [dict(full, impl=impl, dtype="float32") for impl in ("ours", "mlx-lm")]
-    plan = [("reference", "none", [dict(v, **small) for v in fp32]),
+    plan = [("reference", "none", [dict(v, **small) for v in fp32], True),
             # bfloat16 / float16 matmuls bypass BLAS on CPU (a few GFLOP/s): small sizes, our model only.
-            ("optimized", "auto", fp32 + [dict(small, impl="ours", dtype=d) for d in ("bfloat16", "float16")])]
+            ("optimized", "auto", fp32 + [dict(small, impl="ours", dtype=d) for d in ("bfloat16", "float16")], True),
+            # The same BLAS without the sgemv shim (csrc/gemv_shim.c), to show what it does for decode.
+            ("no-shim", "auto", fp32[:1], False)]
     if opts.also_blas:
-        plan.append(("other", opts.also_blas, fp32))
+        plan.append(("other", opts.also_blas, fp32, True))
     runs = {}
-    for label, env_blas, variants in plan:
-        log(f"[{label} BLAS: OPENELM_MLX_BLAS={env_blas}]")
-        runs[label] = child_run(env_blas, variants)
+    for label, env_blas, variants, gemv in plan:
+        log(f"[{label} BLAS: OPENELM_MLX_BLAS={env_blas}{'' if gemv else ' OPENELM_MLX_GEMV=0'}]")
+        runs[label] = child_run(env_blas, variants, gemv)
         log(f"  {runs[label]['blas']}")
     report(runs, load_before, os.getloadavg()[0])
     log(f"total {time.perf_counter() - start:.0f} s")
@@ -299,7 +304,8 @@ def report(runs: dict, load_before: float, load_after: float) -> None:
     for label in runs:
         if label not in ("reference", "optimized"):
             other = rows[label, "ours", "float32"]
-            print(f"  {label} BLAS / optimized, float32 ours: " + ", ".join(
+            name = "optimized without the sgemv shim" if label == "no-shim" else f"{label} BLAS"
+            print(f"  {name} / optimized, float32 ours: " + ", ".join(
                 f"{t} {other[t] / full[t]:.2f}x" for t in ("prefill", "decode", "lora")))
 
 

@@ -6,6 +6,10 @@ loaded earlier with RTLD_GLOBAL is searched first, so an optimized BLAS exportin
 / LAPACK symbols takes over every MLX CPU matmul. Loading it after `mlx.core` does nothing (measured), hence the
 call from `openelm_mlx/__init__.py` and the warning when mlx came first.
 
+In front of OpenBLAS goes a small `cblas_sgemm` (csrc/gemv_shim.c, built with the system C compiler on first use
+and cached) that sends decode's vector-matrix products (M == 1) to `cblas_sgemv`: OpenBLAS 0.3.21 packs the
+whole weight matrix for such an sgemm, which halves decode speed. `OPENELM_MLX_GEMV=0` leaves it out.
+
 Order: `OPENELM_MLX_BLAS=/path/lib.so` (`none` turns the whole thing off), the system OpenBLAS (Debian/Ubuntu
 `libopenblas0-pthread`, Fedora, Arch, conda; also found via `ldconfig -p`), then `libmkl_rt` from the `mkl`
 wheel. Nothing happens off Linux (macOS uses Accelerate). Only the standard library is imported here.
@@ -15,8 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import warnings
@@ -25,6 +31,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 ENV_VAR = "OPENELM_MLX_BLAS"
+GEMV_ENV_VAR = "OPENELM_MLX_GEMV"  # 0/off: MLX's M == 1 matmuls stay on the BLAS's sgemm
+CACHE_ENV_VAR = "OPENELM_MLX_CACHE"  # where the built shim is kept (default ~/.cache/openelm_mlx)
+SHIM_SOURCE = Path(__file__).with_name("csrc") / "gemv_shim.c"
 OFF_VALUES = {"none", "off", "0", "false", "reference"}
 TASKS = ("prefill", "decode", "lora")
 
@@ -44,6 +53,8 @@ class BlasStatus:
     version: str = ""  # openblas_get_config() / MKL's version string
     reason: str = ""  # why none was loaded
     too_late: bool = False  # mlx.core was imported before openelm_mlx
+    gemv_shim: Optional[str] = None  # the loaded csrc/gemv_shim.c library, when M == 1 matmuls go to sgemv
+    gemv_reason: str = ""  # why not, for an OpenBLAS without it
 
 
 _status: Optional[BlasStatus] = None
@@ -131,26 +142,81 @@ def _identify(lib: ctypes.CDLL) -> tuple[str, str]:
 
 
 def _try_load(path: str) -> tuple[Optional[ctypes.CDLL], str]:
-    """Load `path` globally if it is a BLAS with unprefixed cblas symbols; else (None, what is wrong)."""
+    """Load `path` privately if it is a BLAS with unprefixed cblas symbols; else (None, what is wrong). A library
+    without the symbols never enters the global scope."""
     if os.sep in path and not os.path.exists(path):  # a bare name like libmkl_rt.so.2 is left to dlopen's search
         return None, f"{path} does not exist"
     try:
-        # Probe privately first, so a library without the symbols never enters the global scope.
         probe = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
     except OSError as exc:
         return None, f"{path} could not be loaded ({exc})"
     if not hasattr(probe, "cblas_sgemm"):
         return None, f"{path} does not export cblas_sgemm (not a CBLAS library, or its symbols are prefixed)"
-    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL), ""
+    return probe, ""
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openelm_mlx"
+
+
+def build_gemv_shim() -> tuple[Optional[str], str]:
+    """Compile csrc/gemv_shim.c once per source version, machine and compiler (cached under _cache_dir());
+    returns (path, "") or (None, why it could not be built)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        return None, "no C compiler (cc) to build it"
+    source = SHIM_SOURCE.read_bytes()
+    key = hashlib.sha256(source + f"{platform.machine()} {compiler}".encode()).hexdigest()[:16]
+    target = _cache_dir() / f"gemv_shim-{key}.so"
+    if target.exists():
+        return str(target), ""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            return None, f"building {SHIM_SOURCE.name} with {compiler} failed ({last})"
+        os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"building {SHIM_SOURCE.name} failed ({exc})"
+    finally:
+        tmp.unlink(missing_ok=True)
+    return str(target), ""
+
+
+def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str]:
+    """Put the sgemv-forwarding cblas_sgemm into the global scope, bound to `blas_path`; must run before that
+    BLAS goes global, so that libmlx finds the shim first."""
+    setting = os.environ.get(GEMV_ENV_VAR, "").strip()
+    if setting.lower() in OFF_VALUES:
+        return None, f"turned off by {GEMV_ENV_VAR}={setting}"
+    path, problem = build_gemv_shim()
+    if path is None:
+        return None, problem
+    try:
+        shim = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+        code = shim.openelm_gemv_shim_init(os.fsencode(blas_path))
+    except (OSError, AttributeError) as exc:
+        return None, f"{path} could not be loaded ({exc})"
+    if code != 0:
+        return None, f"{path} could not bind cblas_sgemm/cblas_sgemv of {blas_path} (code {code})"
+    _handles.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))  # promoted to global only once bound
+    return path, ""
 
 
 def _load(path: str, source: str) -> tuple[Optional[BlasStatus], str]:
-    lib, problem = _try_load(path)
-    if lib is None:
+    probe, problem = _try_load(path)
+    if probe is None:
         return None, problem
-    _handles.append(lib)
-    kind, version = _identify(lib)
-    return BlasStatus(loaded=True, path=path, kind=kind, source=source, version=version), ""
+    kind, version = _identify(probe)
+    shim, shim_problem = _load_gemv_shim(path) if kind == "openblas" else (None, "")
+    _handles.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
+    return BlasStatus(loaded=True, path=path, kind=kind, source=source, version=version, gemv_shim=shim,
+                      gemv_reason=shim_problem), ""
 
 
 def preload() -> BlasStatus:
@@ -210,8 +276,13 @@ def describe() -> str:
         name = {"openblas": "OpenBLAS", "mkl": "Intel MKL"}.get(s.kind, "CBLAS library")
         threads = _threads(s.kind)
         version = f" [{s.version}]" if s.version else ""
+        gemv = ""
+        if s.gemv_shim:
+            gemv = ", decode's M=1 matmuls via cblas_sgemv"
+        elif s.gemv_reason:
+            gemv = f", M=1 matmuls on sgemm: {s.gemv_reason}"
         return (f"BLAS: {name} {s.path}{version} (from {s.source}, loaded before mlx"
-                f"{f', {threads} threads' if threads else ''})")
+                f"{f', {threads} threads' if threads else ''}{gemv})")
     if s.kind == "platform":
         return f"BLAS: the platform's own (nothing preloaded: {s.reason})"
     return f"BLAS: MLX's bundled reference BLAS, slow on CPU ({s.reason})"

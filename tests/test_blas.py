@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,10 +26,11 @@ def system_openblas() -> str:
     return path
 
 
-def run(code: str, setting: str | None, *args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != blas.ENV_VAR}
+def run(code: str, setting: str | None, *args, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in (blas.ENV_VAR, blas.GEMV_ENV_VAR)}
     if setting is not None:
         env[blas.ENV_VAR] = setting
+    env.update(env_extra or {})
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], env=env,
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -43,12 +45,13 @@ import openelm_mlx
 from openelm_mlx import blas
 s = blas.status()
 print(json.dumps({"loaded": s.loaded, "path": s.path, "kind": s.kind, "source": s.source, "reason": s.reason,
-                  "too_late": s.too_late, "mlx": "mlx" in sys.modules, "line": blas.describe()}))
+                  "too_late": s.too_late, "mlx": "mlx" in sys.modules, "line": blas.describe(),
+                  "gemv_shim": s.gemv_shim, "gemv_reason": s.gemv_reason}))
 """
 
 
-def status_in_subprocess(setting: str | None) -> tuple[dict, str]:
-    proc = run(STATUS, setting)
+def status_in_subprocess(setting: str | None, **env_extra) -> tuple[dict, str]:
+    proc = run(STATUS, setting, env_extra=env_extra)
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
@@ -163,7 +166,9 @@ model = Model(get_preset("tiny"))
 model.load_weights(sys.argv[1])
 tokens = mx.load(sys.argv[2])["tokens"]
 mx.save_safetensors(sys.argv[3], {"logits": model(tokens)})
-print(blas.status().kind)
+shim = blas.status().gemv_shim
+import ctypes
+print(ctypes.CDLL(shim).openelm_gemv_shim_forwarded() if shim else 0, blas.status().kind)
 """
 
 
@@ -175,9 +180,10 @@ def mkl_wheel() -> str:
 
 
 @linux_only
-@pytest.mark.parametrize("library", ["openblas", "mkl"])
-def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library):
-    # OpenBLAS as detected by default; MKL named explicitly, since a system OpenBLAS comes first.
+@pytest.mark.parametrize("library,batch,length", [("openblas", 2, 24), ("openblas", 1, 1), ("mkl", 2, 24)])
+def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library, batch, length):
+    # OpenBLAS as detected by default; MKL named explicitly, since a system OpenBLAS comes first. One token
+    # (decode's shape) sends every projection through the sgemv shim in front of OpenBLAS.
     if library == "mkl":
         setting = mkl_wheel()
     else:
@@ -190,15 +196,21 @@ def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library):
 
     mx.random.seed(3)
     Model(get_preset("tiny")).save_weights(str(tmp_path / "w.safetensors"))
-    mx.save_safetensors(str(tmp_path / "t.safetensors"), {"tokens": mx.random.randint(3, 1000, (2, 24))})
+    tokens = mx.random.randint(3, 1000, (batch, length))
+    mx.save_safetensors(str(tmp_path / "t.safetensors"), {"tokens": tokens})
     logits = {}
     for name, value, kind in (("reference", "none", "reference"), ("fast", setting, library)):
         out = tmp_path / f"logits-{name}.safetensors"
-        proc = run(LOGITS, value, tmp_path / "w.safetensors", tmp_path / "t.safetensors", out)
-        assert proc.stdout.split()[-1] == kind  # the BLAS that computed these logits
+        proc = run(LOGITS, value, tmp_path / "w.safetensors", tmp_path / "t.safetensors", out,
+                   env_extra={blas.CACHE_ENV_VAR: str(tmp_path / "cache")})
+        forwarded, used = proc.stdout.split()[-2:]
+        assert used == kind  # the BLAS that computed these logits
+        if name == "fast" and library == "openblas":
+            # Every linear layer of a one-token forward is an M == 1 sgemm that the shim sends to sgemv.
+            assert (int(forwarded) > 0) == (batch * length == 1), forwarded
         logits[name] = mx.load(str(out))["logits"]
     ref, fast = logits["reference"], logits["fast"]
-    assert ref.shape == fast.shape == (2, 24, get_preset("tiny").vocab_size)
+    assert ref.shape == fast.shape == (batch, length, get_preset("tiny").vocab_size)
     assert mx.abs(ref).max().item() > 1.0  # not a degenerate model
     assert mx.allclose(ref, fast, rtol=1e-5, atol=1e-4).item(), mx.abs(ref - fast).max().item()
 
@@ -225,3 +237,75 @@ def test_mkl_wheel_is_found_through_its_metadata(monkeypatch, tmp_path):
                                  "mkl-2099.0.0.dist-info/METADATA,,\n")
     monkeypatch.syspath_prepend(str(site))
     assert blas._mkl_wheel_paths() == [str(tmp_path / "lib" / "libmkl_rt.so.2")]
+
+
+GEMV_FORMS = """
+import ctypes, json
+import numpy as np
+import openelm_mlx
+import mlx.core as mx
+from openelm_mlx import blas
+mx.random.seed(0)
+x, xcol = mx.random.normal((1, 96)), mx.random.normal((96, 1))
+w, wt, c = mx.random.normal((80, 96)), mx.random.normal((96, 80)), mx.random.normal((1, 80))
+q, k = mx.random.normal((2, 3, 1, 16)), mx.random.normal((2, 3, 9, 16))
+forms = {  # each an M == 1 sgemm: transposed or not on either side, beta != 0, batched, and one M == 2 control
+    "x @ w.T": (lambda: x @ w.T, lambda n: n["x"] @ n["w"].T),
+    "x @ wt": (lambda: x @ wt, lambda n: n["x"] @ n["wt"]),
+    "xcol.T @ w.T": (lambda: xcol.T @ w.T, lambda n: n["xcol"].T @ n["w"].T),
+    "addmm": (lambda: mx.addmm(c, x, w.T, alpha=0.5, beta=2.0), lambda n: 2.0 * n["c"] + 0.5 * n["x"] @ n["w"].T),
+    "attention": (lambda: q @ k.swapaxes(-1, -2), lambda n: n["q"] @ n["k"].swapaxes(-1, -2)),
+    "M=2": (lambda: mx.concatenate([x, x]) @ w.T, lambda n: np.concatenate([n["x"], n["x"]]) @ n["w"].T),
+}
+arrays = {"x": x, "xcol": xcol, "w": w, "wt": wt, "c": c, "q": q, "k": k}
+numpy = {name: np.array(a, dtype=np.float64) for name, a in arrays.items()}
+shim = ctypes.CDLL(blas.status().gemv_shim)
+report = {}
+for name, (ours, expected) in forms.items():
+    before = shim.openelm_gemv_shim_forwarded()
+    out = ours()
+    mx.eval(out)
+    report[name] = {"err": float(np.abs(np.array(out, dtype=np.float64) - expected(numpy)).max()),
+                    "forwarded": shim.openelm_gemv_shim_forwarded() - before}
+print(json.dumps(report))
+"""
+
+
+@linux_only
+def test_gemv_shim_computes_every_vector_matrix_form_exactly(tmp_path):
+    system_openblas()
+    proc = run(GEMV_FORMS, None, env_extra={blas.CACHE_ENV_VAR: str(tmp_path)})
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, result in report.items():
+        assert result["err"] < 1e-4, (name, result)  # float32 rounding of a 96-term dot product
+        if name == "M=2":
+            assert result["forwarded"] == 0  # a real matrix product stays on sgemm
+        else:
+            assert result["forwarded"] >= 1, (name, result)
+
+
+@linux_only
+def test_gemv_shim_off_switch_and_missing_compiler_keep_openblas(tmp_path):
+    system_openblas()
+    status, _ = status_in_subprocess(None, **{blas.CACHE_ENV_VAR: str(tmp_path / "a")})
+    assert status["kind"] == "openblas" and status["gemv_shim"].startswith(str(tmp_path / "a"))
+    assert "via cblas_sgemv" in status["line"]
+    status, _ = status_in_subprocess(None, **{blas.GEMV_ENV_VAR: "0", blas.CACHE_ENV_VAR: str(tmp_path / "b")})
+    assert status["loaded"] and status["gemv_shim"] is None and "OPENELM_MLX_GEMV=0" in status["gemv_reason"]
+    assert not (tmp_path / "b").exists()  # nothing built when turned off
+    status, stderr = status_in_subprocess(None, CC=str(tmp_path / "no-such-cc"),
+                                          **{blas.CACHE_ENV_VAR: str(tmp_path / "c")})
+    assert status["loaded"] and status["kind"] == "openblas" and status["gemv_shim"] is None
+    assert "no-such-cc" in status["gemv_reason"] and "M=1 matmuls on sgemm" in status["line"]
+    assert "Traceback" not in stderr
+
+
+def test_gemv_shim_build_is_cached_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    if not any(map(shutil.which, ("cc", "gcc", "clang"))):
+        pytest.skip("no C compiler")
+    monkeypatch.setenv(blas.CACHE_ENV_VAR, str(tmp_path))
+    path, problem = blas.build_gemv_shim()
+    assert path and not problem and Path(path).parent == tmp_path
+    mtime = os.stat(path).st_mtime_ns
+    assert blas.build_gemv_shim() == (path, "") and os.stat(path).st_mtime_ns == mtime  # built once
+    assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]
