@@ -18,6 +18,29 @@ import mlx.nn as nn
 from .config import LayerPlan, OpenELMConfig, layer_plan
 
 RMS_NORM_EPS = 1e-6
+CPU_QUERY_BLOCK = 64  # query rows per block of the CPU's causal attention (see causal_attention)
+
+
+def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
+    """mx.fast.scaled_dot_product_attention, except for a causal multi-token call on the CPU, which attends block
+    by block so the masked upper triangle is never computed.
+
+    MLX's CPU attention builds the full L x K score matrix and exponentiates every entry, the masked half too; its
+    exp is scalar and single-threaded, and was 1/3 of a 512-token prefill of OpenELM-270M (measured: 64-row blocks
+    do 56% of the exps and prefill 13-15% faster). Block i holds queries [r0, r1) and sees the keys up to
+    past + r1; "causal" is bottom-right aligned, so each block is exact (tested against the one-call path).
+    """
+    L = q.shape[2]
+    if not (isinstance(mask, str) and mask == "causal" and L > CPU_QUERY_BLOCK
+            and mx.default_device().type == mx.DeviceType.cpu):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # GQA is native
+    past = k.shape[2] - L  # cached positions before these queries
+    blocks = []
+    for r0 in range(0, L, CPU_QUERY_BLOCK):
+        r1 = min(L, r0 + CPU_QUERY_BLOCK)
+        blocks.append(mx.fast.scaled_dot_product_attention(
+            q[:, :, r0:r1], k[:, :, : past + r1], v[:, :, : past + r1], scale=scale, mask="causal"))
+    return mx.concatenate(blocks, axis=2)  # (B, n_q, L, head_dim)
 
 
 class Attention(nn.Module):
@@ -49,7 +72,7 @@ class Attention(nn.Module):
             out = quantized_scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask,
                                                          group_size=cache.group_size, bits=cache.bits)
         else:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # GQA is native
+            out = causal_attention(q, k, v, self.scale, mask)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

@@ -72,6 +72,34 @@ def test_chunked_prefill_with_cache_equals_full_forward(tiny_pair):
     np.testing.assert_allclose(np.array(chunks), np.array(model(ids)), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("length,past", [(64, 0), (65, 0), (200, 0), (150, 37)])
+def test_blockwise_cpu_attention_equals_one_call(length, past):
+    # GQA shapes as in OpenELM (4 query heads per KV head); `past` cached keys before the queries.
+    from openelm_mlx.model import CPU_QUERY_BLOCK, causal_attention
+
+    mx.random.seed(length + past)
+    q = mx.random.normal((2, 8, length, 16))
+    k, v = (mx.random.normal((2, 2, past + length, 16)) for _ in range(2))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
+    with mx.stream(mx.cpu):
+        got = causal_attention(q, k, v, 0.25, "causal")
+    assert got.shape == want.shape == (2, 8, length, 16) and (length > CPU_QUERY_BLOCK) == (length >= 65)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
+
+
+def test_long_prompt_matches_reference_through_the_blockwise_attention(tiny_pair):
+    # 150 tokens: three query blocks on the CPU; also prefilled in two parts through the KV cache.
+    ref, model = tiny_pair
+    ids = tokens(ref.config, 150)[:1]
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(np.array(model(mx.array(ids))), want, atol=1e-4, rtol=0)
+    cache = model.make_cache()
+    parts = mx.concatenate([model(mx.array(ids[:, :70]), cache=cache), model(mx.array(ids[:, 70:]), cache=cache)],
+                           axis=1)
+    np.testing.assert_allclose(np.array(parts), want, atol=1e-4, rtol=0)
+
+
 def test_kv_cached_decode_equals_full_forward_torch(tiny_pair):
     ref, _ = tiny_pair
     ids = torch.from_numpy(tokens(ref.config, 16))
