@@ -3,6 +3,8 @@ MLX's quantized_matmul within float32 rounding, forward and backward (QLoRA), an
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -76,3 +78,17 @@ def test_loading_a_quantized_model_on_the_cpu_switches_its_layers(tmp_path):
     assert {k for k, _ in tree_flatten(model.parameters())} == {k for k, _ in tree_flatten(kernels.parameters())}
     tokens = mx.random.randint(3, 1000, (1, 12))
     np.testing.assert_allclose(np.array(model(tokens)), np.array(kernels(tokens)), atol=1e-4, rtol=0)
+
+
+def test_few_row_product_split_over_cpu_streams_equals_one_call():
+    from openelm_mlx.quantized import _extra_cpu_streams, _split_quantized_matmul
+
+    mx.random.seed(4)
+    w = mx.random.normal((300, 128))  # 300 output rows: uneven parts
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.random.normal((1, 128))
+    want = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4)
+    got = _split_quantized_matmul(x, wq, scales, biases, 64, 4, "affine")
+    assert got.shape == want.shape == (1, 300)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
+    assert len(_extra_cpu_streams()) == min(os.cpu_count() or 1, 4) - 1
