@@ -13,6 +13,11 @@ peak memory (this side's weights plus the run's transient peak), ratios ours/mlx
 memory-bandwidth bound: measured copy bandwidth / bytes read per decoded token (all weight bytes + the KV cache
 at the mean decode position), with our fraction of it.
 
+MLX's CPU backend runs mlx-lm's quantized models (float16 scales) at about 0.1 token/s, prompt and decode alike
+(9 s a token on the 270M shape), so on the CPU mlx-lm's q8/q4 side runs a shorter prompt and decode
+(`--slow-peer-lengths`, default 8 prompt / 4 decoded tokens; its tokens/s hardly depends on length there), and the
+precisions other than float32, whose ratios are far from 1, run `--other-rounds` rounds (default 1).
+
     python benchmarks/generate.py                                   # 512-token prompt, 128 decoded tokens
     python benchmarks/generate.py --prompt-tokens 64 --gen-tokens 16 --precisions float32,q4
 """
@@ -132,7 +137,10 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--precisions", default=",".join(PRECISIONS))
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds per precision (median reported)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds for float32 (median reported)")
+    p.add_argument("--other-rounds", type=int, default=1, help="rounds for the other precisions")
+    p.add_argument("--slow-peer-lengths", default="8,4", metavar="PROMPT,GEN",
+                   help="prompt and decode tokens of mlx-lm's quantized side on the CPU (see above)")
     p.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER), help="Llama-2 tokenizer.model")
     args = p.parse_args(argv)
 
@@ -161,23 +169,25 @@ def main(argv=None) -> int:
             path = save_precision(Path(tmp) / "fp32", precision, Path(tmp) / precision, args.tokenizer)
             ours = load(path)[0]
             theirs = mlx_lm_load_model(path)[0]
+            lengths = {"ours": (len(prompt), args.gen_tokens), "mlx-lm": (len(prompt), args.gen_tokens)}
+            if precision.startswith("q") and mx.default_device() == mx.cpu:
+                lengths["mlx-lm"] = tuple(int(x) for x in args.slow_peer_lengths.split(","))
             sides = {
-                "ours": lambda n, m=ours, ids=prompt: (r.token for r in stream_generate(
-                    m, tok, ids[:n], max_tokens=args.gen_tokens if n == len(ids) else 2,
-                    logits_processors=processors)),
-                "mlx-lm": lambda n, m=theirs, ids=prompt: (t for t, _ in generate_step(
-                    mx.array(ids[:n]), m, max_tokens=args.gen_tokens if n == len(ids) else 2,
-                    logits_processors=processors)),
+                "ours": lambda n, g, m=ours, ids=prompt: (r.token for r in stream_generate(
+                    m, tok, ids[:n], max_tokens=g, logits_processors=processors)),
+                "mlx-lm": lambda n, g, m=theirs, ids=prompt: (t for t, _ in generate_step(
+                    mx.array(ids[:n]), m, max_tokens=g, logits_processors=processors)),
             }
             for name, run in sides.items():  # warm up (kernel compilation) outside the timings
-                for _ in run(8):
+                for _ in run(min(8, lengths[name][0]), 2):
                     pass
             results = {name: [] for name in sides}
-            for r in range(args.rounds):
+            rounds = args.rounds if precision == "float32" else args.other_rounds
+            for r in range(rounds):
                 for name in (("ours", "mlx-lm") if r % 2 == 0 else ("mlx-lm", "ours")):
-                    log(f"{precision}: round {r + 1}/{args.rounds}, {name} ...")
-                    results[name].append(timed(sides[name](len(prompt)), len(prompt), args.gen_tokens))
-            row = {"precision": precision}
+                    log(f"{precision}: round {r + 1}/{rounds}, {name} {lengths[name][0]}/{lengths[name][1]} ...")
+                    results[name].append(timed(sides[name](*lengths[name]), *lengths[name]))
+            row = {"precision": precision, "lengths": lengths, "rounds": rounds}
             for name, model in (("ours", ours), ("mlx-lm", theirs)):
                 row[name] = {k: statistics.median(x[k] for x in results[name]) for k in results[name][0]}
                 row[name]["memory"] = nbytes(model) + row[name]["transient"]
@@ -189,12 +199,14 @@ def main(argv=None) -> int:
             del ours, theirs, sides
 
     print()
-    print("| precision | prompt tok/s ours | mlx-lm | ratio | decode tok/s ours | mlx-lm | ratio | "
-          "peak mem GB ours | mlx-lm | ratio | decode bound tok/s | ours / bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| precision | rounds | prompt/decode tokens ours; mlx-lm | prompt tok/s ours | mlx-lm | ratio | "
+          "decode tok/s ours | mlx-lm | ratio | peak mem GB ours | mlx-lm | ratio | decode bound tok/s | "
+          "ours / bound |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         o, t = row["ours"], row["mlx-lm"]
-        print(f"| {row['precision']} | {o['prompt_tps']:.2f} | {t['prompt_tps']:.2f} | "
+        lens = "; ".join("/".join(map(str, row["lengths"][side])) for side in ("ours", "mlx-lm"))
+        print(f"| {row['precision']} | {row['rounds']} | {lens} | {o['prompt_tps']:.2f} | {t['prompt_tps']:.2f} | "
               f"{o['prompt_tps'] / t['prompt_tps']:.2f}x | {o['decode_tps']:.2f} | {t['decode_tps']:.2f} | "
               f"{o['decode_tps'] / t['decode_tps']:.2f}x | {o['memory'] / 1e9:.3f} | {t['memory'] / 1e9:.3f} | "
               f"{o['memory'] / t['memory']:.2f}x | {row['bound']:.2f} | {o['decode_tps'] / row['bound']:.0%} |")
