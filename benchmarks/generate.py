@@ -153,7 +153,8 @@ def main(argv=None) -> int:
     processors = [no_eos(tok.eos_id)]
     print(f"device: {mx.default_device()}, BLAS: {blas_in_use()}")
     print(f"model: {args.preset}-shaped, random weights; prompt {args.prompt_tokens} tokens, "
-          f"decode {args.gen_tokens} tokens, {args.rounds} round(s), sides alternating")
+          f"decode {args.gen_tokens} tokens; rounds: float32 {args.rounds}, others {args.other_rounds}; "
+          "sides alternating")
     bandwidth = copy_bandwidth()
     print(f"measured copy bandwidth: {bandwidth / 1e9:.2f} GB/s")
 

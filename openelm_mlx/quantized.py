@@ -4,9 +4,9 @@ MLX's CPU `quantized_matmul` is a scalar loop: with float32 scales, a 5120x1280 
 2.96 s, where de-quantizing it (15 ms) and multiplying in float32 through the optimized BLAS took 52 ms (57x;
 8-bit alike; mlx 0.32, 2 cores). For one row (decode) the quantized kernel stays faster (5.8 ms vs 15 ms), so
 `quantized_matmul` keeps that case, split by output rows over one CPU stream per core (up to 4): it is
-single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. The de-quantized weight is transient: its gradient pass (QLoRA)
-de-quantizes again instead of keeping float32 copies of every layer alive, so training memory stays that of the
-packed model. Results equal `quantized_matmul`'s within float32 rounding (tested).
+single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. The de-quantized weight is
+transient: its gradient pass (QLoRA) de-quantizes again instead of keeping float32 copies of every layer alive,
+so training memory stays that of the packed model. Results equal `quantized_matmul`'s within float32 rounding (tested).
 """
 
 from __future__ import annotations
