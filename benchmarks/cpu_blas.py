@@ -5,7 +5,7 @@ matmul GFLOP/s, prefill and decode tokens/s and LoRA training tokens/s, with MLX
 with the optimized BLAS, for `openelm_mlx.model.Model` and mlx-lm's `mlx_lm.models.openelm.Model`, and for
 float32 / bfloat16 / float16. The BLAS is fixed when mlx is first imported, so each BLAS setting runs in its own
 subprocess (`OPENELM_MLX_BLAS=none` for the reference); inside one, all models alternate (run by run, decode step
-by decode step) so they see the same load on a shared machine. The peaks, numpy's own (OpenBLAS) float32 GEMM
+by decode step, the order flipping every round) so they see the same load on a shared machine. The peaks, numpy's own (OpenBLAS) float32 GEMM
 GFLOP/s and the memory read bandwidth, are measured in each child before and after its models (the best counts).
 
     python benchmarks/cpu_blas.py                      # about 6-9 minutes on 2 busy cores
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"prefill": 512, "decode": 128, "lora_seq": 128, "lora_steps": 3, "reps": 2}
+FULL = {"prefill": 512, "decode": 128, "lora_seq": 128, "lora_steps": 4, "reps": 4}
 SMALL = {"prefill": 32, "decode": 16, "lora_seq": 8, "lora_steps": 1, "reps": 1}
 QUICK_FULL = {"prefill": 64, "decode": 8, "lora_seq": 16, "lora_steps": 1, "reps": 1}
 QUICK_SMALL = {"prefill": 8, "decode": 4, "lora_seq": 4, "lora_steps": 1, "reps": 1}
@@ -96,8 +96,13 @@ def run_child(variants: list[dict]) -> dict:
 
     for model in models.values():  # warm-up
         mx.eval(model(tokens[:, :8]))
+    def order(i: int) -> list:  # the models in turn, the order flipping every round (load hits all alike)
+        keys = list(models)
+        return keys if i % 2 == 0 else keys[::-1]
+
     for rep in range(max(v["reps"] for v in variants)):
-        for key, model in models.items():
+        for key in order(rep):
+            model = models[key]
             if rep < spec[key]["reps"]:
                 length = spec[key]["prefill"]
                 t = _timed(lambda: mx.eval(model(tokens[:, :length])))
@@ -110,7 +115,8 @@ def run_child(variants: list[dict]) -> dict:
         toks[key] = mx.argmax(model(tokens[:, :16], cache=caches[key])[:, -1], axis=-1)
         mx.eval(toks[key])
     for step in range(max(v["decode"] for v in variants) + 2):  # the first two steps are a warm-up
-        for key, model in models.items():
+        for key in order(step):
+            model = models[key]
             if step < spec[key]["decode"] + 2:
                 start = time.perf_counter()
                 toks[key] = mx.argmax(model(toks[key][:, None], cache=caches[key])[:, -1], axis=-1)
@@ -129,7 +135,7 @@ def run_child(variants: list[dict]) -> dict:
         steps[key] = _lora_step(model, optim.Adam(learning_rate=1e-5), mx, nn)
         mx.eval(steps[key](tokens[:, : spec[key]["lora_seq"] + 1]))  # warm-up: compiles for this shape
     for i in range(max(v["lora_steps"] for v in variants)):
-        for key in models:
+        for key in order(i):
             if i < spec[key]["lora_steps"]:
                 batch = tokens[:, : spec[key]["lora_seq"] + 1]
                 t = _timed(lambda: mx.eval(steps[key](batch)))
