@@ -108,8 +108,8 @@ class JsonlFile:
                 yield text
 
 
-def jsonl_text_rows(path: Path, text: str) -> Iterator[tuple[int, str]]:
-    """(line number, "text" field) of each non-blank line of a JSONL file's `text`; errors name file and line."""
+def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file's `text`; errors name the file and line."""
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -117,9 +117,16 @@ def jsonl_text_rows(path: Path, text: str) -> Iterator[tuple[int, str]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field, got {keys}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def jsonl_text_rows(path: Path, text: str) -> Iterator[tuple[int, str]]:
+    """(line number, "text" field) of each non-blank line of a JSONL file's `text`; errors name file and line."""
+    for lineno, row in jsonl_objects(path, text):
+        if not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field, got {sorted(row)}")
         yield lineno, row["text"]
 
 

@@ -8,7 +8,6 @@ distance between positions, so an example's offset inside a packed row does not 
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -22,14 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .data import DataError, jsonl_objects  # the one JSONL reader and data error, shared with the trainer
 from .tokenizer import Tokenizer, TokenizerError
 
 FORMATS = {"text": ("text",), "completions": ("prompt", "completion"), "chat": ("messages",)}
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(ValueError):
-    pass
 
 
 class TrainingError(RuntimeError):
@@ -46,18 +42,7 @@ def log(msg: str) -> None:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
     path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
+    rows = list(jsonl_objects(path, path.read_text(encoding="utf-8")))
     if not rows:
         raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
     return rows

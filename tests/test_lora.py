@@ -255,7 +255,7 @@ def test_missing_keys_name_the_keys_and_line(tok, tmp_path):
 
 def test_malformed_line_and_empty_file(tok, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "", '{"text": "oops"', {"text": "x"}])
-    with pytest.raises(tuner.DataError, match=r"bad.jsonl:3: malformed JSON"):
+    with pytest.raises(tuner.DataError, match=r"bad.jsonl:3: invalid JSON"):
         tuner.load_jsonl_dataset(path, tok)
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(tuner.DataError, match=r"empty.jsonl: the file is empty"):
@@ -490,7 +490,7 @@ def test_cli_yaml_and_flags_precedence(model_dir, qa_file, tmp_path):
 def test_cli_reports_data_errors(model_dir, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}, "{nope"])
     assert main(["--model", str(model_dir), "--data", str(bad), "--adapter-path", str(tmp_path / "ad")]) == 1
-    assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert "bad.jsonl:2: invalid JSON" in capsys.readouterr().err
     small = write_jsonl(tmp_path / "s.jsonl", [{"text": "a b c"}] * 3)
     assert main(["--model", str(model_dir), "--data", str(small), "--batch-size", "8", "--valid-fraction", "0",
                  "--adapter-path", str(tmp_path / "ad")]) == 1
