@@ -4,9 +4,11 @@ MLX's CPU `quantized_matmul` is a scalar loop: with float32 scales, a 5120x1280 
 2.96 s, where de-quantizing it (15 ms) and multiplying in float32 through the optimized BLAS took 52 ms (57x;
 8-bit alike; mlx 0.32, 2 cores). For one row (decode) the quantized kernel stays faster (5.8 ms vs 15 ms), so
 `quantized_matmul` keeps that case, split by output rows over one CPU stream per core (up to 4): it is
-single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. The de-quantized weight is
-transient: its gradient pass (QLoRA) de-quantizes again instead of keeping float32 copies of every layer alive,
-so training memory stays that of the packed model. Results equal `quantized_matmul`'s within float32 rounding (tested).
+single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. The backward pass (QLoRA)
+de-quantizes again instead of differentiating through a kept float32 copy. Results equal `quantized_matmul`'s
+within float32 rounding (tested). The speed costs memory: transient float32 weights, and the compiled training
+step keeps the backward's de-quantized weights between steps; QLoRA peaked at 1.35x mlx-lm's memory on a 26M
+shape (benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0` keeps MLX's own kernels.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlx.nn as nn
 
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
+ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's kernels (less memory, much slower)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,8 +89,8 @@ class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
 def use_blas_for_quantized(model: nn.Module) -> int:
     """On MLX's CPU backend, switch the model's quantized layers to the classes above (in place: same parameters,
     same names, still nn.QuantizedLinear / nn.QuantizedEmbedding for mlx-lm's LoRA, fuse and save code).
-    Returns how many layers were switched; none on a GPU."""
-    if mx.default_device() != mx.cpu:
+    Returns how many layers were switched; none on a GPU or when OPENELM_MLX_QUANTIZED_BLAS=0."""
+    if mx.default_device() != mx.cpu or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "off", "false", "none"):
         return 0
     swap = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
     switched = 0

@@ -92,3 +92,14 @@ def test_few_row_product_split_over_cpu_streams_equals_one_call():
     assert got.shape == want.shape == (1, 300)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
     assert len(_extra_cpu_streams()) == min(os.cpu_count() or 1, 4) - 1
+
+
+def test_switch_can_be_turned_off(monkeypatch):
+    from openelm_mlx import quantized
+
+    model = Model(get_preset("tiny"))
+    nn.quantize(model, group_size=64, bits=4)
+    monkeypatch.setenv(quantized.ENV_VAR, "0")
+    assert use_blas_for_quantized(model) == 0 and type(model.layers[0].ffn.proj_1) is nn.QuantizedLinear
+    monkeypatch.delenv(quantized.ENV_VAR)
+    assert use_blas_for_quantized(model) > 0 and type(model.layers[0].ffn.proj_1) is CPUQuantizedLinear
