@@ -290,7 +290,7 @@ def describe() -> str:
 
 # Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (2 cores, OpenBLAS
 # 0.3.21): with an optimized BLAS float32 prefill and LoRA run 10-20x faster than bfloat16 / float16, whose CPU
-# matmuls bypass BLAS, and decode ties with bfloat16; without one, bfloat16 is about 1.5-2x faster than float32.
+# matmuls bypass BLAS, and decode (with the sgemv shim) 4x; without one, bfloat16 is about 1.5-2x faster.
 _CPU_DTYPE = {
     True: {"prefill": "float32", "decode": "float32", "lora": "float32"},
     False: {"prefill": "bfloat16", "decode": "bfloat16", "lora": "bfloat16"},
