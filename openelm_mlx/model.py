@@ -32,7 +32,7 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) 
     """
     L = q.shape[2]
     if not (isinstance(mask, str) and mask == "causal" and L > CPU_QUERY_BLOCK
-            and mx.default_device().type == mx.DeviceType.cpu):
+            and mx.default_device() == mx.cpu):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)  # GQA is native
     past = k.shape[2] - L  # cached positions before these queries
     blocks = []

@@ -19,6 +19,8 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from .blas import OFF_VALUES
+
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
 ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's kernels (less memory, much slower)
@@ -46,7 +48,8 @@ def _split_quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mo
 
 @functools.lru_cache(maxsize=None)
 def _dequantized_matmul(group_size: int, bits: int, mode: str):
-    """x @ dequantize(w).T as one differentiable op whose backward de-quantizes again (nothing float32 is kept)."""
+    """x @ dequantize(w).T as one differentiable op whose backward de-quantizes again (no float32 weight is an
+    autodiff residual)."""
 
     def weight(w, scales, biases):
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
@@ -90,7 +93,7 @@ def use_blas_for_quantized(model: nn.Module) -> int:
     """On MLX's CPU backend, switch the model's quantized layers to the classes above (in place: same parameters,
     same names, still nn.QuantizedLinear / nn.QuantizedEmbedding for mlx-lm's LoRA, fuse and save code).
     Returns how many layers were switched; none on a GPU or when OPENELM_MLX_QUANTIZED_BLAS=0."""
-    if mx.default_device() != mx.cpu or os.environ.get(ENV_VAR, "").strip().lower() in ("0", "off", "false", "none"):
+    if mx.default_device() != mx.cpu or os.environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES:
         return 0
     swap = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
     switched = 0
