@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from openelm_mlx.export import HF_DTYPES, USER_ERRORS, corenet_to_hf_dir  # noqa: E402
+from openelm_mlx.export import HF_DTYPES, corenet_to_hf_dir, run_bridge  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,14 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = corenet_to_hf_dir(args.checkpoint, args.hf_path, config=args.config, tokenizer=args.tokenizer,
-                                dtype=args.dtype, force=args.force)
-    except (USER_ERRORS, ConfigError, WeightsError, TokenizerError, OutputExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return run_bridge(lambda: corenet_to_hf_dir(args.checkpoint, args.hf_path, config=args.config,
+                                                tokenizer=args.tokenizer, dtype=args.dtype, force=args.force))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from openelm_mlx.export import HF_DTYPES, USER_ERRORS, mlx_to_hf  # noqa: E402
+from openelm_mlx.export import HF_DTYPES, mlx_to_hf, run_bridge  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        out = mlx_to_hf(args.mlx_path, args.hf_path, dtype=args.dtype, tokenizer=args.tokenizer, force=args.force)
-    except (USER_ERRORS, ConfigError, WeightsError, TokenizerError, OutputExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return run_bridge(lambda: mlx_to_hf(args.mlx_path, args.hf_path, dtype=args.dtype, tokenizer=args.tokenizer,
+                                        force=args.force))
 
 
 if __name__ == "__main__":

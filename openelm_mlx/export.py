@@ -10,8 +10,9 @@ torch is imported only to read CoreNet's pickles (`torch.load(weights_only=True)
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 
@@ -33,6 +34,17 @@ class ExportError(ValueError):
 
 # What a CLI reports as "error: ..." (bad input, not a bug).
 USER_ERRORS = (ExportError, ConfigError, WeightsError, TokenizerError, OutputExistsError)
+
+
+def run_bridge(write: Callable[[], Path]) -> int:
+    """The convert/ scripts' main: run `write`, report bad input as one `error:` line (exit 1), else the output."""
+    try:
+        out = write()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def write_hf_dir(out: str | Path, cfg: OpenELMConfig, weights: dict[str, mx.array], dtype: str,

@@ -111,3 +111,14 @@ def test_corenet_unknown_tensor_is_named(tmp_path, ref):
     with pytest.raises(WeightsError, match="classifier.weight"):
         corenet_to_hf_dir(tmp_path / "checkpoint.pt", tmp_path / "hf", config="OpenELM-tiny", tokenizer=None)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("mlx_to_hf", ["--mlx-path", "{tmp}/no-such-model", "--hf-path", "{tmp}/hf"]),
+    ("corenet_to_hf", ["--checkpoint", "{tmp}/no-such.pt", "--config", "OpenELM-tiny", "--hf-path", "{tmp}/hf"]),
+])
+def test_bridge_scripts_report_bad_input_as_one_error_line(tmp_path, capsys, name, argv):
+    rc = script(name).main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error: ") and "no-such" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "hf").exists()
