@@ -5,10 +5,11 @@ matmul GFLOP/s, prefill and decode tokens/s and LoRA training tokens/s, with MLX
 with the optimized BLAS, for `openelm_mlx.model.Model` and mlx-lm's `mlx_lm.models.openelm.Model`, and for
 float32 / bfloat16 / float16. The BLAS is fixed when mlx is first imported, so each BLAS setting runs in its own
 subprocess (`OPENELM_MLX_BLAS=none` for the reference); inside one, all models alternate (run by run, decode step
-by decode step, the order flipping every round) so they see the same load on a shared machine. The peaks, numpy's own (OpenBLAS) float32 GEMM
-GFLOP/s and the memory read bandwidth, are measured in each child before and after its models (the best counts).
+by decode step, the order flipping every round) so they see the same load on a shared machine. The peaks, numpy's
+own (OpenBLAS) float32 GEMM GFLOP/s and the memory read bandwidth, are measured in each child before and after its
+models (the best counts).
 
-    python benchmarks/cpu_blas.py                      # about 6-9 minutes on 2 busy cores
+    python benchmarks/cpu_blas.py                      # about 3.5 minutes on 2 idle cores
     python benchmarks/cpu_blas.py --quick              # fewer tokens everywhere, a smoke test
     python benchmarks/cpu_blas.py --also-blas /path/libmkl_rt.so.2   # one more BLAS, e.g. the mkl wheel's
 

@@ -6,9 +6,9 @@ Both sides train the same weights (a random OpenELM-shaped model, float and 4-bi
 `mlx_lm.tuner.trainer.train` over `CacheDataset(TextDataset(...))` on mlx-lm's own OpenELM model. Runs
 alternate (`--rounds`, the order flipping every round; the median-time run is reported) so machine load hits
 both alike. Ours loads its base as `python -m openelm_mlx.lora` does (`load_model`: on the CPU a quantized
-base computes multi-row products through BLAS on de-quantized weights). Reported per run: trained tokens/s (each side's own
-count of loss tokens), useful tokens/s (non-padding positions, counted the same way for both), peak memory,
-and the validation loss after training, computed for both models by the same evaluator.
+base computes multi-row products through BLAS on de-quantized weights). Reported per run: trained tokens/s (each
+side's own count of loss tokens), useful tokens/s (non-padding positions, counted the same way for both), peak
+memory, and the validation loss after training, computed for both models by the same evaluator.
 
     PYTHONPATH=. [OPENELM_SHARED_DATA=../shared/data] python benchmarks/lora.py [--iters 20] [--layers 4 --dim 512] [--pack]
 """
