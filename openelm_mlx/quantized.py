@@ -6,24 +6,54 @@ MLX's CPU `quantized_matmul` is a scalar loop: with float32 scales, a 5120x1280 
 `quantized_matmul` keeps that case, split by output rows over one CPU stream per core (up to 4): it is
 single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. The backward pass (QLoRA)
 de-quantizes again instead of differentiating through a kept float32 copy. Results equal `quantized_matmul`'s
-within float32 rounding (tested). The speed costs memory: transient float32 weights, and the compiled training
-step keeps the backward's de-quantized weights between steps; QLoRA peaked at 1.35x mlx-lm's memory on a 26M
-shape (benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0` keeps MLX's own kernels.
+within float32 rounding (tested). The speed costs transient float32 weights. In training, the tuner's eager CPU
+step runs under `eager_autodiff` so the forward holds no de-quantized weight; a compiled step (the MLX head,
+OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps (QLoRA then peaked at 1.35x
+mlx-lm's memory on a 26M shape, benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0` keeps MLX's own kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .blas import OFF_VALUES
 
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
 ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's kernels (less memory, much slower)
+
+
+_detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
+
+
+@contextlib.contextmanager
+def eager_autodiff():
+    """For an eager (uncompiled) value_and_grad: multi-row products take their input as plain values.
+
+    An eager autodiff trace keeps every forward array that a traced array was computed from until the backward
+    pass, so x @ dequantize(w).T would keep each layer's float32 weight alive for the whole step (QLoRA on the 26M
+    shape: ~0.6 GB more peak memory than a float base). The product's gradient comes from its custom vjp, which
+    needs only x, so the forward may read x's values instead (evaluating x; not allowed inside mx.compile).
+    """
+    token = _detach_outputs.set(True)
+    try:
+        yield
+    finally:
+        _detach_outputs.reset(token)
+
+
+def _values(x: mx.array) -> mx.array:
+    """x's values as a new array with no autodiff history (evaluates x; via numpy, so bfloat16 goes as uint16)."""
+    if x.dtype == mx.bfloat16:
+        return mx.array(np.asarray(x.view(mx.uint16))).view(mx.bfloat16)
+    return mx.array(np.asarray(x))
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,7 +86,8 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str):
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
-        return x @ weight(w, scales, biases).T
+        y = x @ weight(w, scales, biases).T
+        return _values(y) if _detach_outputs.get() else y  # see eager_autodiff
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import cpu_head, quantized
 from .data import DataError, jsonl_objects  # the one JSONL reader and data error, shared with the trainer
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -292,12 +293,27 @@ def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def loss_fn(model: nn.Module, inputs, targets, weights, mask=None):
-    """Mean cross-entropy over trained targets, and their count."""
-    logits = model(inputs, mask=mask) if mask is not None else model(inputs)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights
+def loss_fn(model: nn.Module, inputs, targets, weights, mask=None, *, backward: bool = True):
+    """Mean cross-entropy over trained targets, and their count. On the CPU with a frozen embedding the head
+    (h @ E^T and the cross-entropy) runs in numpy (`cpu_head`; `backward=False` skips its gradient)."""
     ntoks = weights.sum()
-    return ce.sum() / mx.maximum(ntoks, 1), ntoks
+    if cpu_head.usable(model):
+        h = model.transformer(inputs, mask=mask)
+        total = cpu_head.cross_entropy_sum(model.transformer.token_embeddings, h, targets, weights, backward)
+    else:
+        logits = model(inputs, mask=mask) if mask is not None else model(inputs)
+        total = (nn.losses.cross_entropy(logits.astype(mx.float32), targets) * weights).sum()
+    return total / mx.maximum(ntoks, 1), ntoks
+
+
+def reset_peak_memory() -> None:
+    mx.reset_peak_memory()
+    cpu_head.reset_peak_scratch()
+
+
+def peak_memory_gb() -> float:
+    """MLX's peak plus the numpy head's scratch peak (an upper bound: the two need not coincide)."""
+    return (mx.get_peak_memory() + cpu_head.peak_scratch_bytes()) / 1e9
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, num_batches: int = -1, *,
@@ -308,7 +324,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, num_batches: i
     for i, b in enumerate(iterate_batches(dataset, batch_size, pack=pack, seed=0)):
         if 0 <= num_batches <= i:
             break
-        loss, n = loss_fn(model, b.inputs, b.targets, b.weights, b.mask)
+        loss, n = loss_fn(model, b.inputs, b.targets, b.weights, b.mask, backward=False)
         total, ntoks = total + loss * n, ntoks + n
         mx.eval(total, ntoks)
     return (total / ntoks).item(), int(ntoks.item())
@@ -403,22 +419,25 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(inputs, targets, weights):
-        (loss, ntoks), grad = value_and_grad(model, inputs, targets, weights)
-        optimizer.update(model, grad)
-        return loss, ntoks
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step_masked(inputs, targets, weights, mask):
+    def eager_step(inputs, targets, weights, mask=None):
         (loss, ntoks), grad = value_and_grad(model, inputs, targets, weights, mask)
         optimizer.update(model, grad)
         return loss, ntoks
 
+    if cpu_head.usable(model):  # the numpy head evaluates h mid-step: the step cannot be compiled
+
+        def step(*args):
+            with quantized.eager_autodiff():  # a quantized base's layers then keep no float32 weights
+                return eager_step(*args)
+    else:
+        compiled = mx.compile(lambda i, t, w: eager_step(i, t, w), inputs=state, outputs=state)
+        compiled_masked = mx.compile(eager_step, inputs=state, outputs=state)
+        step = lambda i, t, w, mask=None: compiled(i, t, w) if mask is None else compiled_masked(i, t, w, mask)
+
     batches = iterate_batches(train_set, args.batch_size, pack=args.pack, seed=args.seed, loop=True)
     for _ in range(start_iteration):  # replay the data order up to where a resumed run left off
         next(batches)
-    mx.reset_peak_memory()
+    reset_peak_memory()
     result = TrainResult(iteration=start_iteration, train_loss=float("nan"), val_loss=None)
     window = dict(loss=0.0, steps=0, trained=0, useful=0, positions=0, time=0.0)
     totals = dict(trained=0, useful=0, positions=0, time=0.0)
@@ -437,10 +456,7 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
             batch = next(batches)
             good = model.trainable_parameters()  # arrays are immutable: this keeps the pre-step values
             tic = time.perf_counter()
-            if batch.mask is None:
-                loss, _ = step(batch.inputs, batch.targets, batch.weights)
-            else:
-                loss, _ = step_masked(batch.inputs, batch.targets, batch.weights, batch.mask)
+            loss, _ = step(batch.inputs, batch.targets, batch.weights, batch.mask)
             mx.eval(state, loss)
             elapsed = time.perf_counter() - tic
             loss = loss.item()
@@ -464,7 +480,7 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
                 log(f"Iter {it}: Train loss {w['loss'] / w['steps']:.3f}, "
                     f"Learning Rate {optimizer.learning_rate.item():.3e}, It/sec {w['steps'] / w['time']:.3f}, "
                     f"Tokens/sec {w['trained'] / w['time']:.1f}, Trained Tokens {totals['trained']}, "
-                    f"Useful {w['useful'] / w['positions']:.1%}, Peak mem {mx.get_peak_memory() / 1e9:.3f} GB")
+                    f"Useful {w['useful'] / w['positions']:.1%}, Peak mem {peak_memory_gb():.3f} GB")
                 window = dict.fromkeys(window, 0)
             if valid_set is not None and (it % args.steps_per_eval == 0 or it == args.iters):
                 validate(it)
@@ -479,6 +495,6 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     result.tokens_per_sec = totals["trained"] / t
     result.useful_per_sec = totals["useful"] / t
     result.useful_fraction = totals["useful"] / max(totals["positions"], 1)
-    result.peak_memory_gb = mx.get_peak_memory() / 1e9
+    result.peak_memory_gb = peak_memory_gb()
     result.train_time = totals["time"]
     return result
