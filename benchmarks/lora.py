@@ -110,7 +110,7 @@ def run_ours(model_dir, train_set, valid, args, init, pack):
     r = tuner.train(model, optim.Adam(learning_rate=schedule(args.iters, args.lr)), train_set, None, targs,
                     save=lambda it: None)
     wall = time.perf_counter() - tic
-    peak = tuner.peak_memory_gb()  # MLX's peak plus the numpy head's scratch (cpu_head), if it ran
+    peak = tuner.peak_memory_gb()  # includes the numpy head's scratch memory (cpu_head), where it ran
     model.eval()
     val, _ = tuner.evaluate(model, valid, args.batch_size)
     return dict(wall=wall, trained=r.trained_tokens, useful=r.useful_tokens,

@@ -4,20 +4,21 @@ The head of a training step projects hidden states onto the vocabulary (h @ E^T,
 cross-entropy over the result. MLX's CPU backend exponentiates with scalar code outside macOS (~16 ns per element,
 one thread; mlx 0.32, x86): on a 26M OpenELM shape, batch 4 x 200 tokens, the head's forward and backward took
 ~0.8 s of a 1.73 s LoRA step, most of it exps. numpy's exp is vectorised (~1.2 ns per element) and its BLAS is as
-fast as MLX's, so here the head runs in numpy: row chunks of at most CHUNK_ELEMENTS logits (bounded scratch memory),
+fast as MLX's, so here the head runs in numpy, an online softmax over blocks of E (bounded scratch memory),
 trained positions only (padding and masked prompt tokens never meet the vocabulary), returning the loss and dL/dh;
 MLX differentiates everything before it. The step took 0.85 s; gradients equal MLX's within float32 rounding
 (tested). numpy needs h evaluated, so a step using this head cannot be `mx.compile`d; the tuner runs it eagerly.
 
 Used when the default device is the CPU and the host is not macOS (Accelerate vectorises MLX's exp there), the
 embedding is frozen (LoRA/DoRA; full fine-tuning needs dL/dE and stays in MLX), and OPENELM_MLX_NUMPY_HEAD is not
-0/off. Its scratch memory is outside MLX's allocator; `peak_scratch_bytes` reports it so peaks can include it.
+0/off. Its scratch memory is outside MLX's allocator; `peak_with_mlx_bytes` adds it to MLX's memory of the moment.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,10 +29,10 @@ from .blas import OFF_VALUES
 from .model import Model
 
 ENV_VAR = "OPENELM_MLX_NUMPY_HEAD"  # 0/off: the head stays in MLX (compiled step, slower on the CPU)
-EMBEDDING_BLOCK_ROWS = 2048  # rows of E de-quantized (or up-cast) at a time
-CHUNK_ELEMENTS = 1 << 24  # logits per row chunk (64 MB of float32); 524 rows of OpenELM's 32000-token vocabulary
+VOCAB_BLOCK = 2048  # rows of E per block of logits (and per de-quantized block of a quantized E)
+MAX_ROWS = 4096  # positions per pass over E: at most 4096 x 2048 float32 logits (32 MB) at once
 
-_scratch = {"now": 0, "peak": 0}
+_scratch = {"now": 0, "peak": 0, "peak_with_mlx": 0}
 
 
 def usable(model: nn.Module) -> bool:
@@ -50,76 +51,93 @@ def peak_scratch_bytes() -> int:
     return _scratch["peak"]
 
 
+def peak_with_mlx_bytes() -> int:
+    """The most memory held at once while the head ran: its numpy scratch plus MLX's active memory then."""
+    return _scratch["peak_with_mlx"]
+
+
 def reset_peak_scratch() -> None:
-    _scratch["peak"] = _scratch["now"]
+    _scratch["peak"] = _scratch["peak_with_mlx"] = _scratch["now"]
 
 
 def _hold(nbytes: int) -> None:
     _scratch["now"] += nbytes
     _scratch["peak"] = max(_scratch["peak"], _scratch["now"])
+    _scratch["peak_with_mlx"] = max(_scratch["peak_with_mlx"], _scratch["now"] + mx.get_active_memory())
 
 
-def embedding_matrix(embedding: nn.Module) -> np.ndarray:
-    """E as float32 numpy (V, d): a view of MLX's buffer, or a de-quantized / up-cast copy built in row blocks.
-
-    Block by block, because inside an autodiff trace MLX keeps whatever an evaluated array was computed from
-    (a whole-matrix de-quantize kept ~6 float32 copies of E alive during the step)."""
+def embedding_blocks(embedding: nn.Module) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 numpy rows) of E in blocks of VOCAB_BLOCK rows: views of MLX's buffer, or de-quantized
+    (or up-cast) copies made one block at a time, so no float32 copy of a quantized E exists as a whole."""
     weight = embedding.weight
-    if not isinstance(embedding, nn.QuantizedEmbedding) and weight.dtype == mx.float32:
+    quantized = isinstance(embedding, nn.QuantizedEmbedding)
+    if not quantized and weight.dtype == mx.float32:
         mx.eval(weight)
-        return np.asarray(weight)
-    out = np.empty((weight.shape[0], embedding.scales.shape[-1] * embedding.group_size
-                    if isinstance(embedding, nn.QuantizedEmbedding) else weight.shape[-1]), np.float32)
-    for r0 in range(0, len(out), EMBEDDING_BLOCK_ROWS):
-        rows = slice(r0, r0 + EMBEDDING_BLOCK_ROWS)
-        if isinstance(embedding, nn.QuantizedEmbedding):
-            biases = embedding.get("biases")
+        E = np.asarray(weight)
+        for r0 in range(0, len(E), VOCAB_BLOCK):
+            yield r0, E[r0:r0 + VOCAB_BLOCK]
+        return
+    biases = embedding.get("biases")
+    for r0 in range(0, weight.shape[0], VOCAB_BLOCK):
+        rows = slice(r0, r0 + VOCAB_BLOCK)
+        if quantized:
             block = mx.dequantize(weight[rows], embedding.scales[rows], None if biases is None else biases[rows],
                                   group_size=embedding.group_size, bits=embedding.bits, mode=embedding.mode)
         else:
             block = weight[rows]
-        out[rows] = np.asarray(block.astype(mx.float32))
-    return out
+        block = np.asarray(block.astype(mx.float32))
+        _hold(block.nbytes)
+        try:
+            yield r0, block
+        finally:
+            _hold(-block.nbytes)
 
 
-def head_numpy(h: np.ndarray, E: np.ndarray, targets: np.ndarray, weights: np.ndarray,
-               backward: bool) -> tuple[float, np.ndarray | None]:
+def head_numpy(h: np.ndarray, blocks: Callable[[], Iterable[tuple[int, np.ndarray]]], targets: np.ndarray,
+               weights: np.ndarray, backward: bool) -> tuple[float, Optional[np.ndarray]]:
     """sum_i weights[i] * CE(h[i] @ E^T, targets[i]) over rows i, and its gradient w.r.t. h (if `backward`).
 
-    h (N, d) float32, E (V, d) float32, targets (N,) int, weights (N,) float; rows of weight 0 are skipped.
+    h (N, d) float32; `blocks()` yields (first row, rows) of E (V, d) float32; targets (N,) int; weights (N,)
+    float. Rows of weight 0 are skipped. One pass over E per MAX_ROWS rows, as an online softmax: per block the
+    running max m and sum s are updated and the unnormalised sum of exp(z - m) @ E_block is rescaled and
+    accumulated, so dh = w * (acc / s - E[target]) needs no second pass and no full row of logits.
     """
     rows = np.flatnonzero(weights)
     dh = np.zeros_like(h) if backward else None
-    held = 0 if dh is None else dh.nbytes
-    _hold(held)
-    try:
-        return _chunks(h, E, targets, weights, rows, dh), dh
-    finally:
-        _hold(-held)
-
-
-def _chunks(h, E, targets, weights, rows, dh) -> float:
-    chunk = max(1, CHUNK_ELEMENTS // E.shape[0])
+    _hold(0 if dh is None else dh.nbytes)
     total = 0.0
-    for start in range(0, len(rows), chunk):
-        idx = rows[start:start + chunk]
-        hc, tc, wc = h[idx], targets[idx], weights[idx].astype(np.float32)
-        logits = hc @ E.T  # (n, V)
-        _hold(logits.nbytes)
-        try:
-            m = logits.max(axis=-1, keepdims=True)
-            logits -= m
-            np.exp(logits, out=logits)  # in place: logits now holds exp(z - max)
-            s = logits.sum(axis=-1, keepdims=True)
-            picked = np.einsum("nd,nd->n", hc, E[tc])  # the target's logit, recomputed: z is gone
-            total += float(np.dot(wc, (np.log(s[:, 0]) + m[:, 0] - picked).astype(np.float64)))
-            if dh is not None:  # dCE/dz = softmax - onehot, weighted; then dh = (dCE/dz) @ E
-                logits *= (wc[:, None] / s)
-                logits[np.arange(len(idx)), tc] -= wc
-                dh[idx] = logits @ E
-        finally:
-            _hold(-logits.nbytes)
-    return total
+    try:
+        for start in range(0, len(rows), MAX_ROWS):
+            idx = rows[start:start + MAX_ROWS]
+            hc, tc, wc = h[idx], targets[idx], weights[idx].astype(np.float32)
+            n = len(idx)
+            m, s = np.full(n, -np.inf, np.float32), np.zeros(n, np.float32)
+            picked = np.zeros(n, np.float32)  # z[target]
+            acc = np.zeros_like(hc) if backward else None  # sum over blocks of exp(z - m) @ E_block
+            e_target = np.zeros_like(hc) if backward else None  # E[target]
+            for r0, block in blocks():
+                z = hc @ block.T  # (n, block rows)
+                _hold(z.nbytes)
+                here = np.flatnonzero((tc >= r0) & (tc < r0 + len(block)))
+                picked[here] = z[here, tc[here] - r0]
+                if backward:
+                    e_target[here] = block[tc[here] - r0]
+                m_new = np.maximum(m, z.max(axis=-1))
+                rescale = np.exp(m - m_new)  # 0 for the first block (m = -inf)
+                z -= m_new[:, None]
+                np.exp(z, out=z)  # in place: z now holds exp(z - m_new)
+                s = s * rescale + z.sum(axis=-1)
+                if backward:
+                    acc *= rescale[:, None]
+                    acc += z @ block
+                m = m_new
+                _hold(-z.nbytes)
+            total += float(np.dot(wc.astype(np.float64), (m + np.log(s) - picked).astype(np.float64)))
+            if backward:  # dCE/dh = softmax @ E - E[target], weighted
+                dh[idx] = acc * (wc / s)[:, None] - wc[:, None] * e_target
+    finally:
+        _hold(-(0 if dh is None else dh.nbytes))
+    return total, dh
 
 
 def cross_entropy_sum(embedding: nn.Module, h: mx.array, targets: mx.array, weights: mx.array,
@@ -132,13 +150,7 @@ def cross_entropy_sum(embedding: nn.Module, h: mx.array, targets: mx.array, weig
     shape, dtype = h.shape, h.dtype
     hn = np.asarray(h.astype(mx.float32)).reshape(-1, shape[-1])
     tn, wn = np.asarray(targets).reshape(-1), np.asarray(weights).reshape(-1)
-    E = embedding_matrix(embedding)
-    copied = E.nbytes if E.base is None else 0  # a view of MLX's own weight (base set) costs nothing extra
-    _hold(copied)
-    try:
-        total, dh = head_numpy(hn, E, tn, wn, backward)
-    finally:
-        _hold(-copied)
+    total, dh = head_numpy(hn, lambda: embedding_blocks(embedding), tn, wn, backward)
     if not backward:
         return mx.array(total, mx.float32)
     dh = mx.array(dh.reshape(shape)).astype(dtype)

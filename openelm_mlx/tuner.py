@@ -312,8 +312,8 @@ def reset_peak_memory() -> None:
 
 
 def peak_memory_gb() -> float:
-    """MLX's peak plus the numpy head's scratch peak (an upper bound: the two need not coincide)."""
-    return (mx.get_peak_memory() + cpu_head.peak_scratch_bytes()) / 1e9
+    """The larger of MLX's peak and the peak while the numpy head ran (its scratch plus MLX's memory then)."""
+    return max(mx.get_peak_memory(), cpu_head.peak_with_mlx_bytes()) / 1e9
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, num_batches: int = -1, *,
