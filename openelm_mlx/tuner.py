@@ -3,7 +3,8 @@
 The adapter layers are mlx-lm's (`mlx_lm.tuner`); the chat template is OpenELM-Instruct's (`tokenizer.chat_text`,
 as Apple's OpenELM-*-Instruct model cards use it). Packed rows keep attention inside each example with a
 block-diagonal causal mask; OpenELM's RoPE (apple/corenet `general_gpt.py`) makes q.k depend only on the
-distance between positions, so an example's offset inside a packed row does not change its outputs.
+distance between positions, so an example's offset inside a packed row does not change its outputs. On the CPU
+the output head and loss run in numpy (`cpu_head`) and the step is eager; elsewhere the step is `mx.compile`d.
 """
 
 from __future__ import annotations

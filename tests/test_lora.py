@@ -396,6 +396,12 @@ def test_dora_and_qlora_train(model_dir, qmodel_dir, qa_file, tmp_path):
         assert any(k.endswith(".m") for k in w) == (kind == "dora")
 
 
+def test_grad_checkpoint_gives_the_same_losses(model_dir, qa_file, tmp_path):
+    plain = small_run(model_dir, qa_file[0], tmp_path / "a", iters=3, valid_fraction=0)
+    checkpointed = small_run(model_dir, qa_file[0], tmp_path / "b", iters=3, valid_fraction=0, grad_checkpoint=True)
+    np.testing.assert_allclose([l for _, l in checkpointed.losses], [l for _, l in plain.losses], rtol=1e-5)
+
+
 def test_full_fine_tune_trains_the_last_blocks(model_dir, qa_file, tmp_path):
     r = small_run(model_dir, qa_file[0], tmp_path / "full", fine_tune_type="full", num_layers=1,
                   learning_rate=1e-3, valid_fraction=0)
