@@ -3,8 +3,9 @@
 The adapter layers are mlx-lm's (`mlx_lm.tuner`); the chat template is OpenELM-Instruct's (`tokenizer.chat_text`,
 as Apple's OpenELM-*-Instruct model cards use it). Packed rows keep attention inside each example with a
 block-diagonal causal mask; OpenELM's RoPE (apple/corenet `general_gpt.py`) makes q.k depend only on the
-distance between positions, so an example's offset inside a packed row does not change its outputs. On the CPU
-the output head and loss run in numpy (`cpu_head`) and the step is eager; elsewhere the step is `mx.compile`d.
+distance between positions, so an example's offset inside a packed row does not change its outputs. On the CPU,
+for batches with many logits, the output head and loss run in numpy (`cpu_head`) and the step is eager;
+otherwise the step is `mx.compile`d.
 """
 
 from __future__ import annotations
@@ -294,11 +295,12 @@ def batches_per_epoch(dataset: Dataset, batch_size: int) -> int:
 # ---------------------------------------------------------------------------------------------------- loss
 
 
-def loss_fn(model: nn.Module, inputs, targets, weights, mask=None, *, backward: bool = True):
-    """Mean cross-entropy over trained targets, and their count. On the CPU with a frozen embedding the head
-    (h @ E^T and the cross-entropy) runs in numpy (`cpu_head`; `backward=False` skips its gradient)."""
+def loss_fn(model: nn.Module, inputs, targets, weights, mask=None, *, numpy_head: bool = False,
+            backward: bool = True):
+    """Mean cross-entropy over trained targets, and their count. `numpy_head` (where `cpu_head.usable`) computes
+    h @ E^T and the cross-entropy in numpy (not inside mx.compile; `backward=False` skips its gradient)."""
     ntoks = weights.sum()
-    if cpu_head.usable(model):
+    if numpy_head:
         h = model.transformer(inputs, mask=mask)
         total = cpu_head.cross_entropy_sum(model.transformer.token_embeddings, h, targets, weights, backward)
     else:
@@ -325,7 +327,8 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, num_batches: i
     for i, b in enumerate(iterate_batches(dataset, batch_size, pack=pack, seed=0)):
         if 0 <= num_batches <= i:
             break
-        loss, n = loss_fn(model, b.inputs, b.targets, b.weights, b.mask, backward=False)
+        loss, n = loss_fn(model, b.inputs, b.targets, b.weights, b.mask,
+                          numpy_head=cpu_head.usable(model, b.n_positions), backward=False)
         total, ntoks = total + loss * n, ntoks + n
         mx.eval(total, ntoks)
     return (total / ntoks).item(), int(ntoks.item())
@@ -420,20 +423,21 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
-    def eager_step(inputs, targets, weights, mask=None):
-        (loss, ntoks), grad = value_and_grad(model, inputs, targets, weights, mask)
+    def plain_step(inputs, targets, weights, mask=None, numpy_head=False):
+        (loss, ntoks), grad = value_and_grad(model, inputs, targets, weights, mask, numpy_head=numpy_head)
         optimizer.update(model, grad)
         return loss, ntoks
 
-    if cpu_head.usable(model):  # the numpy head evaluates h mid-step: the step cannot be compiled
+    compiled = mx.compile(lambda i, t, w: plain_step(i, t, w), inputs=state, outputs=state)
+    compiled_masked = mx.compile(plain_step, inputs=state, outputs=state)
 
-        def step(*args):
+    def step(batch: Batch):
+        if cpu_head.usable(model, batch.n_positions):  # the numpy head evaluates h mid-step: run eagerly
             with quantized.eager_autodiff():  # a quantized base's layers then keep no float32 weights
-                return eager_step(*args)
-    else:
-        compiled = mx.compile(lambda i, t, w: eager_step(i, t, w), inputs=state, outputs=state)
-        compiled_masked = mx.compile(eager_step, inputs=state, outputs=state)
-        step = lambda i, t, w, mask=None: compiled(i, t, w) if mask is None else compiled_masked(i, t, w, mask)
+                return plain_step(batch.inputs, batch.targets, batch.weights, batch.mask, numpy_head=True)
+        if batch.mask is None:
+            return compiled(batch.inputs, batch.targets, batch.weights)
+        return compiled_masked(batch.inputs, batch.targets, batch.weights, batch.mask)
 
     batches = iterate_batches(train_set, args.batch_size, pack=args.pack, seed=args.seed, loop=True)
     for _ in range(start_iteration):  # replay the data order up to where a resumed run left off
@@ -457,7 +461,7 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
             batch = next(batches)
             good = model.trainable_parameters()  # arrays are immutable: this keeps the pre-step values
             tic = time.perf_counter()
-            loss, _ = step(batch.inputs, batch.targets, batch.weights, batch.mask)
+            loss, _ = step(batch)
             mx.eval(state, loss)
             elapsed = time.perf_counter() - tic
             loss = loss.item()

@@ -68,22 +68,21 @@ def batch(seed=0, packed=False):
     return tuner.make_batch(exs, rows)
 
 
-def loss_and_grads(model, b, monkeypatch, numpy_head: bool):
-    monkeypatch.setenv(cpu_head.ENV_VAR, "1" if numpy_head else "0")
-    assert cpu_head.usable(model) == numpy_head
-    (loss, n), grads = nn.value_and_grad(model, tuner.loss_fn)(model, b.inputs, b.targets, b.weights, b.mask)
+def loss_and_grads(model, b, numpy_head: bool):
+    (loss, n), grads = nn.value_and_grad(model, tuner.loss_fn)(model, b.inputs, b.targets, b.weights, b.mask,
+                                                               numpy_head=numpy_head)
     mx.eval(loss, grads)
     return loss.item(), int(n.item()), dict(tree_flatten(grads))
 
 
 @pytest.mark.parametrize("kind,quantized,packed", [("lora", False, False), ("lora", False, True),
                                                    ("dora", False, False), ("lora", True, False)])
-def test_numpy_head_gives_the_mlx_heads_loss_and_gradients(model_dir, qmodel_dir, monkeypatch, kind, quantized,
+def test_numpy_head_gives_the_mlx_heads_loss_and_gradients(model_dir, qmodel_dir, kind, quantized,
                                                             packed):
     model = lora_model(qmodel_dir if quantized else model_dir, kind)
     b = batch(packed=packed)
-    loss_np, n_np, g_np = loss_and_grads(model, b, monkeypatch, numpy_head=True)
-    loss_mx, n_mx, g_mx = loss_and_grads(model, b, monkeypatch, numpy_head=False)
+    loss_np, n_np, g_np = loss_and_grads(model, b, numpy_head=True)
+    loss_mx, n_mx, g_mx = loss_and_grads(model, b, numpy_head=False)
     assert n_np == n_mx == b.n_trained
     np.testing.assert_allclose(loss_np, loss_mx, rtol=1e-5)
     assert g_np.keys() == g_mx.keys() and g_np
@@ -91,8 +90,7 @@ def test_numpy_head_gives_the_mlx_heads_loss_and_gradients(model_dir, qmodel_dir
         scale = float(mx.abs(g_mx[k]).max()) or 1.0
         np.testing.assert_allclose(np.array(g_np[k]) / scale, np.array(g_mx[k]) / scale, atol=1e-4, err_msg=k)
     # evaluation computes the loss alone, the same value
-    monkeypatch.setenv(cpu_head.ENV_VAR, "1")
-    loss_eval, _ = tuner.loss_fn(model, b.inputs, b.targets, b.weights, b.mask, backward=False)
+    loss_eval, _ = tuner.loss_fn(model, b.inputs, b.targets, b.weights, b.mask, numpy_head=True, backward=False)
     np.testing.assert_allclose(loss_eval.item(), loss_np, rtol=1e-6)
 
 
@@ -100,18 +98,20 @@ def test_used_only_with_a_frozen_embedding_on_the_cpu(model_dir, monkeypatch):
     monkeypatch.delenv(cpu_head.ENV_VAR, raising=False)
     model, _ = load_model(model_dir)
     adapters.apply_adapters(model, lora_cfg())
-    assert cpu_head.usable(model) == (mx.default_device() == mx.cpu)
+    many = cpu_head.MIN_LOGITS // model.config.vocab_size + 1  # positions: enough logits to be worth it
+    assert cpu_head.usable(model, many) == (mx.default_device() == mx.cpu)
+    assert not cpu_head.usable(model, many - 2)  # a small batch runs faster compiled
     model.unfreeze()  # full fine-tuning trains the tied embedding: its gradient needs the MLX head
-    assert not cpu_head.usable(model)
+    assert not cpu_head.usable(model, many)
     model.freeze()
     monkeypatch.setenv(cpu_head.ENV_VAR, "off")
-    assert not cpu_head.usable(model)
+    assert not cpu_head.usable(model, many)
     monkeypatch.delenv(cpu_head.ENV_VAR)
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     theirs, _ = mlx_lm_load_model(model_dir)  # mlx-lm's own OpenELM (no mask argument): evaluated in MLX
     theirs.freeze()
-    assert not cpu_head.usable(theirs)
+    assert not cpu_head.usable(theirs, many)
 
 
 @pytest.mark.parametrize("numpy_head", ["1", "0"])  # eager step with the numpy head; compiled step with MLX's
@@ -119,14 +119,15 @@ def test_training_step_trains_and_reports_the_heads_scratch_memory(model_dir, mo
     import mlx.optimizers as optim
 
     monkeypatch.setenv(cpu_head.ENV_VAR, numpy_head)
+    monkeypatch.setattr(cpu_head, "MIN_LOGITS", 0)  # this small batch would otherwise take the compiled step
     model = lora_model(model_dir)
     b = batch()
     monkeypatch.setattr(tuner, "iterate_batches", lambda *a, **kw: iter([b] * 4))
     args = tuner.TrainArgs(iters=2, batch_size=3, learning_rate=1e-3, steps_per_report=1)
-    before = tuner.loss_fn(model, b.inputs, b.targets, b.weights, backward=False)[0].item()
+    before = tuner.loss_fn(model, b.inputs, b.targets, b.weights)[0].item()
     r = tuner.train(model, optim.Adam(learning_rate=1e-3), tuner.Dataset([], "x", "text"), None, args,
                     save=lambda it: None)
-    after = tuner.loss_fn(model, b.inputs, b.targets, b.weights, backward=False)[0].item()
+    after = tuner.loss_fn(model, b.inputs, b.targets, b.weights)[0].item()
     assert after < before
     if numpy_head == "0":
         assert cpu_head.peak_scratch_bytes() == 0
