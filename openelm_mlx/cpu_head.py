@@ -6,12 +6,14 @@ one thread; mlx 0.32, x86): on a 26M OpenELM shape, batch 4 x 200 tokens, the he
 ~0.8 s of a 1.73 s LoRA step, most of it exps. numpy's exp is vectorised (~1.2 ns per element) and its BLAS is as
 fast as MLX's, so here the head runs in numpy, an online softmax over blocks of E (bounded scratch memory),
 trained positions only (padding and masked prompt tokens never meet the vocabulary), returning the loss and dL/dh;
-MLX differentiates everything before it. The step took 0.85 s; gradients equal MLX's within float32 rounding
-(tested). numpy needs h evaluated, so a step using this head cannot be `mx.compile`d; the tuner runs it eagerly.
+MLX differentiates everything before it. The step took 0.85 s (one-off profile; benchmarks/lora.py has the
+measured comparison); gradients equal MLX's within float32 rounding (tested). numpy needs h evaluated, so a step
+using this head cannot be `mx.compile`d; the tuner runs it eagerly.
 
 Used when the default device is the CPU and the host is not macOS (Accelerate vectorises MLX's exp there), the
 embedding is frozen (LoRA/DoRA; full fine-tuning needs dL/dE and stays in MLX), the batch has at least MIN_LOGITS
-logits (smaller ones run faster compiled), and OPENELM_MLX_NUMPY_HEAD is not 0/off. Its scratch memory is outside MLX's allocator; `peak_with_mlx_bytes` adds it to MLX's memory of the moment.
+logits (smaller ones run faster compiled), and OPENELM_MLX_NUMPY_HEAD is not 0/off. Its scratch memory is outside
+MLX's allocator; `peak_with_mlx_bytes` adds it to MLX's memory of the moment.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def cross_entropy_sum(embedding: nn.Module, h: mx.array, targets: mx.array, weig
     dh = mx.array(dh.reshape(shape)).astype(dtype)
 
     @mx.custom_function
-    def head(h, targets, weights):
+    def head(h, targets, weights):  # the value is computed above; this only ties its gradient to h
         return mx.array(total, mx.float32)
 
     @head.vjp

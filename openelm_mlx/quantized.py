@@ -35,12 +35,13 @@ _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs",
 
 @contextlib.contextmanager
 def eager_autodiff():
-    """For an eager (uncompiled) value_and_grad: multi-row products take their input as plain values.
+    """For an eager (uncompiled) value_and_grad: multi-row products return their output as plain values.
 
-    An eager autodiff trace keeps every forward array that a traced array was computed from until the backward
-    pass, so x @ dequantize(w).T would keep each layer's float32 weight alive for the whole step (QLoRA on the 26M
-    shape: ~0.6 GB more peak memory than a float base). The product's gradient comes from its custom vjp, which
-    needs only x, so the forward may read x's values instead (evaluating x; not allowed inside mx.compile).
+    An eager autodiff trace keeps every array that an evaluated traced array was computed from until the backward
+    pass, so x @ dequantize(w).T kept each layer's float32 weight (and the de-quantize's intermediates) alive for
+    the whole step (QLoRA on the 26M shape: ~0.6 GB more peak memory than a float base, one-off profile). The
+    product's gradient comes from its custom vjp, which needs only the primals, so the forward may hand back a copy
+    of y's values with no history (this evaluates y: not allowed inside mx.compile).
     """
     token = _detach_outputs.set(True)
     try:

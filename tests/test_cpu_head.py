@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 from openelm_mlx import adapters, cpu_head, tuner
 from openelm_mlx.checkpoint import load_model
 
-from test_lora import build_dir, lora_cfg, model_dir, qmodel_dir, randomize_adapters, tok_path  # noqa: F401
+from test_lora import lora_cfg, model_dir, qmodel_dir, randomize_adapters, tok_path  # noqa: F401  (fixtures)
 
 
 def reference_head(h, E, targets, weights):
@@ -77,8 +77,7 @@ def loss_and_grads(model, b, numpy_head: bool):
 
 @pytest.mark.parametrize("kind,quantized,packed", [("lora", False, False), ("lora", False, True),
                                                    ("dora", False, False), ("lora", True, False)])
-def test_numpy_head_gives_the_mlx_heads_loss_and_gradients(model_dir, qmodel_dir, kind, quantized,
-                                                            packed):
+def test_numpy_head_gives_the_mlx_heads_loss_and_gradients(model_dir, qmodel_dir, kind, quantized, packed):
     model = lora_model(qmodel_dir if quantized else model_dir, kind)
     b = batch(packed=packed)
     loss_np, n_np, g_np = loss_and_grads(model, b, numpy_head=True)
