@@ -10,15 +10,21 @@ does not need.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .blas import OFF_VALUES
 from .config import LayerPlan, OpenELMConfig, layer_plan
 
 RMS_NORM_EPS = 1e-6
 CPU_QUERY_BLOCK = 64  # query rows per block of the CPU's causal attention (see causal_attention)
+# 0/off: one-token steps on the CPU run the plain ops instead of TransformerBlock.decode_step's compiled pieces.
+COMPILED_DECODE_ENV_VAR = "OPENELM_MLX_COMPILED_DECODE"
+COMPILED_DECODE = os.environ.get(COMPILED_DECODE_ENV_VAR, "").strip().lower() not in OFF_VALUES
 
 
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) -> mx.array:
@@ -41,6 +47,48 @@ def causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask) 
         blocks.append(mx.fast.scaled_dot_product_attention(
             q[:, :, r0:r1], k[:, :, : past + r1], v[:, :, : past + r1], scale=scale, mask="causal"))
     return mx.concatenate(blocks, axis=2)  # (B, n_q, L, head_dim)
+
+
+@functools.lru_cache(maxsize=4)
+def _rope_table(dims: int, base: float, size: int) -> tuple[mx.array, mx.array]:
+    """(cos, signed sin), each (size, dims), with mx.fast.rope(x, position p) == x * cos[p] + swap(x) * sin[p],
+    swap exchanging the two halves of the last axis (non-traditional RoPE). Made by mx.fast.rope itself, from
+    the basis rows [1, ..., 1, 0, ..., 0], so the values are the ones it uses."""
+    half = dims // 2
+    basis = mx.concatenate([mx.ones((1, 1, size, half)), mx.zeros((1, 1, size, half))], axis=-1)
+    rotated = mx.fast.rope(basis, dims, traditional=False, base=base, scale=1.0, offset=0)[0, 0]
+    cos, sin = rotated[:, :half], rotated[:, half:]  # rows [cos, sin] of each position's angles
+    table = mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1)
+    mx.eval(table)
+    return table
+
+
+@functools.lru_cache(maxsize=4)
+def rope_row(dims: int, base: float, position: int) -> tuple[mx.array, mx.array]:
+    """The (cos, signed sin) rows of one position, each (1, dims), for `rope_one` (shared by all layers of a
+    step: one lookup per token, not one per layer)."""
+    size = 4096
+    while size <= position:
+        size *= 2
+    cos, sin = _rope_table(dims, base, size)
+    return cos[position: position + 1], sin[position: position + 1]
+
+
+def rope_one(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Non-traditional RoPE of x (..., dims) at the position of the `rope_row` rows: equal to mx.fast.rope's result
+    (same products, same sums; tested bit for bit), in three element-wise ops that mx.compile fuses."""
+    half = x.shape[-1] // 2
+    return x * cos + mx.concatenate([x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """One query position against the cache, GQA by reshaping (no repeated K/V): q (B, n_q, 1, D), k and v
+    (B, n_kv, T, D) -> (B, 1, n_q * D). On the CPU, mx.fast.scaled_dot_product_attention is ~20 small ops here."""
+    B, n_q, _, D = q.shape
+    n_kv = k.shape[1]
+    scores = (q * scale).reshape(B, n_kv, n_q // n_kv, D) @ k.swapaxes(-1, -2)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    return (probs @ v).reshape(B, 1, n_q * D)
 
 
 class Attention(nn.Module):
@@ -96,8 +144,63 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(cfg, plan)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        if uses_compiled_decode(self, x, mask, cache):
+            return self.decode_step(x, cache)
         h = x + self.attn(self.attn_norm(x), mask, cache)
         return h + self.ffn(self.ffn_norm(h))
+
+    # One-token steps on the CPU. Every op costs MLX's CPU backend ~5-15 us of dispatch, and there its fast
+    # ops (RMSNorm, RoPE, attention) are compositions of 10-20 primitives each: a 270M decode step was ~2300
+    # graph nodes, and its small ops took a quarter of the step beside the weight GEMVs. Compiled, the parts
+    # around the cache (its length changes every step) fuse into a few kernels (~980 nodes).
+
+    def decode_step(self, x: mx.array, cache) -> mx.array:
+        """This block for one position (x: (B, 1, model_dim)) with a KV cache: `__call__`'s result (tested
+        within float32 rounding), via compiled pieces built on first use and rebuilt if a sub-layer changes."""
+        key = tuple((id(m), type(m)) for m in self._sublayers())
+        compiled = getattr(self, "_compiled_decode", None)
+        if compiled is None or compiled.key != key:
+            compiled = self._compiled_decode = _CompiledDecode(self, key)
+        A = self.attn
+        cos, sin = rope_row(A.head_dim, A.rope_base, cache.offset)
+        q, k, v = compiled.qkv(x, cos, sin)
+        k, v = cache.update_and_fetch(k, v)
+        return compiled.out(x, decode_attention(q, k, v, A.scale))
+
+    def _sublayers(self) -> tuple:
+        return (self.attn_norm, self.attn.qkv_proj, self.attn.q_norm, self.attn.k_norm, self.attn.out_proj,
+                self.ffn_norm, self.ffn.proj_1, self.ffn.proj_2)
+
+    def _decode_qkv(self, x, cos, sin):
+        A = self.attn
+        B = x.shape[0]
+        qkv = A.qkv_proj(self.attn_norm(x)).reshape(B, A.n_q + 2 * A.n_kv, 1, A.head_dim)  # L == 1
+        q, k, v = mx.split(qkv, [A.n_q, A.n_q + A.n_kv], axis=1)
+        return rope_one(A.q_norm(q), cos, sin), rope_one(A.k_norm(k), cos, sin), v
+
+    def _decode_out(self, x, attended):
+        h = x + self.attn.out_proj(attended)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class _CompiledDecode:
+    """A block's compiled decode pieces (a plain object, so nn.Module does not take it for a parameter)."""
+
+    def __init__(self, block: TransformerBlock, key: tuple):
+        self.key = key
+        # inputs=block: the compiled functions read the block's current arrays on every call (weights loaded or
+        # fused later are used) and are traced anew when their shapes change; `key` catches replaced sub-layers.
+        self.qkv = mx.compile(block._decode_qkv, inputs=block)
+        self.out = mx.compile(block._decode_out, inputs=block)
+
+
+def uses_compiled_decode(block: TransformerBlock, x: mx.array, mask, cache) -> bool:
+    """Whether `block(x, mask, cache)` runs `decode_step`: on the CPU, in eval mode, one position, no mask, an
+    mlx-lm cache with a plain integer offset (KVCache, RotatingKVCache) that is not quantized (--kv-bits).
+    Batch caches (per-sequence offsets) and GPUs keep the plain path (MLX's fast ops are kernels there)."""
+    return (COMPILED_DECODE and x.shape[1] == 1 and mask is None and cache is not None and not block.training
+            and isinstance(getattr(cache, "offset", None), int) and not hasattr(cache, "bits")
+            and mx.default_device() == mx.cpu)
 
 
 def causal_mask(length: int, cache=None):

@@ -1,0 +1,152 @@
+"""The CPU's compiled one-token step (TransformerBlock.decode_step) against the plain ops and the torch reference."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten, tree_map
+
+from openelm_mlx import model as model_module
+from openelm_mlx.config import get_preset
+from openelm_mlx.model import Model, decode_attention, rope_one, rope_row
+from openelm_mlx.reference.model import build_model
+from openelm_mlx.weights import torch_to_mlx
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    ref = build_model(get_preset("tiny"), seed=0).eval()
+    model = Model(ref.config)
+    model.load_weights(list(torch_to_mlx(ref.state_dict(), "float32").items()), strict=True)
+    mx.eval(model.parameters())
+    model.eval()  # as every loader leaves it; training mode keeps the plain path
+    return ref, model
+
+
+def ids_for(cfg, n, seed=0, batch=1):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, n))
+
+
+def stepped(model, ids, *, compiled, cache=None, prefill=8):
+    """Logits of a prefill then one-token steps, with the compiled decode switched on or off."""
+    old = model_module.COMPILED_DECODE
+    model_module.COMPILED_DECODE = compiled
+    try:
+        cache = cache if cache is not None else model.make_cache()
+        parts = [model(ids[:, :prefill], cache=cache)]
+        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, ids.shape[1])]
+        out = mx.concatenate(parts, axis=1)
+        mx.eval(out)
+        return np.array(out)
+    finally:
+        model_module.COMPILED_DECODE = old
+
+
+def compiled_blocks(model):
+    return sum(getattr(b, "_compiled_decode", None) is not None for b in model.layers)
+
+
+@pytest.mark.parametrize("position", [0, 1, 517, 4095, 4096, 9000])  # 4096 and up: the table grows
+def test_rope_one_equals_fast_rope_bit_for_bit(position):
+    mx.random.seed(position)
+    x = mx.random.normal((2, 5, 1, 64))
+    cos, sin = rope_row(64, 10000.0, position)
+    want = mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=position)
+    assert np.array_equal(np.array(rope_one(x, cos, sin)), np.array(want))
+
+
+@pytest.mark.parametrize("n_q,n_kv,length", [(8, 2, 1), (12, 3, 37), (20, 5, 300)])
+def test_decode_attention_equals_sdpa(n_q, n_kv, length):
+    mx.random.seed(length)
+    q = mx.random.normal((2, n_q, 1, 64))
+    k, v = (mx.random.normal((2, n_kv, length, 64)) for _ in range(2))
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=None)  # (2, n_q, 1, 64)
+    got = decode_attention(q, k, v, 0.125)
+    assert got.shape == (2, 1, n_q * 64)
+    np.testing.assert_allclose(np.array(got), np.array(want.transpose(0, 2, 1, 3).reshape(2, 1, -1)), atol=1e-6)
+
+
+def test_compiled_decode_equals_plain_ops_and_torch_reference(pair):
+    ref, model = pair
+    ids = ids_for(ref.config, 20, batch=2)
+    for block in model.layers:
+        block.__dict__.pop("_compiled_decode", None)
+    plain = stepped(model, mx.array(ids), compiled=False)
+    assert compiled_blocks(model) == 0
+    fast = stepped(model, mx.array(ids), compiled=True)
+    assert compiled_blocks(model) == len(model.layers)  # the compiled path ran in every block
+    np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        cache = ref.make_cache()
+        t = torch.from_numpy(ids)
+        want = torch.cat([ref(t[:, :8], cache=cache)] + [ref(t[:, i:i + 1], cache=cache) for i in range(8, 20)], 1)
+    np.testing.assert_allclose(fast, want.numpy(), atol=1e-4, rtol=0)
+
+
+def copy_of(model):
+    new = Model(model.config)
+    new.load_weights(tree_flatten(model.parameters()), strict=True)
+    new.eval()
+    return new
+
+
+def test_compiled_decode_follows_new_weights_and_replaced_layers(pair):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model = copy_of(pair[1])
+    ids = mx.array(ids_for(model.config, 12, seed=1))
+    before = stepped(model, ids, compiled=True)  # traced against the current weights
+    # new weights in place (as load_weights does): the compiled step must read them, not the traced ones
+    model.update(tree_map(lambda w: w * 1.1, model.parameters()))
+    scaled = stepped(model, ids, compiled=True)
+    np.testing.assert_allclose(scaled, stepped(model, ids, compiled=False), atol=1e-5, rtol=0)
+    assert not np.allclose(scaled, before, atol=1e-2)
+    # sub-layers replaced by LoRA layers, with a non-zero B so that they change the output
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0,
+                                     "keys": ["attn.qkv_proj", "ffn.proj_2"]})
+    mx.random.seed(0)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * 0.1, model.trainable_parameters()))
+    model.eval()
+    with_lora = stepped(model, ids, compiled=True)
+    np.testing.assert_allclose(with_lora, stepped(model, ids, compiled=False), atol=1e-5, rtol=0)
+    assert not np.allclose(with_lora, scaled, atol=1e-2)
+
+
+def test_quantized_and_rotating_cache_decode_equal_the_plain_ops(pair):
+    from mlx_lm.models.cache import RotatingKVCache
+
+    from openelm_mlx.quantized import use_blas_for_quantized
+
+    model = pair[1]
+    ids = mx.array(ids_for(model.config, 16, seed=2))
+    q = copy_of(model)
+    nn.quantize(q, group_size=32, bits=4)
+    assert use_blas_for_quantized(q) > 0  # the CPU classes (quantized_matmul over CPU streams for one row)
+    np.testing.assert_allclose(stepped(q, ids, compiled=True), stepped(q, ids, compiled=False), atol=1e-5, rtol=0)
+    assert compiled_blocks(q) == len(q.layers)
+
+    def rotating():
+        return [RotatingKVCache(max_size=10, keep=4) for _ in model.layers]
+
+    np.testing.assert_allclose(stepped(model, ids, compiled=True, cache=rotating()),
+                               stepped(model, ids, compiled=False, cache=rotating()), atol=1e-5, rtol=0)
+
+
+def test_plain_path_for_training_mode_and_batch_offsets(pair):
+    _, model = pair
+    block, x = model.layers[0], mx.zeros((1, 1, model.config.model_dim))
+    cache = model.make_cache()[0]
+    cache.offset = 3
+    assert model_module.uses_compiled_decode(block, x, None, cache)
+    cache.offset = mx.array([3, 5])  # mlx-lm's BatchKVCache: one offset per sequence
+    assert not model_module.uses_compiled_decode(block, x, None, cache)
+    cache.offset = 3
+    assert not model_module.uses_compiled_decode(block, mx.zeros((1, 2, model.config.model_dim)), None, cache)
+    model.train()
+    try:
+        assert not model_module.uses_compiled_decode(block, x, None, cache)
+    finally:
+        model.eval()
