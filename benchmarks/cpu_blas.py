@@ -83,6 +83,8 @@ def run_child(variants: list[dict]) -> dict:
         if dtype not in weights:
             weights[dtype] = tree_map(lambda w: w.astype(getattr(mx, dtype)), weights["float32"])
             mx.eval(weights[dtype])
+        # Left in training mode, our model runs its plain ops in decode too (no compiled one-token step, see
+        # model.TransformerBlock.decode_step): both sides make the same MLX ops, so this isolates the BLAS.
         model = Model(cfg) if v["impl"] == "ours" else mlx_lm_openelm.Model(
             mlx_lm_openelm.ModelArgs.from_dict(to_dict(cfg)))
         model.load_weights(tree_flatten(weights[dtype]))  # the same arrays, not copies
