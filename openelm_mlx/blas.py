@@ -161,31 +161,36 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openelm_mlx"
 
 
-def build_gemv_shim() -> tuple[Optional[str], str]:
-    """Compile csrc/gemv_shim.c once per source version, machine and compiler (cached under _cache_dir());
-    returns (path, "") or (None, why it could not be built)."""
+def build_c_library(source_path: Path, libs: tuple = ()) -> tuple[Optional[str], str]:
+    """Compile one csrc/ file into a shared library once per source version, machine and compiler (cached under
+    _cache_dir(), written atomically); returns (path, "") or (None, why it could not be built)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return None, "no C compiler (cc) to build it"
-    source = SHIM_SOURCE.read_bytes()
+    source = source_path.read_bytes()
     key = hashlib.sha256(source + f"{platform.machine()} {compiler}".encode()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv_shim-{key}.so"
+    target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
         return str(target), ""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(SHIM_SOURCE), "-ldl"]
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(source_path), *libs]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-            return None, f"building {SHIM_SOURCE.name} with {compiler} failed ({last})"
+            return None, f"building {source_path.name} with {compiler} failed ({last})"
         os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"building {SHIM_SOURCE.name} failed ({exc})"
+        return None, f"building {source_path.name} failed ({exc})"
     finally:
         tmp.unlink(missing_ok=True)
     return str(target), ""
+
+
+def build_gemv_shim() -> tuple[Optional[str], str]:
+    """csrc/gemv_shim.c, built (see build_c_library)."""
+    return build_c_library(SHIM_SOURCE, ("-ldl",))
 
 
 def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str]:

@@ -151,47 +151,55 @@ class TransformerBlock(nn.Module):
 
     # One-token steps on the CPU. Every op costs MLX's CPU backend ~5-15 us of dispatch, and there its fast
     # ops (RMSNorm, RoPE, attention) are compositions of 10-20 primitives each: a 270M decode step was ~2300
-    # graph nodes, and its small ops took a quarter of the step beside the weight GEMVs. Compiled, the parts
-    # around the cache (its length changes every step) fuse into a few kernels (~980 nodes).
+    # graph nodes, and its small ops took a quarter of the step beside the weight GEMVs. The element-wise parts
+    # between the projections run compiled (fused kernels); the projections stay outside, as the modules they
+    # are (float, quantized through csrc/qgemv.c, which cannot run inside mx.compile, or LoRA-wrapped).
 
     def decode_step(self, x: mx.array, cache) -> mx.array:
-        """This block for one position (x: (B, 1, model_dim)) with a KV cache: `__call__`'s result (tested
-        within float32 rounding), via compiled pieces built on first use and rebuilt if a sub-layer changes."""
-        key = tuple((id(m), type(m)) for m in self._sublayers())
-        compiled = getattr(self, "_compiled_decode", None)
-        if compiled is None or compiled.key != key:
-            compiled = self._compiled_decode = _CompiledDecode(self, key)
-        A = self.attn
+        """This block for one position (x: (B, 1, model_dim)) with a KV cache: `__call__`'s result (tested within
+        float32 rounding) with fewer, fused ops."""
+        A, F = self.attn, self.ffn
         cos, sin = rope_row(A.head_dim, A.rope_base, cache.offset)
-        q, k, v = compiled.qkv(x, cos, sin)
+        qkv = A.qkv_proj(_rms_norm(x, self.attn_norm.weight))
+        q, k, v = _decode_qkv(A.n_q, A.n_kv, A.head_dim)(qkv, A.q_norm.weight, A.k_norm.weight, cos, sin)
         k, v = cache.update_and_fetch(k, v)
-        return compiled.out(x, decode_attention(q, k, v, A.scale))
-
-    def _sublayers(self) -> tuple:
-        return (self.attn_norm, self.attn.qkv_proj, self.attn.q_norm, self.attn.k_norm, self.attn.out_proj,
-                self.ffn_norm, self.ffn.proj_1, self.ffn.proj_2)
-
-    def _decode_qkv(self, x, cos, sin):
-        A = self.attn
-        B = x.shape[0]
-        qkv = A.qkv_proj(self.attn_norm(x)).reshape(B, A.n_q + 2 * A.n_kv, 1, A.head_dim)  # L == 1
-        q, k, v = mx.split(qkv, [A.n_q, A.n_q + A.n_kv], axis=1)
-        return rope_one(A.q_norm(q), cos, sin), rope_one(A.k_norm(k), cos, sin), v
-
-    def _decode_out(self, x, attended):
-        h = x + self.attn.out_proj(attended)
-        return h + self.ffn(self.ffn_norm(h))
+        h, normed = _residual_rms_norm(x, A.out_proj(decode_attention(q, k, v, A.scale)), self.ffn_norm.weight)
+        return h + F.proj_2(_swiglu(F.proj_1(normed)))
 
 
-class _CompiledDecode:
-    """A block's compiled decode pieces (a plain object, so nn.Module does not take it for a parameter)."""
+# The compiled pieces of TransformerBlock.decode_step: pure functions of their arrays, shared by all blocks (one
+# trace per distinct shape), so replaced or reloaded weights and sub-layers need no bookkeeping.
 
-    def __init__(self, block: TransformerBlock, key: tuple):
-        self.key = key
-        # inputs=block: the compiled functions read the block's current arrays on every call (weights loaded or
-        # fused later are used) and are traced anew when their shapes change; `key` catches replaced sub-layers.
-        self.qkv = mx.compile(block._decode_qkv, inputs=block)
-        self.out = mx.compile(block._decode_out, inputs=block)
+@mx.compile
+def _rms_norm(x, weight):
+    return mx.fast.rms_norm(x, weight, RMS_NORM_EPS)
+
+
+@mx.compile
+def _residual_rms_norm(x, update, weight):
+    h = x + update
+    return h, mx.fast.rms_norm(h, weight, RMS_NORM_EPS)
+
+
+@mx.compile
+def _swiglu(gate_up):
+    gate, up = mx.split(gate_up, 2, axis=-1)  # gate is the first half of proj_1's rows
+    return nn.silu(gate) * up
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_qkv(n_q: int, n_kv: int, head_dim: int):
+    """One position's qkv_proj output -> QK-normed, rotated q and k, and v, each (B, heads, 1, head_dim)."""
+
+    @mx.compile
+    def split_norm_rotate(qkv, q_weight, k_weight, cos, sin):
+        qkv = qkv.reshape(qkv.shape[0], n_q + 2 * n_kv, 1, head_dim)  # L == 1: heads move to axis 1 by reshaping
+        q, k, v = mx.split(qkv, [n_q, n_q + n_kv], axis=1)
+        q = rope_one(mx.fast.rms_norm(q, q_weight, RMS_NORM_EPS), cos, sin)
+        k = rope_one(mx.fast.rms_norm(k, k_weight, RMS_NORM_EPS), cos, sin)
+        return q, k, v
+
+    return split_norm_rotate
 
 
 def uses_compiled_decode(block: TransformerBlock, x: mx.array, mask, cache) -> bool:

@@ -103,3 +103,99 @@ def test_switch_can_be_turned_off(monkeypatch):
     assert use_blas_for_quantized(model) == 0 and type(model.layers[0].ffn.proj_1) is nn.QuantizedLinear
     monkeypatch.delenv(quantized.ENV_VAR)
     assert use_blas_for_quantized(model) > 0 and type(model.layers[0].ffn.proj_1) is CPUQuantizedLinear
+
+
+# csrc/qgemv.c: few-row products (decode) in registers-unpacked AVX2 code, where the CPU has it.
+
+def qgemv_or_skip():
+    from openelm_mlx.quantized import qgemv_library
+
+    lib, why = qgemv_library()
+    if lib is None:
+        pytest.skip(f"csrc/qgemv.c is not usable here: {why}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_qgemv_equals_quantized_matmul_and_a_float64_product(bits, group, rows):
+    from openelm_mlx.quantized import _qgemv
+
+    qgemv_or_skip()
+    mx.random.seed(bits * group + rows)
+    w = mx.random.normal((200, 384)) * 0.05  # 200 rows, k = 384: several 8-word chunks and groups
+    wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    x = mx.random.normal((rows, 384))
+    got = np.array(_qgemv(x, wq, scales, biases, group, bits))
+    want = np.array(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group, bits=bits))
+    exact = np.array(x).astype(np.float64) @ np.array(
+        mx.dequantize(wq, scales, biases, group_size=group, bits=bits)).astype(np.float64).T
+    assert got.shape == (rows, 200) and np.abs(exact).max() > 0.5
+    np.testing.assert_allclose(got, exact, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_qgemv_split_over_threads_equals_one_thread(monkeypatch):
+    from openelm_mlx import quantized
+
+    qgemv_or_skip()
+    mx.random.seed(9)
+    wq, scales, biases = mx.quantize(mx.random.normal((301, 256)), group_size=64, bits=4)  # uneven row split
+    x = mx.random.normal((1, 1, 256))
+    one = np.array(quantized._qgemv(x, wq, scales, biases, 64, 4))
+    monkeypatch.setattr(quantized, "QGEMV_THREAD_WEIGHTS", 0)  # every product split over the cores
+    assert np.array_equal(np.array(quantized._qgemv(x, wq, scales, biases, 64, 4)), one)
+    assert one.shape == (1, 1, 301)
+
+
+def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
+    from openelm_mlx.quantized import qgemv_applies, quantized_linear
+
+    qgemv_or_skip()
+    mx.random.seed(10)
+    x = mx.random.normal((1, 256))
+    for bits, group, dtype, applies in [(4, 64, mx.float32, True), (8, 32, mx.float32, True),
+                                        (3, 64, mx.float32, False), (4, 64, mx.float16, False)]:
+        layer = nn.QuantizedLinear(256, 96, bias=False, group_size=group, bits=bits)
+        layer.set_dtype(dtype)
+        use_blas_for_quantized(layer)
+        xi = x.astype(dtype)
+        assert qgemv_applies(layer, xi) == applies, (bits, group, dtype)
+        want = mx.quantized_matmul(xi, layer.weight, layer.scales, layer.biases, transpose=True, group_size=group,
+                                   bits=bits)
+        np.testing.assert_allclose(np.array(quantized_linear(layer, xi).astype(mx.float32)),
+                                   np.array(want.astype(mx.float32)), atol=1e-2 if dtype == mx.float16 else 2e-5)
+    # inside mx.compile the input cannot be evaluated: MLX's kernel runs, same values
+    layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
+    use_blas_for_quantized(layer)
+    np.testing.assert_allclose(np.array(mx.compile(lambda t: quantized_linear(layer, t))(x)),
+                               np.array(quantized_linear(layer, x)), atol=2e-5)
+
+
+def test_qgemv_gradient_equals_the_quantized_kernels():
+    from openelm_mlx.quantized import quantized_linear
+
+    qgemv_or_skip()
+    mx.random.seed(11)
+    layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
+    use_blas_for_quantized(layer)
+    x, t = mx.random.normal((1, 256)), mx.random.normal((1, 96))
+    ours = mx.grad(lambda v: ((quantized_linear(layer, v) - t) ** 2).sum())(x)
+    kernel = mx.grad(lambda v: ((mx.quantized_matmul(v, layer.weight, layer.scales, layer.biases, transpose=True,
+                                                     group_size=64, bits=4) - t) ** 2).sum())(x)
+    assert mx.abs(kernel).max().item() > 0.1
+    np.testing.assert_allclose(np.array(ours), np.array(kernel), atol=1e-4)
+
+
+def test_qgemv_can_be_turned_off(monkeypatch):
+    from openelm_mlx import quantized
+
+    quantized.qgemv_library.cache_clear()
+    monkeypatch.setenv(quantized.QGEMV_ENV_VAR, "0")
+    try:
+        lib, why = quantized.qgemv_library()
+        assert lib is None and quantized.QGEMV_ENV_VAR in why
+        layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
+        assert not quantized.qgemv_applies(layer, mx.zeros((1, 256)))
+    finally:
+        quantized.qgemv_library.cache_clear()
