@@ -33,6 +33,15 @@ def matmul_gflops(*, size: int, dtype: str, repeats: int = 3) -> float:
     return 2 * size**3 / best / 1e9
 
 
+def qgemv_line() -> str:
+    """Whether quantized decode uses csrc/qgemv.c (see `openelm_mlx.quantized`), and why not."""
+    from .quantized import qgemv_library
+
+    lib, why = qgemv_library()
+    return ("quantized decode: csrc/qgemv.c (AVX2/FMA, 4/8 bits)" if lib is not None
+            else f"quantized decode: MLX's quantized_matmul ({why})")
+
+
 def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
     """The lines of the report (imports mlx, after the package has preloaded the BLAS)."""
     import mlx.core as mx
@@ -52,6 +61,7 @@ def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
         f"mlx: {mx.__version__} (mlx-lm {pkg('mlx-lm')}), GPU backends: {', '.join(backends) or 'none'}, "
         f"default device: {mx.default_device()}",
         blas.describe(),
+        qgemv_line(),
         "preferred dtype on this device: " + ", ".join(
             f"{task} {blas.preferred_cpu_dtype(task) or 'checkpoint dtype'}" for task in blas.TASKS),
     ]

@@ -151,7 +151,7 @@ class TransformerBlock(nn.Module):
 
     # One-token steps on the CPU. Every op costs MLX's CPU backend ~5-15 us of dispatch, and there its fast
     # ops (RMSNorm, RoPE, attention) are compositions of 10-20 primitives each: a 270M decode step was ~2300
-    # graph nodes, and its small ops took a quarter of the step beside the weight GEMVs. The element-wise parts
+    # graph nodes (now ~890), its small ops a quarter of the step beside the weight GEMVs. The element-wise parts
     # between the projections run compiled (fused kernels); the projections stay outside, as the modules they
     # are (float, quantized through csrc/qgemv.c, which cannot run inside mx.compile, or LoRA-wrapped).
 

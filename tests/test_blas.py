@@ -225,6 +225,7 @@ def test_info_reports_the_blas_in_use(setting):
     gflops = float(next(line for line in lines if line.startswith("matmul 64x64 float32")).split()[-2])
     assert gflops > 0
     assert any(line.startswith("mlx: ") for line in lines)
+    assert any(line.startswith("quantized decode: ") for line in lines)
 
 
 def test_mkl_wheel_is_found_through_its_metadata(monkeypatch, tmp_path):
