@@ -161,21 +161,22 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openelm_mlx"
 
 
-def build_c_library(source_path: Path, libs: tuple = ()) -> tuple[Optional[str], str]:
-    """Compile one csrc/ file into a shared library once per source version, machine and compiler (cached under
-    _cache_dir(), written atomically); returns (path, "") or (None, why it could not be built)."""
+def build_c_library(source_path: Path, flags: tuple = ()) -> tuple[Optional[str], str]:
+    """Compile one csrc/ file into a shared library once per source version, machine, compiler and `flags` (extra
+    compiler/linker flags; cached under _cache_dir(), written atomically); returns (path, "") or (None, why it
+    could not be built)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return None, "no C compiler (cc) to build it"
     source = source_path.read_bytes()
-    key = hashlib.sha256(source + f"{platform.machine()} {compiler}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + f"{platform.machine()} {compiler} {' '.join(flags)}".encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
         return str(target), ""
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(source_path), *libs]
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(source_path), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]

@@ -8,9 +8,10 @@ single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. Th
 de-quantizes again instead of differentiating through a kept float32 copy. Results equal `quantized_matmul`'s
 within float32 rounding (tested). The speed costs transient float32 weights. On x86-64 CPUs with AVX2 and FMA, the
 few-row products run instead in csrc/qgemv.c (built with the system C compiler on first use; 4 and 8 bits, groups
-of 32, 64 or 128): it unpacks the packed words in registers, ~14 G weights/s on one core against ~1 G for MLX's
-kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms). It evaluates its input, so it runs outside mx.compile
-(inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel. In training, the tuner's eager CPU
+of 32, 64 or 128): it unpacks the packed words in registers, ~11 G weights/s on one core from memory (14 from
+cache) against ~1 G for MLX's kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms), and splits the rows of
+products from QGEMV_THREAD_WEIGHTS weights on over OpenMP threads (18 G weights/s on 2 cores). It evaluates its
+input, so it runs outside mx.compile (inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel. In training, the tuner's eager CPU
 step runs under `eager_autodiff` so the forward holds no de-quantized weight; a compiled step (the MLX head,
 OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps (QLoRA then peaked at 1.35x
 mlx-lm's memory on a 26M shape, benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0` keeps MLX's own kernels.
@@ -37,7 +38,7 @@ MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split 
 ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's kernels (less memory, much slower)
 QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: few-row products keep MLX's quantized_matmul instead of csrc/qgemv.c
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
-QGEMV_THREAD_WEIGHTS = 1 << 22  # from this many weights on, the product is split over the CPU's cores
+QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
@@ -116,7 +117,9 @@ def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
         return None, f"{QGEMV_ENV_VAR}={os.environ[QGEMV_ENV_VAR]}"
     from .blas import build_c_library
 
-    path, problem = build_c_library(QGEMV_SOURCE)
+    path, problem = build_c_library(QGEMV_SOURCE, ("-fopenmp",))
+    if path is None:  # a compiler without OpenMP: the same kernel on one thread
+        path, problem = build_c_library(QGEMV_SOURCE)
     if path is None:
         return None, problem
     lib = ctypes.CDLL(path)

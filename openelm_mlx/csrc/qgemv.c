@@ -8,10 +8,11 @@
  * a row in word j / (32 / bits) at bit (j % (32 / bits)) * bits; scales and biases are (n, k / group_size) and
  * dequantize(w)[r, j] = q * scale + bias of j's group. Then
  *     y[r] = sum_g scale[r, g] * (q[r, g] . x[g]) + sum_g bias[r, g] * sum(x[g]).
+ * Output rows are split over `threads` OpenMP threads (a persistent pool: starting threads per call cost more than
+ * they saved on small weights); built without OpenMP, the same loop runs on one thread.
  * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library). */
 #include <stdint.h>
 #include <stdlib.h>
-#include <pthread.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -73,11 +74,6 @@ __attribute__((target("avx2,fma"))) static void rows(const job_t *j) {
     }
 }
 
-static void *rows_thread(void *arg) {
-    rows((const job_t *)arg);
-    return NULL;
-}
-
 /* y (m x n) = x (m x k) @ dequantize(w).T, split over `threads` threads by output rows. Returns 0, or 1 for a shape
  * or parameter the kernel does not handle (bits 4 or 8; group size 32, 64 or 128; k a multiple of the values in 8
  * words: 64 at 4 bits, 32 at 8), 2 for an allocation failure, 3 for an unsupported CPU. */
@@ -103,19 +99,13 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
             for (int t = 0; t < group_size; t++) s += xr[g * group_size + t];
             xsum[g] = s;
         }
-        job_t jobs[16];
-        pthread_t tids[16];
-        int started = 0;
+        float *yr = y + (size_t)row * n;
+#pragma omp parallel for num_threads(threads) schedule(static)
         for (int t = 0; t < threads; t++) {
-            jobs[t] = (job_t){w, scales, biases, xt, xsum, y + (size_t)row * n, n, k, group_size, bits,
-                              (int)((long)n * t / threads), (int)((long)n * (t + 1) / threads)};
+            const job_t job = {w, scales, biases, xt, xsum, yr, n, k, group_size, bits,
+                               (int)((long)n * t / threads), (int)((long)n * (t + 1) / threads)};
+            rows(&job);
         }
-        for (int t = 1; t < threads; t++)
-            if (pthread_create(&tids[t], NULL, rows_thread, &jobs[t]) == 0) started |= 1 << t;
-            else rows(&jobs[t]); /* no thread: do its rows here */
-        rows(&jobs[0]);
-        for (int t = 1; t < threads; t++)
-            if (started & (1 << t)) pthread_join(tids[t], NULL);
     }
     free(xt);
     return 0;
