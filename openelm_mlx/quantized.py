@@ -11,10 +11,11 @@ few-row products run instead in csrc/qgemv.c (built with the system C compiler o
 of 32, 64 or 128): it unpacks the packed words in registers, ~11 G weights/s on one core from memory (14 from
 cache) against ~1 G for MLX's kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms), and splits the rows of
 products from QGEMV_THREAD_WEIGHTS weights on over OpenMP threads (18 G weights/s on 2 cores). It evaluates its
-input, so it runs outside mx.compile (inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel. In training, the tuner's eager CPU
-step runs under `eager_autodiff` so the forward holds no de-quantized weight; a compiled step (the MLX head,
-OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps (QLoRA then peaked at 1.35x
-mlx-lm's memory on a 26M shape, benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0` keeps MLX's own kernels.
+input, so it runs outside mx.compile (inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel.
+In training, the tuner's eager CPU step runs under `eager_autodiff` so the forward holds no de-quantized weight; a
+compiled step (the MLX head, OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps
+(QLoRA then peaked at 1.35x mlx-lm's memory on a 26M shape, benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0`
+keeps MLX's own kernels.
 """
 
 from __future__ import annotations
