@@ -40,6 +40,15 @@ ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's ker
 QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: few-row products keep MLX's quantized_matmul instead of csrc/qgemv.c
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
+_qgemv_threads_ok = True  # False in a forked child: libgomp's thread pool does not survive fork (one thread works)
+
+
+def _after_fork_in_child() -> None:
+    global _qgemv_threads_ok
+    _qgemv_threads_ok = False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
@@ -150,7 +159,7 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
         arrays = [np.ascontiguousarray(a) for a in arrays]
     n, k = w.shape[0], xs.shape[1]
     y = np.empty((xs.shape[0], n), np.float32)
-    threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS else 1
+    threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS and _qgemv_threads_ok else 1
     pointers = [a.ctypes.data for a in (*arrays, xs, y)]
     status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
     if status != 0:

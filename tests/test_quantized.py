@@ -199,3 +199,36 @@ def test_qgemv_can_be_turned_off(monkeypatch):
         assert not quantized.qgemv_applies(layer, mx.zeros((1, 256)))
     finally:
         quantized.qgemv_library.cache_clear()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_qgemv_in_a_forked_child_runs_on_one_thread():
+    # libgomp's pool does not survive fork (a child's threaded call hung, measured): the child uses one thread.
+    # (MLX itself cannot evaluate in such a child either, so the child calls the kernel on numpy arrays.)
+    from openelm_mlx import quantized
+
+    qgemv_or_skip()
+    mx.random.seed(12)
+    wq, scales, biases = mx.quantize(mx.random.normal((2048, 256)), group_size=64, bits=4)  # >= 2^18 weights
+    x = mx.random.normal((1, 256))
+    want = np.array(quantized._qgemv(x, wq, scales, biases, 64, 4))  # the parent's threaded call starts the pool
+    lib = quantized.qgemv_library()[0]
+    arrays = [np.asarray(a) for a in (wq, scales, biases, x)]
+    pid = os.fork()
+    if pid == 0:  # child: no pytest, no MLX evaluation; exit code tells the parent
+        y = np.empty((1, 2048), np.float32)
+        threads = 2 if quantized._qgemv_threads_ok else 1
+        status = lib.openelm_qgemv(*[a.ctypes.data for a in arrays], y.ctypes.data, 1, 2048, 256, 64, 4, threads)
+        os._exit(0 if status == 0 and threads == 1 and np.array_equal(y, want) else 3)
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's qgemv call hung")
