@@ -99,15 +99,18 @@ def _split_quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mo
 
 
 @functools.lru_cache(maxsize=None)
-def _dequantized_matmul(group_size: int, bits: int, mode: str):
+def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "blas"):
     """x @ dequantize(w).T as one differentiable op whose backward de-quantizes again (no float32 weight is an
-    autodiff residual)."""
+    autodiff residual). The forward: "blas" de-quantizes and multiplies in MLX; "qgemv" runs csrc/qgemv.c (`_qgemv`:
+    affine mode only; its output has no autodiff history, the gradient comes from this vjp all the same)."""
 
     def weight(w, scales, biases):
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
+        if kernel == "qgemv":
+            return _qgemv(x, w, scales, biases, group_size, bits)
         y = x @ weight(w, scales, biases).T
         return _values(y) if _detach_outputs.get() else y  # see eager_autodiff
 
@@ -168,31 +171,14 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     return mx.array(y.reshape(*x.shape[:-1], n))
 
 
-@functools.lru_cache(maxsize=None)
-def _qgemv_matmul(group_size: int, bits: int):
-    """_qgemv as a differentiable op: its output has no autodiff history, its vjp de-quantizes (as
-    `_dequantized_matmul`'s does), so gradients through a one-row QLoRA product stay exact."""
-
-    @mx.custom_function
-    def matmul(x, w, scales, biases):
-        return _qgemv(x, w, scales, biases, group_size, bits)
-
-    @matmul.vjp
-    def matmul_vjp(primals, cotangent, output):
-        x, w, scales, biases = primals
-        weight = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
-        return cotangent @ weight, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
-
-    return matmul
-
-
 def quantized_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """`x @ W.T` for a quantized layer (nn.QuantizedLinear or a tied nn.QuantizedEmbedding), by the faster CPU path."""
     rows = x.size // x.shape[-1]
     biases = layer.get("biases")
     if rows < DEQUANTIZE_MIN_ROWS and qgemv_applies(layer, x):
         try:
-            return _qgemv_matmul(layer.group_size, layer.bits)(x, layer["weight"], layer["scales"], biases)
+            fn = _dequantized_matmul(layer.group_size, layer.bits, layer.mode, kernel="qgemv")
+            return fn(x, layer["weight"], layer["scales"], biases)
         except ValueError:  # inside mx.compile / vmap x cannot be evaluated: MLX's kernel below
             pass
     if rows < DEQUANTIZE_MIN_ROWS or biases is None:  # biases is None: a non-affine mode (mxfp4, ...)
