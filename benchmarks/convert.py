@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_source(path: Path, preset: str, tokenizer: Path) -> None:
     import mlx.core as mx
 
-    from openelm_mlx.checkpoint import write_config
+    from openelm_mlx.config import write_config
     from openelm_mlx.config import get_preset
     from openelm_mlx.weights import expected_shapes
 

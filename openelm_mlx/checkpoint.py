@@ -9,13 +9,10 @@ overrides under the module path, `model-0000k-of-0000n.safetensors` shards with 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -23,7 +20,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import OpenELMConfig, load_config, num_parameters, to_dict
+from .config import OpenELMConfig, load_config, num_parameters, write_config
+from .errors import NonFiniteError, OutputExistsError, nonfinite_message  # noqa: F401 (re-exported)
+from .files import atomic_dir, atomic_write_bytes  # noqa: F401 (re-exported)
 from .model import Model
 from .weights import WeightsError, check_weights
 
@@ -31,59 +30,6 @@ QUANT_SUFFIXES = (".scales", ".biases")
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-class OutputExistsError(FileExistsError):
-    pass
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path, force: bool = False):
-    """Build a directory in a sibling temp dir and rename it into place only if the block succeeds.
-
-    An existing `path` is refused unless `force`; then it is replaced only after the new one is complete.
-    """
-    path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_config(path: Path, cfg: OpenELMConfig, quantization: Optional[dict] = None, **extra) -> None:
-    data = to_dict(cfg)
-    if quantization:
-        data["quantization"] = quantization
-    data.update(extra)
-    (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def weight_files(path: Path) -> list[str]:
@@ -194,9 +140,23 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConf
     if quantization:
         use_blas_for_quantized(model)
     if not lazy:
-        mx.eval(model.parameters())
+        check_finite(weights, str(path), action="the model cannot be used; convert it again from a good source")
     model.eval()
     return model, cfg
+
+
+def nonfinite_counts(weights: dict[str, mx.array]) -> dict[str, int]:
+    """How many NaN/inf values each floating tensor holds (only those with any)."""
+    counts = {name: mx.sum(~mx.isfinite(v)) for name, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    mx.eval(counts)
+    return {name: int(c.item()) for name, c in counts.items() if c.item()}
+
+
+def check_finite(weights: dict[str, mx.array], source: str, action: str = "nothing was written") -> None:
+    """Raise NonFiniteError naming every tensor with NaN/inf values: such weights are never saved or used."""
+    bad = nonfinite_counts(weights)
+    if bad:
+        raise NonFiniteError(nonfinite_message(source, bad, {k: weights[k].size for k in bad}, action=action))
 
 
 def save_weights(path: Path, weights: dict[str, mx.array], max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -204,8 +164,9 @@ def save_weights(path: Path, weights: dict[str, mx.array], max_shard_bytes: int 
     """Write `weights` as `model.safetensors`, or as shards plus an index when they exceed `max_shard_bytes`.
 
     A tensor larger than the limit gets a shard of its own. `fmt` is the safetensors `format` metadata
-    ("mlx"; "pt" for files transformers should read). Returns the file names.
+    ("mlx"; "pt" for files transformers should read). Returns the file names. Non-finite weights are refused.
     """
+    check_finite(weights, f"weights for {path}")
     shards: list[dict] = []
     size = max_shard_bytes
     for name, value in weights.items():

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Union
 
+from .errors import OpenELMError
+
 Multiplier = Union[float, tuple]  # a scalar (uniform) or a (first, last) pair interpolated across layers
 
 
-class ConfigError(ValueError):
+class ConfigError(OpenELMError, ValueError):
     """A config file or preset that does not describe a valid OpenELM model."""
 
 
@@ -299,6 +301,15 @@ def load_config(path: str | Path) -> OpenELMConfig:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     return from_dict(data, source=str(path))
+
+
+def write_config(path: Path, cfg: OpenELMConfig, quantization: dict | None = None, **extra) -> None:
+    """Write `path`/config.json: Apple's schema, plus mlx-lm's `quantization` entry and `extra` keys."""
+    data = to_dict(cfg)
+    if quantization:
+        data["quantization"] = quantization
+    data.update(extra)
+    (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def quantization_of(path: str | Path) -> dict | None:

@@ -21,10 +21,22 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import (MAX_SHARD_BYTES, QUANT_RECIPES, OutputExistsError, atomic_dir, bits_per_weight,
-                         load_model, load_safetensors, quantize_model, weight_files, write_model_dir)
+from . import cli
+from .checkpoint import (
+    MAX_SHARD_BYTES,
+    QUANT_RECIPES,
+    bits_per_weight,
+    check_finite,
+    load_model,
+    load_safetensors,
+    nonfinite_counts,
+    quantize_model,
+    weight_files,
+    write_model_dir,
+)
 from .config import OpenELMConfig, load_config
-from .export import USER_ERRORS
+from .errors import NonFiniteError, OpenELMError, nonfinite_message
+from .files import atomic_dir, check_replaceable
 from .model import Model
 from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
 from .weights import check_weights
@@ -43,7 +55,7 @@ FLOAT32_ATOL = 1e-4
 HALF_REL_L2 = {"float16": 1e-2, "bfloat16": 5e-2}
 
 
-class ConvertError(ValueError):
+class ConvertError(OpenELMError, ValueError):
     """A source, tokenizer or option the converter cannot use; the message says what to pass instead."""
 
 
@@ -205,8 +217,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
     """
     start = time.perf_counter()
     out = Path(mlx_path)
-    if out.exists() and not force:  # checked first so a refused run downloads nothing
-        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
+    check_replaceable(out, force)  # checked first so a refused run downloads nothing
     _check_options(dtype, quantize, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
 
@@ -222,11 +233,16 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
 
     weights = read_source_weights(source, allow_pickle)
     check_weights(weights, cfg, source=str(source))
+    check_finite(weights, str(source), action="nothing was written (the source checkpoint is broken)")
     dtype = dtype or default_dtype(cfg)
     cast = {}
     for name in list(weights):  # one tensor at a time: peak memory is the output plus one source tensor
         cast[name] = weights.pop(name).astype(getattr(mx, dtype))
         mx.eval(cast[name])
+    overflow = nonfinite_counts(cast)  # the source was finite: any inf now comes from the cast
+    if overflow:
+        raise NonFiniteError(nonfinite_message(str(source), overflow, {k: cast[k].size for k in overflow},
+                                               overflow_dtype=dtype))
     model = Model(cfg)
     model.load_weights(list(cast.items()), strict=True)
     del cast
@@ -307,47 +323,72 @@ def verify_conversion(source_weights: dict[str, mx.array], out_dir: Path, cfg: O
 # CLI
 
 
+@dataclass
+class ConvertSettings:
+    """`python -m openelm_mlx.convert` settings: these defaults < `-c` YAML < flags."""
+
+    hf_path: Optional[str] = None
+    mlx_path: str = "mlx_model"
+    tokenizer: Optional[str] = None
+    dtype: Optional[str] = None
+    quantize: bool = False
+    q_bits: int = 4
+    q_group_size: int = 64
+    quant_recipe: Optional[str] = None
+    verify: bool = False
+    force: bool = False
+    revision: Optional[str] = None
+    allow_pickle: bool = False
+    max_shard_size_gb: float = MAX_SHARD_BYTES / (1 << 30)
+
+    def __post_init__(self):
+        cli.check(bool(self.hf_path), "hf_path", self.hf_path, "required: a hub id or a local HF-layout directory")
+        cli.check(bool(self.mlx_path), "mlx_path", self.mlx_path, "must name an output directory")
+        if self.dtype is not None:
+            cli.check_choice("dtype", self.dtype, DTYPES)
+        cli.check_choice("q_bits", self.q_bits, Q_BITS)
+        cli.check_choice("q_group_size", self.q_group_size, Q_GROUP_SIZES)
+        if self.quant_recipe is not None:
+            cli.check_choice("quant_recipe", self.quant_recipe, list(QUANT_RECIPES))
+        cli.check(0 < self.max_shard_size_gb <= 1024, "max_shard_size_gb", self.max_shard_size_gb,
+                  "must be above 0 (and at most 1024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m openelm_mlx.convert", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-path", "--model", required=True,
-                   help="hub id (e.g. apple/OpenELM-270M-Instruct) or a local HF-layout directory")
-    p.add_argument("--mlx-path", default="mlx_model", help="output directory (default: mlx_model)")
-    p.add_argument("--tokenizer", default=None,
-                   help=f"tokenizer.model file, a directory holding one, or a hub id (default: the source's own, "
-                        f"else {DEFAULT_TOKENIZER_REPO})")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p = cli.new_parser("python -m openelm_mlx.convert", __doc__.split("\n\n")[0])
+    p.add_argument("--hf-path", "--model", help="hub id (e.g. apple/OpenELM-270M-Instruct) or a local HF-layout "
+                                                "directory")
+    p.add_argument("--mlx-path", help="output directory")
+    p.add_argument("--tokenizer", help=f"tokenizer.model file, a directory holding one, or a hub id (default: the "
+                                       f"source's own, else {DEFAULT_TOKENIZER_REPO})")
+    p.add_argument("--dtype", choices=DTYPES,
                    help="dtype of the weights (default: bfloat16 for 3B-sized models, else float16)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the linear layers and the embedding")
-    p.add_argument("--q-bits", type=int, choices=Q_BITS, default=4, help="bits per weight (default 4)")
-    p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, default=64,
-                   help="quantization group size (default 64)")
-    p.add_argument("--quant-recipe", choices=list(QUANT_RECIPES), default=None,
+    p.add_argument("--q-bits", type=int, choices=Q_BITS, help="bits per weight")
+    p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, help="quantization group size")
+    p.add_argument("--quant-recipe", choices=list(QUANT_RECIPES),
                    help="mixed-bit recipe LOW_HIGH: tied embedding/head, first and last layers and every third "
                         "layer's qkv_proj/proj_2 at HIGH bits (implies -q; --q-bits is ignored)")
     p.add_argument("--verify", action="store_true",
                    help="run the PyTorch reference on the source weights and compare logits on a probe prompt")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --mlx-path")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --mlx-path (only an empty directory or one openelm-mlx wrote)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model*.bin sources (loaded with torch.load(weights_only=True))")
-    p.add_argument("--max-shard-size-gb", type=float, default=MAX_SHARD_BYTES / (1 << 30),
-                   help="split model.safetensors into shards above this size (default 5)")
+    p.add_argument("--max-shard-size-gb", type=float, help="split model.safetensors into shards above this size")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        result = convert(args.hf_path, args.mlx_path, tokenizer=args.tokenizer, dtype=args.dtype,
-                         quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
-                         quant_recipe=args.quant_recipe, verify=args.verify, force=args.force,
-                         revision=args.revision, allow_pickle=args.allow_pickle,
-                         max_shard_bytes=int(args.max_shard_size_gb * (1 << 30)))
-    except (ConvertError, *USER_ERRORS) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0 if result.path.is_dir() else 1
+    def body():
+        s = cli.parse(build_parser(), ConvertSettings, argv)
+        convert(s.hf_path, s.mlx_path, tokenizer=s.tokenizer, dtype=s.dtype, quantize=s.quantize, q_bits=s.q_bits,
+                q_group_size=s.q_group_size, quant_recipe=s.quant_recipe, verify=s.verify, force=s.force,
+                revision=s.revision, allow_pickle=s.allow_pickle,
+                max_shard_bytes=int(s.max_shard_size_gb * (1 << 30)))
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from .errors import OpenELMError
 from .tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value the loss skips (torch's cross_entropy default)
@@ -32,7 +33,7 @@ CACHE_FORMAT = 1
 DATA_SUFFIXES = (".txt", ".jsonl")
 
 
-class DataError(ValueError):
+class DataError(OpenELMError, ValueError):
     """Training data that cannot be used; the message names the file (and line)."""
 
 
@@ -299,7 +300,7 @@ def build_token_cache(sources: Sequence[DocumentSource], tokenizer: Tokenizer, c
     if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == meta:
         return _open_cache(cache_dir)
 
-    from .checkpoint import atomic_dir  # the one atomic-directory helper
+    from .files import atomic_dir  # the one atomic-directory helper
 
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     offsets = [0]

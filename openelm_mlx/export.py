@@ -16,9 +16,10 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .checkpoint import (OutputExistsError, atomic_dir, dequantized_weights, load_model, save_weights, write_config,
-                         write_generation_config, write_tokenizer_files)
-from .config import ConfigError, OpenELMConfig, get_preset, load_config
+from .checkpoint import dequantized_weights, load_model, save_weights, write_generation_config, write_tokenizer_files
+from .config import ConfigError, OpenELMConfig, get_preset, load_config, write_config
+from .errors import OpenELMError, OutputExistsError
+from .files import atomic_dir
 from .tokenizer import TokenizerError, find_tokenizer_file
 from .weights import WeightsError, check_weights, corenet_to_hf, torch_to_mlx
 
@@ -28,7 +29,7 @@ AUTO_MAP = {"AutoConfig": "configuration_openelm.OpenELMConfig",
             "AutoModelForCausalLM": "modeling_openelm.OpenELMForCausalLM"}
 
 
-class ExportError(ValueError):
+class ExportError(OpenELMError, ValueError):
     pass
 
 

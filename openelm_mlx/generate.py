@@ -20,11 +20,12 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from . import checkpoint
+from .errors import OpenELMError
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -35,7 +36,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 DEFAULT_PREFILL_STEP = 2048
 
 
-class GenerateError(ValueError):
+class GenerateError(OpenELMError, ValueError):
     pass
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from dataclasses import dataclass
 
@@ -44,9 +43,9 @@ def qgemv_line() -> str:
 
 def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
     """The lines of the report (imports mlx, after the package has preloaded the BLAS)."""
-    import mlx.core as mx
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import mlx.core as mx
 
     def pkg(name):
         try:

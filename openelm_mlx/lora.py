@@ -187,27 +187,30 @@ def resume_from(model, optimizer, path: Path) -> int:
     import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from .adapters import AdapterError, adapter_weights
+    from .adapters import AdapterError, load_adapter_weights
+    from .checkpoint import check_finite, check_safetensors_file
     from .tuner import log
 
     if not path.is_file():
         raise AdapterError(f"--resume-adapter-file {path}: no such file")
-    weights, meta = mx.load(str(path), return_metadata=True)
-    expected = adapter_weights(model)
-    wrong = sorted(set(weights) ^ set(expected))
-    wrong += [k for k in weights if k in expected and weights[k].shape != expected[k].shape]
-    if wrong:
-        raise AdapterError(f"{path}: does not match this run's adapters (rank, keys, num_layers or "
-                           f"fine_tune_type differ); mismatched: {wrong[:6]}")
-    model.load_weights(list(weights.items()), strict=False)
-    iteration = int(meta.get("iteration", 0))
+    meta = load_adapter_weights(model, path)
+    iteration = meta.get("iteration", "0")
+    if not iteration.isdigit():
+        raise AdapterError(f"{path}: its metadata 'iteration' is {iteration!r}, not a whole number")
+    iteration = int(iteration)
     opt_file = path.parent / OPTIMIZER_FILE
     if opt_file.is_file():
-        state, opt_meta = mx.load(str(opt_file), return_metadata=True)
-        if int(opt_meta.get("iteration", -1)) == iteration:
-            optimizer.state = tree_unflatten(list(state.items()))
-            log(f"Resuming from {path} at iteration {iteration} (with the optimizer state)")
-            return iteration
+        try:
+            check_safetensors_file(opt_file)
+            state, opt_meta = mx.load(str(opt_file), return_metadata=True)
+            check_finite({k: v for k, v in state.items() if mx.issubdtype(v.dtype, mx.floating)}, str(opt_file))
+        except Exception as e:  # a broken optimizer file costs the moments, not the run
+            log(f"[WARNING] ignoring {opt_file}: {e}")
+        else:
+            if opt_meta.get("iteration") == str(iteration):
+                optimizer.state = tree_unflatten(list(state.items()))
+                log(f"Resuming from {path} at iteration {iteration} (with the optimizer state)")
+                return iteration
     log(f"Resuming from {path} at iteration {iteration} (optimizer state not found: moments restart)")
     return iteration
 

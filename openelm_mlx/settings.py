@@ -9,10 +9,12 @@ from typing import Optional, Sequence, TypeVar
 
 import yaml
 
+from .errors import OpenELMError
+
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
+class SettingsError(OpenELMError, ValueError):
     pass
 
 

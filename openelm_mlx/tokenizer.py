@@ -12,10 +12,12 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from .errors import OpenELMError
+
 TOKENIZER_FILE = "tokenizer.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(OpenELMError, ValueError):
     pass
 
 

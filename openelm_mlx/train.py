@@ -32,12 +32,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import data as data_lib
 from . import recipes
-from .checkpoint import atomic_dir, atomic_write_bytes, write_config
-from .config import OpenELMConfig, get_preset, load_config, num_parameters, uniform_variant
+from .config import OpenELMConfig, get_preset, load_config, num_parameters, uniform_variant, write_config
+from .errors import NonFiniteError, OpenELMError, nonfinite_message
+from .files import atomic_dir, atomic_write_bytes
 from .reference.model import Model, build_model
 from .tokenizer import Tokenizer
 from .weights import check_weights
@@ -50,7 +50,7 @@ RESUMABLE = {"iters", "eval_every", "val_batches", "log_every", "save_every", "k
              "batch_size", "grad_accum", "global_batch"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OpenELMError, RuntimeError):
     """A run that cannot start or continue; the message says why and what to do."""
 
 
@@ -337,6 +337,7 @@ def export_hf(state_dict: dict, cfg: OpenELMConfig, tokenizer_path: Path, out: s
 
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     check_weights(weights, cfg, source="trained model")
+    check_finite_torch(weights, f"the model to write to {out}")
     with atomic_dir(out, force=force) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_config(tmp, cfg, torch_dtype="float32")
@@ -354,7 +355,16 @@ def load_hf_weights(path: str | Path, cfg: Optional[OpenELMConfig] = None) -> tu
     cfg = cfg or load_config(path)
     weights = load_file(str(path / "model.safetensors"))
     check_weights(weights, cfg, source=str(path))
+    check_finite_torch(weights, str(path), action="refusing to load it")
     return weights, cfg
+
+
+def check_finite_torch(weights: dict, source: str, action: str = "nothing was written") -> None:
+    """Raise NonFiniteError naming every tensor with NaN/inf values (never saved, never resumed from)."""
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in weights.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        raise NonFiniteError(nonfinite_message(source, bad, {k: weights[k].numel() for k in bad}, action=action))
 
 
 def load_reference(path: str | Path) -> Model:
@@ -487,8 +497,7 @@ def _wrap_distributed(model: Model, tc: TrainConfig, d: _Dist, device: torch.dev
 def _state_dicts(model: Model, optimizer, fsdp: bool) -> tuple[dict, dict]:
     if not fsdp:
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
@@ -499,8 +508,7 @@ def _load_state_dicts(model: Model, optimizer, weights: dict, optim_state: dict,
         model.load_state_dict(weights, strict=True)
         optimizer.load_state_dict(optim_state)
         return
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     set_model_state_dict(model, weights, options=opts)

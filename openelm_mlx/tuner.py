@@ -22,16 +22,18 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
 from . import cpu_head, quantized
 from .data import DataError, jsonl_objects  # the one JSONL reader and data error, shared with the trainer
+from .errors import OpenELMError
 from .tokenizer import Tokenizer, TokenizerError
 
 FORMATS = {"text": ("text",), "completions": ("prompt", "completion"), "chat": ("messages",)}
 SPLITS = ("train", "valid", "test")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(OpenELMError, RuntimeError):
     pass
 
 
@@ -370,6 +372,20 @@ class TrainResult:
     interrupted: bool = False
 
 
+def nonfinite_trainable(model: nn.Module) -> list[str]:
+    """Names of trainable tensors holding NaN/inf (one reduction each; adapters are small)."""
+    params = tree_flatten(model.trainable_parameters())
+    flags = [mx.all(mx.isfinite(v)) for _, v in params]
+    mx.eval(flags)
+    return [name for (name, _), ok in zip(params, flags) if not ok.item()]
+
+
+def check_trainable_finite(model: nn.Module, what: str) -> None:
+    broken = nonfinite_trainable(model)
+    if broken:
+        raise TrainingError(f"{what} holds non-finite values ({', '.join(broken[:3])}); refusing to train from it")
+
+
 def build_schedule(args: TrainArgs) -> Callable:
     """Linear warmup from 0, then cosine decay to `min_learning_rate` at `iters` (or constant)."""
     import mlx.optimizers as optim
@@ -456,21 +472,28 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     if valid_set is not None:
         validate(start_iteration)
     model.train()
+    check_trainable_finite(model, f"the adapter at iteration {start_iteration}")
     with _StopFlag() as flag:
         for it in range(start_iteration + 1, args.iters + 1):
             batch = next(batches)
-            good = model.trainable_parameters()  # arrays are immutable: this keeps the pre-step values
+            # Arrays are immutable: these keep the pre-step values, the last state known to be finite.
+            good_params = model.trainable_parameters()
+            good_opt = tree_map(lambda x: x, optimizer.state)
             tic = time.perf_counter()
             loss, _ = step(batch)
             mx.eval(state, loss)
             elapsed = time.perf_counter() - tic
             loss = loss.item()
-            if not math.isfinite(loss):
-                model.update(good)
+            broken = nonfinite_trainable(model)
+            if not math.isfinite(loss) or broken:
+                model.update(good_params)
+                optimizer.state = good_opt
                 save(it - 1)
-                raise TrainingError(f"the training loss became {loss} at iteration {it}; stopped and saved the "
-                                    f"last good adapter (iteration {it - 1}). Lower --learning-rate or add "
-                                    f"--warmup, then resume with --resume-adapter-file")
+                what = (f"the training loss became {loss}" if not math.isfinite(loss) else
+                        f"the update made {len(broken)} adapter tensor(s) non-finite ({', '.join(broken[:3])})")
+                raise TrainingError(f"{what} at iteration {it}; stopped and saved the last good adapter "
+                                    f"(iteration {it - 1}). Lower --learning-rate or add --warmup, then resume "
+                                    f"with --resume-adapter-file")
             result.iteration, result.train_loss = it, loss
             result.losses.append((it, loss))
             for d in (window, totals):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .config import OpenELMConfig, layer_plan
+from .errors import OpenELMError
 
 # HF name -> CoreNet name; `{}` is the layer index.
 GLOBAL_TABLE = {
@@ -28,7 +29,7 @@ LAYER_TABLE = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(OpenELMError, ValueError):
     """Tensors that do not match the config: lists every missing, unexpected and mis-shaped one at once."""
 
 

@@ -260,9 +260,13 @@ def test_existing_output_refused_unless_force(source, tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--force"):
         convert(source, out, verbose=False)
+    with pytest.raises(OutputExistsError, match="did not write \\(keep.txt\\)"):
+        convert(source, out, force=True, verbose=False)  # --force replaces only what this project wrote
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     convert(source, out, force=True, verbose=False)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    convert(source, out, force=True, verbose=False, dtype="float32")
+    assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp dirs left
 
 

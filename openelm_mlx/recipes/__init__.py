@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import OpenELMError
+
 RECIPES_DIR = Path(__file__).resolve().parent
 SIZES = ("270m", "450m", "1_1b", "3b")
 
 
-class RecipeError(ValueError):
+class RecipeError(OpenELMError, ValueError):
     """A settings name that is neither a file nor a packaged recipe."""
 
 
