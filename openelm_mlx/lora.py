@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import cli
 from .adapters import ADAPTER_WEIGHTS, DEFAULT_KEYS, FINE_TUNE_TYPES
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -59,26 +60,40 @@ class LoraConfig:
     dtype: Optional[str] = None  # compute dtype of the base; None: float32 on a CPU with an optimized BLAS
 
     def __post_init__(self):
-        if self.fine_tune_type not in FINE_TUNE_TYPES:
-            raise ValueError(f"fine_tune_type must be one of {FINE_TUNE_TYPES}, got {self.fine_tune_type!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        check, choice = cli.check, cli.check_choice
+        choice("fine_tune_type", self.fine_tune_type, FINE_TUNE_TYPES)
+        choice("optimizer", self.optimizer, ("adam", "adamw"))
+        choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        if self.dtype is not None:
+            choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
         self.keys = tuple(self.keys)
+        check(bool(self.keys) and all(isinstance(k, str) for k in self.keys), "keys", self.keys,
+              "must list block modules, e.g. attn.qkv_proj")
+        for name in ("rank", "batch_size", "max_seq_length", "steps_per_report", "steps_per_eval"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+        check(self.rank <= 4096, "rank", self.rank, "must be at most 4096")
+        check(self.iters is None or self.iters >= 1, "iters", self.iters, "must be at least 1")
+        check(self.epochs is None or self.epochs > 0, "epochs", self.epochs, "must be above 0")
+        check(self.iters is None or self.epochs is None, "epochs", self.epochs, "give --iters or --epochs, not both")
+        check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be above 0")
+        check(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate", self.min_learning_rate,
+              "must be between 0 and --learning-rate")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.alpha is None or self.alpha > 0, "alpha", self.alpha, "must be above 0")
+        check(self.warmup >= 0, "warmup", self.warmup, "must be 0 or more")
+        check(self.num_layers == -1 or self.num_layers >= 1, "num_layers", self.num_layers, "must be -1 (all) or >= 1")
+        check(0 <= self.valid_fraction < 1, "valid_fraction", self.valid_fraction, "must be in [0, 1)")
+        check(self.save_every >= 0, "save_every", self.save_every, "must be 0 (off) or more")
+        check(self.val_batches == -1 or self.val_batches >= 1, "val_batches", self.val_batches, "must be -1 or >= 1")
+        check(self.test_batches == -1 or self.test_batches >= 1, "test_batches", self.test_batches,
+              "must be -1 or >= 1")
+        adapter_path = Path(self.adapter_path)
+        check(not adapter_path.exists() or adapter_path.is_dir(), "adapter_path", self.adapter_path,
+              "is a file; it must be a directory (it will hold adapter_config.json and adapters.safetensors)")
 
     @property
     def lora_scale(self) -> float:
         return self.alpha / self.rank if self.alpha is not None else self.scale
-
-
-def load_yaml(path: str | Path) -> dict:
-    from .settings import SettingsError, read_settings_file
-
-    try:
-        return read_settings_file(path, {f.name for f in dataclasses.fields(LoraConfig)})
-    except SettingsError as e:
-        raise SystemExit(f"error: {e}") from None
 
 
 def lora(**settings):
@@ -110,8 +125,6 @@ def lora(**settings):
     if cfg.iters is None:
         epochs = cfg.epochs if cfg.epochs is not None else 1.0
         iters = math.ceil(epochs * tuner.batches_per_epoch(train_set, cfg.batch_size))
-    elif cfg.epochs is not None:
-        raise SystemExit("error: give --iters or --epochs, not both")
     else:
         iters = cfg.iters
     # Check the batch size against the data before any work is spent.
@@ -142,8 +155,8 @@ def lora(**settings):
     if resume is not None:
         start = resume_from(model, optimizer, resume)
         if start >= iters and iters > 0:
-            raise SystemExit(f"error: {resume} was trained to iteration {start} already; --iters {iters} is the "
-                             f"total, so raise it to train further")
+            raise adapters.AdapterError(f"{resume} was trained to iteration {start} already; --iters {iters} is "
+                                        f"the total, so raise it to train further")
 
     def save(iteration: int):
         meta = {"iteration": iteration}
@@ -169,7 +182,7 @@ def lora(**settings):
             return result
     if cfg.test:
         if test_set is None:
-            raise SystemExit(f"error: --test needs a test split: {cfg.data} is not a directory with test.jsonl")
+            raise tuner.DataError(f"--test needs a test split: {cfg.data} is not a directory with test.jsonl")
         model.eval()
         loss, ntoks = tuner.evaluate(model, test_set, cfg.batch_size, cfg.test_batches, pack=cfg.pack)
         log(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f} ({ntoks} tokens)")
@@ -216,50 +229,47 @@ def resume_from(model, optimizer, path: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = LoraConfig()
-    p = argparse.ArgumentParser(prog="python -m openelm_mlx.lora", description=__doc__.splitlines()[0],
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("-c", "--config", help="YAML file of settings (flags override it)")
-    p.add_argument("--model", help=f"MLX model directory, float or quantized (QLoRA) (default {d.model})")
+    p = cli.new_parser("python -m openelm_mlx.lora", __doc__.splitlines()[0])
+    p.add_argument("--model", help="MLX model directory, float or quantized (QLoRA)")
     p.add_argument("--data", help="a .jsonl file (a validation split is held out) or a directory with "
                                   "train.jsonl / valid.jsonl / test.jsonl")
-    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help=f"(default {d.fine_tune_type})")
-    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="lora, dora or full (the last --num-layers blocks)")
+    p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
-    p.add_argument("--scale", type=float, help=f"LoRA scale, when --alpha is not given (default {d.scale})")
-    p.add_argument("--dropout", type=float, help=f"LoRA dropout (default {d.dropout})")
-    p.add_argument("--keys", nargs="+", help=f"block modules to adapt (default {' '.join(d.keys)})")
-    p.add_argument("--num-layers", type=int, help="adapt the last N blocks; -1 = all (default)")
+    p.add_argument("--scale", type=float, help="LoRA scale, when --alpha is not given")
+    p.add_argument("--dropout", type=float, help="LoRA dropout")
+    p.add_argument("--keys", nargs="+", help="block modules to adapt")
+    p.add_argument("--num-layers", type=int, help="adapt the last N blocks; -1 = all")
     p.add_argument("--iters", type=int, help="total training iterations (a resumed run continues to it)")
     p.add_argument("--epochs", type=float, help="train for this many passes over the data instead of --iters")
-    p.add_argument("--batch-size", type=int, help=f"examples per step (default {d.batch_size})")
-    p.add_argument("--learning-rate", type=float, help=f"peak learning rate (default {d.learning_rate})")
-    p.add_argument("--optimizer", choices=("adam", "adamw"), help=f"(default {d.optimizer})")
-    p.add_argument("--warmup", type=int, help="linear warmup iterations (default 0)")
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), help=f"after warmup (default {d.lr_schedule})")
-    p.add_argument("--min-learning-rate", type=float, help="the cosine schedule's end value (default 0)")
-    p.add_argument("--max-seq-length", type=int, help=f"truncate longer examples (default {d.max_seq_length})")
+    p.add_argument("--batch-size", type=int, help="examples per step")
+    p.add_argument("--learning-rate", type=float, help="peak learning rate")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), help="optimizer")
+    p.add_argument("--warmup", type=int, help="linear warmup iterations")
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), help="after warmup")
+    p.add_argument("--min-learning-rate", type=float, help="the cosine schedule's end value")
+    p.add_argument("--max-seq-length", type=int, help="truncate longer examples")
     mp = p.add_mutually_exclusive_group()
     mp.add_argument("--mask-prompt", dest="mask_prompt", action="store_true",
                     help="loss on completions / assistant turns only (default for those formats)")
     mp.add_argument("--no-mask-prompt", dest="mask_prompt", action="store_false", help="loss on every token")
     p.add_argument("--valid-fraction", type=float,
-                   help=f"validation share held out of a single .jsonl file (default {d.valid_fraction})")
+                   help="validation share held out of a single .jsonl file")
     p.add_argument("--pack", action="store_true",
                    help="random batches packed into rows (attention kept per example) instead of length-sorted")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--steps-per-report", type=int, help=f"(default {d.steps_per_report})")
-    p.add_argument("--steps-per-eval", type=int, help=f"(default {d.steps_per_eval})")
-    p.add_argument("--val-batches", type=int, help=f"-1 = the whole validation set (default {d.val_batches})")
-    p.add_argument("--save-every", type=int, help=f"save the adapter every N iterations (default {d.save_every})")
-    p.add_argument("--adapter-path", help=f"output directory (default {d.adapter_path})")
+    p.add_argument("--steps-per-report", type=int, help="iterations per progress line")
+    p.add_argument("--steps-per-eval", type=int, help="iterations per validation")
+    p.add_argument("--val-batches", type=int, help="-1 = the whole validation set")
+    p.add_argument("--save-every", type=int, help="save the adapter every N iterations")
+    p.add_argument("--adapter-path", help="output directory")
     p.add_argument("--resume-adapter-file", help="continue training from this adapters.safetensors")
     p.add_argument("--force", action="store_true", help="overwrite existing adapters / fused model")
-    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--seed", type=int, help="random seed (data order, adapter init)")
     p.add_argument("--test", action="store_true", help="report test loss and perplexity (needs test.jsonl)")
-    p.add_argument("--test-batches", type=int, help="-1 = the whole test set (default)")
+    p.add_argument("--test-batches", type=int, help="-1 = the whole test set")
     p.add_argument("--fuse", action="store_true", help="write a fused model to --save-path after training")
-    p.add_argument("--save-path", help=f"fused model directory (default {d.save_path})")
+    p.add_argument("--save-path", help="fused model directory")
     p.add_argument("--de-quantize", action="store_true", help="with --fuse: write a float model")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype of the base model (default: float32 on a CPU with an optimized BLAS, "
@@ -268,19 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .adapters import AdapterError
-    from .checkpoint import OutputExistsError
-    from .tuner import DataError, TrainingError
-
-    args = vars(build_parser().parse_args(argv))
-    settings = load_yaml(args.pop("config")) if "config" in args else {}
-    settings.update(args)
-    try:
+    def body():
+        settings = dataclasses.asdict(cli.parse(build_parser(), LoraConfig, argv))
         result = lora(**settings)
-    except (DataError, AdapterError, OutputExistsError, TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 130 if result is not None and result.interrupted else 0
+        return 130 if result is not None and result.interrupted else 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,16 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, shared_file
 from safetensors.torch import save_file
 
 import openelm_mlx.convert as conv
-from openelm_mlx.checkpoint import (OutputExistsError, dequantized_weights, load_model, recipe_bits)
+from openelm_mlx.checkpoint import OutputExistsError, dequantized_weights, load_model, recipe_bits
 from openelm_mlx.config import get_preset, to_dict
 from openelm_mlx.convert import ConvertError, VerifyError, convert, default_dtype
 from openelm_mlx.model import Model
 from openelm_mlx.reference.model import build_model
 from openelm_mlx.weights import WeightsError
-
-from conftest import ROOT, shared_file
 
 torch.set_num_threads(2)
 IDS = np.array([[1, 9038, 2501, 263, 931, 29892, 727, 471, 263, 2217, 7826, 4257]])
