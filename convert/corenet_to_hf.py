@@ -1,6 +1,6 @@
 """CoreNet OpenELM training checkpoint (.pt) -> Hugging Face layout (Apple's OpenELM schema).
 
-    python convert/corenet_to_hf.py --checkpoint checkpoint.pt --config OpenELM-270M --hf-path hf_model \
+    python convert/corenet_to_hf.py --checkpoint checkpoint.pt --model-config OpenELM-270M --hf-path hf_model \
         --tokenizer tokenizer.model
 
 CoreNet names lack the `transformer.` prefix and pad the vocabulary to 32128 rows; the padding is dropped. The
@@ -13,25 +13,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from openelm_mlx.export import HF_DTYPES, corenet_to_hf_dir, run_bridge  # noqa: E402
+from openelm_mlx import cli  # noqa: E402
+from openelm_mlx.export import HF_DTYPES, CorenetToHfSettings, corenet_to_hf_dir, run_bridge  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="CoreNet checkpoint (.pt)")
-    p.add_argument("--config", required=True,
-                   help="the model's config: a preset name (OpenELM-270M, ...) or a config.json")
-    p.add_argument("--hf-path", required=True, help="output directory")
-    p.add_argument("--tokenizer", default=None, help="Llama-2's tokenizer.model (or a directory holding it)")
-    p.add_argument("--dtype", choices=HF_DTYPES, default="float32", help="dtype of the written weights")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --hf-path")
+    p = cli.new_parser("python convert/corenet_to_hf.py", __doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="CoreNet checkpoint (.pt)")
+    p.add_argument("--model-config", help="the model's config: a preset name (OpenELM-270M, ...) or a config.json")
+    p.add_argument("--hf-path", help="output directory")
+    p.add_argument("--tokenizer", help="Llama-2's tokenizer.model (or a directory holding it)")
+    p.add_argument("--dtype", choices=HF_DTYPES, help="dtype of the written weights")
+    p.add_argument("--force", action="store_true",
+                   help="replace --hf-path (only an empty directory or one openelm-mlx wrote)")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_bridge(lambda: corenet_to_hf_dir(args.checkpoint, args.hf_path, config=args.config,
-                                                tokenizer=args.tokenizer, dtype=args.dtype, force=args.force))
+    return run_bridge(build_parser(), CorenetToHfSettings, lambda s: corenet_to_hf_dir(
+        s.checkpoint, s.hf_path, config=s.model_config, tokenizer=s.tokenizer, dtype=s.dtype, force=s.force), argv)
 
 
 if __name__ == "__main__":

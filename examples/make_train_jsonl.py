@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-def parity_rows(numbers):
-    return [{"prompt": f"Is {n} even?", "completion": "yes" if n % 2 == 0 else "no"} for n in numbers]
-
-
-def make_splits(seed: int = 0, n_train: int = 600, n_valid: int = 100, n_test: int = 200):
-    numbers = list(range(10, 10 + n_train + n_valid + n_test))
-    random.Random(seed).shuffle(numbers)
-    train = numbers[:n_train]
-    valid = numbers[n_train:n_train + n_valid]
-    test = numbers[n_train + n_valid:]
-    return {"train": parity_rows(train), "valid": parity_rows(valid), "test": parity_rows(test)}
+from openelm_mlx.demo import parity_splits  # noqa: E402  (the one definition of the task)
 
 
 def write_splits(out_dir: Path, seed: int = 0) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = make_splits(seed)
+    splits = parity_splits(seed)
     for name, rows in splits.items():
         tmp = out_dir / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -47,7 +47,8 @@ def read_adapter_config(path: str | Path) -> dict:
         raise AdapterError(f"{file}: expected a JSON object, got {type(config).__name__}")
 
     def bad(key, want):
-        raise AdapterError(f"{file}: {key} must be {want}, got {config.get(key, params.get(key) if params else None)!r}")
+        got = config.get(key, params.get(key) if params else None)
+        raise AdapterError(f"{file}: {key} must be {want}, got {got!r}")
 
     params = None
     if config.get("fine_tune_type", "lora") not in FINE_TUNE_TYPES:

@@ -56,20 +56,34 @@ def _default(f: dataclasses.Field):
 
 
 def parse(parser: argparse.ArgumentParser, cls: type[T], argv: Optional[Sequence[str]] = None,
-          find_config: Optional[Callable[[str], Path]] = None, base: Optional[dict] = None) -> T:
-    """defaults < `base` (e.g. a run's saved settings) < `-c` YAML < flags, each value type-checked; returns
-    `cls(**values)` (whose `__post_init__` checks ranges with `check`)."""
+          find_config: Optional[Callable[[str], Path]] = None) -> T:
+    """defaults < `-c` YAML < flags, each value type-checked; returns `cls(**values)` (whose `__post_init__`
+    checks ranges with `check`)."""
+    return cls(**parse_values(parser, cls, argv, find_config))
+
+
+def parse_values(parser: argparse.ArgumentParser, cls: type, argv: Optional[Sequence[str]] = None,
+                 find_config: Optional[Callable[[str], Path]] = None) -> dict:
+    """The settings given in the `-c` YAML file and as flags (flags win), type-checked, as {name: value}."""
     document_defaults(parser, cls)
     args = vars(parser.parse_args(argv))
     config = args.pop("config", None)
-    values = dict(base or {})
+    values = {}
     if config:
-        path = find_config(config) if find_config else Path(config)
-        values.update(read_settings_file(path, cls))
+        values.update(read_settings_file(find_config(config) if find_config else Path(config), cls))
     hints = typing.get_type_hints(cls)
     for name, value in args.items():
         values[name] = check_type(value, hints[name], flag_name(name))
-    return cls(**values)
+    return values
+
+
+def check_values(values: dict, cls: type, source: str) -> dict:
+    """Type-check a dict of settings read from elsewhere (e.g. a run's saved settings), naming `source`."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise SettingsError(f"{source}: unknown settings {unknown}")
+    return {k: check_type(v, hints[k], f"{source}: {k}") for k, v in values.items()}
 
 
 def read_settings_file(path: str | Path, cls: type) -> dict:

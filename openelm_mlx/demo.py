@@ -28,11 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import atomic_write_bytes
+from . import cli
+from .errors import OpenELMError
+from .files import atomic_write_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+PACKAGE = Path(__file__).resolve().parent
 SEPARATOR = "<|endoftext|>"
+# What the demo writes into --out: --fresh deletes a directory holding these only.
+DEMO_ENTRIES = {"data", "run", "mlx_fp16", "mlx_q4", "adapters", "task", "train.log", "convert_mlx_fp16.log",
+                "convert_mlx_q4.log", "lora.log", "loss_curves.png"}
+
+
+class DemoError(OpenELMError, RuntimeError):
+    """A demo stage that failed; the message names its log file."""
 
 
 @dataclass(frozen=True)
@@ -93,13 +101,14 @@ def run_cli(module: str, *args, log_path: Path) -> str:
     cmd = [sys.executable, "-m", f"openelm_mlx.{module}", *map(str, args)]
     log("$ " + " ".join(["python", "-m", f"openelm_mlx.{module}", *map(str, args)]))
     lines = []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=log_path.parent) as proc:
         for line in proc.stdout:
             sys.stderr.write(line)
             lines.append(line)
     atomic_write_bytes(log_path, "".join(lines).encode())
     if proc.returncode != 0:
-        raise SystemExit(f"[demo] `{' '.join(cmd[2:])}` failed with exit code {proc.returncode}; see {log_path}")
+        raise DemoError(f"`{' '.join(cmd[2:])}` failed with exit code {proc.returncode}; see {log_path}")
     return "".join(lines)
 
 
@@ -152,8 +161,23 @@ def sample(path: Path, prompt: str, max_tokens: int) -> tuple[str, float]:
     return text, last.generation_tps
 
 
+def parity_rows(numbers) -> list[dict]:
+    return [{"prompt": f"Is {n} even?", "completion": "yes" if n % 2 == 0 else "no"} for n in numbers]
+
+
+def parity_splits(seed: int = 0, n_train: int = 600, n_valid: int = 100, n_test: int = 200) -> dict[str, list]:
+    """The demo's fine-tuning task, made here so an installed package needs no data files: answer whether a
+    number is even. test holds numbers absent from train, so the demo's accuracy is held-out accuracy."""
+    import random
+
+    numbers = list(range(10, 10 + n_train + n_valid + n_test))
+    random.Random(seed).shuffle(numbers)
+    return {"train": parity_rows(numbers[:n_train]), "valid": parity_rows(numbers[n_train:n_train + n_valid]),
+            "test": parity_rows(numbers[n_train + n_valid:])}
+
+
 def task_rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (EXAMPLES / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    return parity_splits()[name]
 
 
 def accuracy(model_path: Path, adapter_path: Optional[Path], rows: list[dict]) -> float:
@@ -173,8 +197,8 @@ def stage_lora(out: Path, base: Path, cfg: DemoConfig) -> Path:
     if not (adapters / "adapters.safetensors").exists():
         data = out / "task"
         data.mkdir(exist_ok=True)
-        for split in ("train", "valid", "test"):
-            shutil.copy(EXAMPLES / f"{split}.jsonl", data / f"{split}.jsonl")
+        for split, rows in parity_splits().items():
+            atomic_write_bytes(data / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
         run_cli("lora", "--model", base, "--data", data, "--iters", cfg.lora_iters,
                 "--batch-size", cfg.lora_batch_size, "--learning-rate", cfg.lora_learning_rate, "--rank", cfg.lora_rank,
                 "--steps-per-eval", max(1, cfg.lora_iters // 3), "--adapter-path", adapters, "--seed", 0,
@@ -231,6 +255,10 @@ def plot_losses(out: Path, train_metrics: list[dict], lora_metrics: list[dict]) 
 def run_demo(*, out: Path, fresh: bool = False, cfg: DemoConfig = DemoConfig()) -> dict:
     start = time.perf_counter()
     if fresh and out.exists():
+        foreign = [e.name for e in out.iterdir() if e.name not in DEMO_ENTRIES]
+        if foreign:
+            raise DemoError(f"--fresh would delete {out}, which holds files the demo did not write "
+                            f"({', '.join(sorted(foreign)[:6])}); choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = stage_corpus(out, cfg)
@@ -277,22 +305,33 @@ def print_summary(out: Path, s: dict, n_test: int) -> None:
     print("\n".join(lines), flush=True)
 
 
+@dataclass
+class DemoSettings:
+    """`python -m openelm_mlx.demo` settings: these defaults < `-c` YAML < flags."""
+
+    out: str = "demo_out"
+    fresh: bool = False
+    quick: bool = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m openelm_mlx.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")
+    p = cli.new_parser("python -m openelm_mlx.demo", __doc__.splitlines()[0])
+    p.add_argument("--out", help="output directory")
     p.add_argument("--fresh", action="store_true", help="start over instead of reusing earlier stages")
     p.add_argument("--quick", action="store_true", help="a few steps of each stage (used by the tests)")
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    out = Path(args.out).resolve()
-    if out == ROOT or ROOT in out.parents and out.parent == ROOT / "openelm_mlx":
-        raise SystemExit(f"--out {out} is inside the source tree; choose another directory")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(out=out, fresh=args.fresh, cfg=QUICK if args.quick else DemoConfig())
-    return 0
+    def body():
+        s = cli.parse(build_parser(), DemoSettings, argv)
+        out = Path(s.out).resolve()
+        if out == PACKAGE or PACKAGE in out.parents:
+            raise DemoError(f"--out {out} is inside the installed package; choose another directory")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        run_demo(out=out, fresh=s.fresh, cfg=QUICK if s.quick else DemoConfig())
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

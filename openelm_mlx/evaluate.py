@@ -25,14 +25,20 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .checkpoint import atomic_write_bytes, load
+from . import cli
+from .checkpoint import load
+from .errors import OpenELMError, OutputExistsError
+from .files import atomic_write_bytes
 from .perplexity import score, windows
-from .settings import add_config_flag, parse_settings
 
 INSTALL_HINT = "lm-evaluation-harness is not installed: pip install 'openelm-mlx[eval]'"
 # The paper's zero-shot suite (lm-eval task names).
 PAPER_TASKS = ("arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "sciq", "winogrande")
 DEFAULT_MAX_GEN_TOKS = 256
+
+class EvaluateError(OpenELMError, ValueError):
+    """lm-evaluation-harness missing, or tasks it cannot run."""
+
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -164,6 +170,14 @@ class EvaluateSettings:
     seed: int = 0
     force: bool = False
 
+    def __post_init__(self):
+        cli.check(bool(self.model), "model", self.model, "required: an MLX model directory")
+        cli.check(bool(self.tasks), "tasks", self.tasks, "required: comma-separated lm-eval task names, or 'paper'")
+        cli.check(self.num_fewshot is None or self.num_fewshot >= 0, "num_fewshot", self.num_fewshot,
+                  "must be 0 or more")
+        cli.check(self.limit is None or self.limit > 0, "limit", self.limit, "must be above 0")
+        cli.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+
 
 def evaluate(*, model: str, tasks: Sequence[str], num_fewshot: Optional[int] = None, limit: Optional[float] = None,
              include_path: Optional[str] = None, batch_size: int = 8, adapter_path: Optional[str] = None,
@@ -188,53 +202,70 @@ def evaluate(*, model: str, tasks: Sequence[str], num_fewshot: Optional[int] = N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate an MLX OpenELM model with lm-evaluation-harness.")
-    p.add_argument("--model", default=None, help="MLX model directory")
-    p.add_argument("--tasks", default=None,
-                   help="comma-separated lm-eval task names; 'paper' is the paper's zero-shot suite "
-                        f"({','.join(PAPER_TASKS)})")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (the paper: 0)")
-    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if below 1)")
-    p.add_argument("--include-path", default=None, help="folder of extra task YAML files")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per forward pass (default 8)")
-    p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapter directory to apply")
-    p.add_argument("--output-path", default=None, help="write the results as JSON to this file")
-    p.add_argument("--seed", type=int, default=None, help="seed for few-shot sampling (default 0)")
-    p.add_argument("--force", action="store_true", default=None, help="overwrite --output-path")
-    add_config_flag(p)
+    p = cli.new_parser("python -m openelm_mlx.evaluate",
+                       "Evaluate an MLX OpenELM model with lm-evaluation-harness.")
+    p.add_argument("--model", help="MLX model directory")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names; 'paper' is the paper's zero-shot suite "
+                                   f"({','.join(PAPER_TASKS)})")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (the paper: 0)")
+    p.add_argument("--limit", type=float, help="examples per task (a fraction if below 1)")
+    p.add_argument("--include-path", help="folder of extra task YAML files")
+    p.add_argument("--batch-size", type=int, help="sequences per forward pass")
+    p.add_argument("--adapter-path", help="LoRA/DoRA adapter directory to apply")
+    p.add_argument("--output-path", help="write the results as JSON to this file")
+    p.add_argument("--seed", type=int, help="seed for few-shot sampling")
+    p.add_argument("--force", action="store_true", help="replace --output-path (a results file this tool wrote)")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = build_parser()
-    s = parse_settings(parser, EvaluateSettings, argv)
-    if not s.model or not s.tasks:
-        parser.error("--model and --tasks are required (as flags or in the --config file)")
-    out = Path(s.output_path) if s.output_path else None
-    if out is not None and out.exists() and not s.force:
-        sys.exit(f"error: {out} already exists; pass --force to overwrite it")
-    limit = int(s.limit) if s.limit is not None and s.limit >= 1 else s.limit
-    start = time.perf_counter()
+def check_output(out: Path, force: bool) -> None:
+    """An existing results file is replaced only with --force, and only if it is one this tool wrote."""
+    if not out.exists():
+        return
+    if not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it")
     try:
-        results = evaluate(model=s.model, tasks=task_list(s.tasks),
-                           num_fewshot=s.num_fewshot, limit=limit, include_path=s.include_path,
-                           batch_size=s.batch_size, adapter_path=s.adapter_path, seed=s.seed)
-    except (ImportError, OSError, ValueError, KeyError) as e:
-        sys.exit(f"error: {e}")
-    from lm_eval.utils import make_table
+        ours = out.is_file() and "results" in json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputExistsError(f"{out} is not a results file written by openelm_mlx.evaluate; --force will not "
+                                "replace it: choose another --output-path")
 
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
-    elapsed = time.perf_counter() - start
-    print(f"{results['tokens_processed']} tokens in {elapsed:.1f} s ({results['tokens_processed'] / elapsed:.1f} "
-          f"tokens/s), peak memory {mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
-    if out is not None:
-        data = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot", "config")
-                if k in results}
-        atomic_write_bytes(out, (json.dumps(data, indent=2, default=str) + "\n").encode())
-        print(f"wrote {out}", file=sys.stderr)
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    def body():
+        s = cli.parse(build_parser(), EvaluateSettings, argv)
+        out = Path(s.output_path) if s.output_path else None
+        if out is not None:
+            check_output(out, s.force)
+        limit = int(s.limit) if s.limit is not None and s.limit >= 1 else s.limit
+        start = time.perf_counter()
+        try:
+            results = evaluate(model=s.model, tasks=task_list(s.tasks), num_fewshot=s.num_fewshot, limit=limit,
+                               include_path=s.include_path, batch_size=s.batch_size,
+                               adapter_path=s.adapter_path, seed=s.seed)
+        except ImportError as e:
+            raise EvaluateError(str(e)) from None
+        except KeyError as e:  # lm-eval: an unknown task, or a row lacking a field its template needs
+            raise EvaluateError(f"lm-eval could not run the tasks {s.tasks!r}: missing {e}") from None
+        from lm_eval.utils import make_table
+
+        print(make_table(results))
+        if results.get("groups"):
+            print(make_table(results, "groups"))
+        elapsed = time.perf_counter() - start
+        print(f"{results['tokens_processed']} tokens in {elapsed:.1f} s "
+              f"({results['tokens_processed'] / elapsed:.1f} tokens/s), peak memory "
+              f"{mx.get_peak_memory() / 1e9:.2f} GB", file=sys.stderr)
+        if out is not None:
+            data = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot", "config")
+                    if k in results}
+            atomic_write_bytes(out, (json.dumps(data, indent=2, default=str) + "\n").encode())
+            print(f"wrote {out}", file=sys.stderr)
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

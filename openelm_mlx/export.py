@@ -11,17 +11,19 @@ torch is imported only to read CoreNet's pickles (`torch.load(weights_only=True)
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import mlx.core as mx
 
+from . import cli
 from .checkpoint import dequantized_weights, load_model, save_weights, write_generation_config, write_tokenizer_files
-from .config import ConfigError, OpenELMConfig, get_preset, load_config, write_config
-from .errors import OpenELMError, OutputExistsError
+from .config import OpenELMConfig, get_preset, load_config, write_config
+from .errors import OpenELMError
 from .files import atomic_dir
-from .tokenizer import TokenizerError, find_tokenizer_file
-from .weights import WeightsError, check_weights, corenet_to_hf, torch_to_mlx
+from .tokenizer import find_tokenizer_file
+from .weights import check_weights, corenet_to_hf, torch_to_mlx
 
 HF_DTYPES = ("float16", "bfloat16", "float32")
 # Apple's repos name their remote-code classes here; transformers needs them (with the .py files) to load.
@@ -33,19 +35,49 @@ class ExportError(OpenELMError, ValueError):
     pass
 
 
-# What a CLI reports as "error: ..." (bad input, not a bug).
-USER_ERRORS = (ExportError, ConfigError, WeightsError, TokenizerError, OutputExistsError)
+@dataclass
+class MlxToHfSettings:
+    """`convert/mlx_to_hf.py` settings: these defaults < `-c` YAML < flags."""
+
+    mlx_path: str = "mlx_model"
+    hf_path: Optional[str] = None
+    dtype: Optional[str] = None
+    tokenizer: Optional[str] = None
+    force: bool = False
+
+    def __post_init__(self):
+        cli.check(bool(self.hf_path), "hf_path", self.hf_path, "required: the output directory")
+        if self.dtype is not None:
+            cli.check_choice("dtype", self.dtype, HF_DTYPES)
 
 
-def run_bridge(write: Callable[[], Path]) -> int:
-    """The convert/ scripts' main: run `write`, report bad input as one `error:` line (exit 1), else the output."""
-    try:
-        out = write()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
+@dataclass
+class CorenetToHfSettings:
+    """`convert/corenet_to_hf.py` settings: these defaults < `-c` YAML < flags."""
+
+    checkpoint: Optional[str] = None
+    model_config: Optional[str] = None
+    hf_path: Optional[str] = None
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    force: bool = False
+
+    def __post_init__(self):
+        cli.check(bool(self.checkpoint), "checkpoint", self.checkpoint, "required: a CoreNet checkpoint (.pt)")
+        cli.check(bool(self.model_config), "model_config", self.model_config,
+                  "required: a preset name (OpenELM-270M, ...) or a config.json")
+        cli.check(bool(self.hf_path), "hf_path", self.hf_path, "required: the output directory")
+        cli.check_choice("dtype", self.dtype, HF_DTYPES)
+
+
+def run_bridge(parser, settings_cls: type, write: Callable, argv=None) -> int:
+    """The convert/ scripts' main: settings through the CLI scaffold, then `write(settings)`; bad input is one
+    `error:` line (exit 1), success prints the output path."""
+    def body():
+        out = write(cli.parse(parser, settings_cls, argv))
+        print(f"wrote {out}", file=sys.stderr)
+
+    return cli.run(body)
 
 
 def write_hf_dir(out: str | Path, cfg: OpenELMConfig, weights: dict[str, mx.array], dtype: str,

@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.nn as nn
+
+from . import cli
 
 
 def fuse_adapters(model: nn.Module, de_quantize: bool = False) -> nn.Module:
@@ -33,9 +36,11 @@ def fuse(*, model: str | Path, adapter_path: str | Path, save_path: str | Path, 
     """Load `model` + adapters, merge them, and save a model directory (atomically) at `save_path`."""
     from .adapters import load_adapters
     from .checkpoint import load_model, save_model
+    from .files import check_replaceable
     from .tokenizer import TOKENIZER_FILE
 
     model_dir = Path(model)
+    check_replaceable(save_path, force)  # before any work
     base, _ = load_model(model_dir)
     quantization = json.loads((model_dir / "config.json").read_text()).get("quantization")
     load_adapters(base, adapter_path)
@@ -48,28 +53,35 @@ def fuse(*, model: str | Path, adapter_path: str | Path, save_path: str | Path, 
     return out
 
 
+@dataclass
+class FuseSettings:
+    """`python -m openelm_mlx.fuse` settings: these defaults < `-c` YAML < flags."""
+
+    model: str = "mlx_model"
+    adapter_path: str = "adapters"
+    save_path: str = "fused_model"
+    de_quantize: bool = False
+    force: bool = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m openelm_mlx.fuse", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mlx_model", help="base MLX model directory (default mlx_model)")
-    p.add_argument("--adapter-path", default="adapters", help="adapter directory (default adapters)")
-    p.add_argument("--save-path", default="fused_model", help="output model directory (default fused_model)")
+    p = cli.new_parser("python -m openelm_mlx.fuse", __doc__.splitlines()[0])
+    p.add_argument("--model", help="base MLX model directory")
+    p.add_argument("--adapter-path", help="adapter directory")
+    p.add_argument("--save-path", help="output model directory")
     p.add_argument("--de-quantize", action="store_true", help="write a float model from a quantized base")
-    p.add_argument("--force", action="store_true", help="overwrite --save-path if it exists")
+    p.add_argument("--force", action="store_true",
+                   help="replace --save-path (only an empty directory or one openelm-mlx wrote)")
     return p
 
 
 def main(argv=None) -> int:
-    from .adapters import AdapterError
-    from .checkpoint import OutputExistsError
+    def body():
+        s = cli.parse(build_parser(), FuseSettings, argv)
+        fuse(model=s.model, adapter_path=s.adapter_path, save_path=s.save_path, de_quantize=s.de_quantize,
+             force=s.force)
 
-    args = build_parser().parse_args(argv)
-    try:
-        fuse(model=args.model, adapter_path=args.adapter_path, save_path=args.save_path,
-             de_quantize=args.de_quantize, force=args.force)
-    except (AdapterError, OutputExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(body)
 
 
 if __name__ == "__main__":

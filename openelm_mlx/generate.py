@@ -11,7 +11,6 @@ transformers and torch, which `import openelm_mlx.generate` must not.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys
@@ -24,7 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from . import checkpoint
+from . import checkpoint, cli
 from .errors import OpenELMError
 from .model import Model
 from .tokenizer import Tokenizer
@@ -34,6 +33,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Only what a converted MLX repo needs; never *.py (no remote code).
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 DEFAULT_PREFILL_STEP = 2048
+KV_KEEP = 4  # positions a bounded (rotating) KV cache always keeps: the attention sink
 
 
 class GenerateError(OpenELMError, ValueError):
@@ -158,7 +158,7 @@ def make_cache(model: Model, max_kv_size: Optional[int] = None) -> list:
         return model.make_cache()
     from mlx_lm.models.cache import RotatingKVCache
 
-    return [RotatingKVCache(max_size=max_kv_size, keep=4) for _ in model.layers]
+    return [RotatingKVCache(max_size=max_kv_size, keep=KV_KEEP) for _ in model.layers]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,26 +316,53 @@ class GenerateConfig:
     dtype: Optional[str] = None  # None: float32 on a CPU with an optimized BLAS, else the checkpoint's
     verbose: bool = False
 
+    def __post_init__(self):
+        check_sampling(self)
+        check = cli.check
+        check(self.max_tokens >= 0, "max_tokens", self.max_tokens, "must be 0 or more")
+        check(self.max_kv_size is None or self.max_kv_size > KV_KEEP, "max_kv_size", self.max_kv_size,
+              f"must be larger than the {KV_KEEP} first positions the rotating cache always keeps")
+        if self.kv_bits is not None:
+            cli.check_choice("kv_bits", self.kv_bits, (2, 3, 4, 6, 8))
+        cli.check_choice("kv_group_size", self.kv_group_size, (32, 64, 128))
+        check(self.quantized_kv_start >= 0, "quantized_kv_start", self.quantized_kv_start, "must be 0 or more")
+        check(self.num_draft_tokens >= 1, "num_draft_tokens", self.num_draft_tokens, "must be at least 1")
+        check(self.prefill_step_size >= 1, "prefill_step_size", self.prefill_step_size, "must be at least 1")
+        if self.dtype is not None:
+            cli.check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        check(self.adapter_path is None or not Path(self.adapter_path).is_file(), "adapter_path", self.adapter_path,
+              "is a file; pass the adapter directory (adapter_config.json, adapters.safetensors)")
+
+
+def check_sampling(s) -> None:
+    """Range checks for the sampling settings every entry point shares (generate, chat, server)."""
+    check = cli.check
+    check(s.temp >= 0, "temp", s.temp, "must be 0 (greedy) or more")
+    check(0 < s.top_p <= 1, "top_p", s.top_p, "must be in (0, 1]")
+    check(s.top_k >= 0, "top_k", s.top_k, "must be 0 (off) or more")
+    check(0 <= s.min_p <= 1, "min_p", s.min_p, "must be in [0, 1]")
+    check(s.repetition_penalty is None or s.repetition_penalty > 0, "repetition_penalty", s.repetition_penalty,
+          "must be above 0 (1 is off)")
+    check(s.repetition_context_size >= 1, "repetition_context_size", s.repetition_context_size, "must be at least 1")
+    check(s.seed is None or 0 <= s.seed < 2**63, "seed", s.seed, "must be a non-negative integer")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    # SUPPRESS: only flags given on the command line appear, so they override the YAML file and no more.
-    p = argparse.ArgumentParser(prog="python -m openelm_mlx.generate", argument_default=argparse.SUPPRESS,
-                                description="Generate text with an OpenELM model converted to MLX.")
-    p.add_argument("-c", "--config", help="YAML file with settings (keys as the long flags, with underscores)")
-    p.add_argument("--model", help="model directory, or an MLX repo id on the Hugging Face hub (default: mlx_model)")
+    p = cli.new_parser("python -m openelm_mlx.generate", "Generate text with an OpenELM model converted to MLX.")
+    p.add_argument("--model", help="model directory, or an MLX repo id on the Hugging Face hub")
     p.add_argument("-p", "--prompt", help="prompt text; '-' reads it from stdin")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: float32 on a CPU with an optimized BLAS, where half-precision "
                         "matmuls are slower; else the checkpoint's)")
-    p.add_argument("-m", "--max-tokens", type=int, help="maximum number of tokens to generate (default: 256)")
-    p.add_argument("--temp", type=float, help="sampling temperature; 0 is greedy (default: 0)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 1.0, off)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: 0, off)")
-    p.add_argument("--min-p", type=float, help="min-p sampling threshold (default: 0, off)")
+    p.add_argument("-m", "--max-tokens", type=int, help="maximum number of tokens to generate")
+    p.add_argument("--temp", type=float, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 is off")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 is off")
+    p.add_argument("--min-p", type=float, help="min-p sampling threshold; 0 is off")
     p.add_argument("--repetition-penalty", type=float,
                    help="penalise tokens seen in the last --repetition-context-size tokens; Apple's OpenELM "
                         "examples use 1.2 (default: off)")
-    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty looks back on (default: 20)")
+    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty looks back on")
     p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap the prompt in the OpenELM-Instruct chat template (default: on for Instruct models)")
@@ -343,26 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-path", help="directory with LoRA adapters (adapter_config.json, adapters.safetensors)")
     p.add_argument("--max-kv-size", type=int, help="bound the KV cache (rotating; keeps the first 4 tokens)")
     p.add_argument("--kv-bits", type=int, choices=[2, 3, 4, 6, 8], help="quantize the KV cache to this many bits")
-    p.add_argument("--kv-group-size", type=int, help="group size for KV-cache quantization (default: 64)")
-    p.add_argument("--quantized-kv-start", type=int, help="quantize the KV cache from this position (default: 0)")
+    p.add_argument("--kv-group-size", type=int, help="group size for KV-cache quantization")
+    p.add_argument("--quantized-kv-start", type=int, help="quantize the KV cache from this position")
     p.add_argument("--draft-model", help="smaller model (same tokenizer) for speculative decoding")
-    p.add_argument("--num-draft-tokens", type=int, help="tokens the draft model proposes per step (default: 3)")
-    p.add_argument("--prefill-step-size", type=int, help="prompt tokens processed per step (default: 2048)")
+    p.add_argument("--num-draft-tokens", type=int, help="tokens the draft model proposes per step")
+    p.add_argument("--prefill-step-size", type=int, help="prompt tokens processed per step")
     p.add_argument("--verbose", action="store_true", help="print prompt/generation speed and peak memory to stderr")
     return p
-
-
-def settings_from_args(args: argparse.Namespace) -> GenerateConfig:
-    values = {}
-    if getattr(args, "config", None):
-        from .settings import SettingsError, read_settings_file
-
-        try:
-            values = read_settings_file(args.config, {f.name for f in dataclasses.fields(GenerateConfig)})
-        except SettingsError as e:
-            raise GenerateError(str(e)) from None
-    values.update({k: v for k, v in vars(args).items() if k != "config"})
-    return GenerateConfig(**values)
 
 
 def run(*, settings: GenerateConfig, stdin=None, out=None) -> GenerationResponse:
@@ -373,7 +387,7 @@ def run(*, settings: GenerateConfig, stdin=None, out=None) -> GenerationResponse
     if prompt is None:
         raise GenerateError("no prompt; pass -p/--prompt TEXT (or -p - to read it from stdin)")
     if prompt == "-":
-        prompt = (stdin or sys.stdin).read()
+        prompt = read_stdin(stdin)
     if s.seed is not None:
         mx.random.seed(s.seed)
     model, tokenizer = load(s.model, adapter_path=s.adapter_path, dtype=s.dtype)
@@ -395,17 +409,27 @@ def run(*, settings: GenerateConfig, stdin=None, out=None) -> GenerationResponse
     return last
 
 
+def read_stdin(stdin=None) -> str:
+    """The prompt from standard input, which must be UTF-8 text."""
+    stream = stdin or sys.stdin
+    data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+    if isinstance(data, str):
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"standard input is not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda msg, *a, **k: print(f"[WARNING] {msg}", file=sys.stderr)
-        try:
-            run(settings=settings_from_args(args))
-        except (ValueError, OSError) as e:  # our errors (GenerateError, ConfigError, AdapterError, ...) name the cause
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    return 0
+    def body():
+        settings = cli.parse(build_parser(), GenerateConfig, argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: print(f"[WARNING] {msg}", file=sys.stderr)
+            run(settings=settings)
+
+    return cli.run(body)
 
 
 class _CallableModule(types.ModuleType):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from dataclasses import dataclass
 
-from . import blas
+from . import blas, cli
 
 
 @dataclass
@@ -16,6 +17,11 @@ class InfoArgs:
     size: int = 1024
     dtypes: str = "float32,bfloat16"
     benchmark: bool = True
+
+    def __post_init__(self):
+        cli.check(1 <= self.size <= 16384, "size", self.size, "must be between 1 and 16384")
+        for dtype in self.dtypes.split(","):
+            cli.check_choice("dtypes", dtype, ("float32", "float16", "bfloat16"))
 
 
 def matmul_gflops(*, size: int, dtype: str, repeats: int = 3) -> float:
@@ -72,18 +78,21 @@ def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m openelm_mlx.info", description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=InfoArgs.size, help="matmul size for the GFLOP/s figure")
-    parser.add_argument("--dtypes", default=InfoArgs.dtypes, help="comma-separated dtypes to time")
-    parser.add_argument("--no-benchmark", dest="benchmark", action="store_false", help="skip the matmul timing")
-    return parser
+    p = cli.new_parser("python -m openelm_mlx.info", __doc__.split("\n")[0])
+    p.add_argument("--size", type=int, help="matmul size for the GFLOP/s figure")
+    p.add_argument("--dtypes", help="comma-separated dtypes to time")
+    p.add_argument("--no-benchmark", dest="benchmark", action="store_false", help="skip the matmul timing")
+    return p
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    for line in report(size=args.size, dtypes=args.dtypes, benchmark=args.benchmark):
-        print(line)
+def main(argv=None) -> int:
+    def body():
+        s = cli.parse(build_parser(), InfoArgs, argv)
+        for line in report(size=s.size, dtypes=s.dtypes, benchmark=s.benchmark):
+            print(line)
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

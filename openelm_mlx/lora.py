@@ -114,7 +114,8 @@ def lora(**settings):
     model, _ = load_model(cfg.model)
     cast = set_compute_dtype(model, cfg.dtype, "lora")
     if cast:
-        log(f"Base model computes in {cast}" + ("" if cfg.dtype else " (fastest on this CPU backend; --dtype to override)"))
+        log(f"Base model computes in {cast}"
+            + ("" if cfg.dtype else " (fastest on this CPU backend; --dtype to override)"))
     tokenizer = Tokenizer(cfg.model)
     train_set, valid_set, test_set = tuner.load_datasets(
         cfg.data, tokenizer, mask_prompt=cfg.mask_prompt, max_seq_length=cfg.max_seq_length,
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="MLX model directory, float or quantized (QLoRA)")
     p.add_argument("--data", help="a .jsonl file (a validation split is held out) or a directory with "
                                   "train.jsonl / valid.jsonl / test.jsonl")
-    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="lora, dora or full (the last --num-layers blocks)")
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES,
+                   help="lora, dora or full (the last --num-layers blocks)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha; scale = alpha / rank")
     p.add_argument("--scale", type=float, help="LoRA scale, when --alpha is not given")

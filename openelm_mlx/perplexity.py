@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
+from . import cli
 from .data import DataError, jsonl_text_rows
-from .settings import add_config_flag, parse_settings
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Documents of a JSONL file are joined by a blank line before the text is tokenized as a whole.
@@ -143,6 +143,14 @@ class PerplexitySettings:
     limit_tokens: Optional[int] = None
     compare: list = field(default_factory=list)
 
+    def __post_init__(self):
+        cli.check(bool(self.model), "model", self.model, "required: an MLX model directory")
+        cli.check(bool(self.data), "data", self.data, "required: a text or JSONL file")
+        cli.check(self.sequence_length >= 2, "sequence_length", self.sequence_length, "must be at least 2")
+        cli.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        cli.check(self.limit_tokens is None or self.limit_tokens >= 2, "limit_tokens", self.limit_tokens,
+                  "must be at least 2")
+
 
 def evaluate_perplexity(*, model: str, data: str, sequence_length: int = 512, batch_size: int = 8,
                         adapter_path: Optional[str] = None, limit_tokens: Optional[int] = None,
@@ -170,36 +178,31 @@ def evaluate_perplexity(*, model: str, data: str, sequence_length: int = 512, ba
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Perplexity of an MLX OpenELM model on a text or JSONL file.")
-    p.add_argument("--model", default=None, help="MLX model directory")
-    p.add_argument("--data", default=None, help='text file, or JSONL with a "text" field per line')
-    p.add_argument("--sequence-length", type=int, default=None, help="tokens per window (default 512)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default 8)")
-    p.add_argument("--adapter-path", default=None, help="LoRA/DoRA adapter directory to apply")
-    p.add_argument("--limit-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+    p = cli.new_parser("python -m openelm_mlx.perplexity",
+                       "Perplexity of an MLX OpenELM model on a text or JSONL file.")
+    p.add_argument("--model", help="MLX model directory")
+    p.add_argument("--data", help='text file, or JSONL with a "text" field per line')
+    p.add_argument("--sequence-length", type=int, help="tokens per window")
+    p.add_argument("--batch-size", type=int, help="windows per forward pass")
+    p.add_argument("--adapter-path", help="LoRA/DoRA adapter directory to apply")
+    p.add_argument("--limit-tokens", type=int, help="score only the first N tokens of the text")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="other model directories (e.g. quantized ones) scored on the same tokens; prints a table")
-    add_config_flag(p)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = build_parser()
-    s = parse_settings(parser, PerplexitySettings, argv)
-    if not s.model or not s.data:
-        parser.error("--model and --data are required (as flags or in the --config file)")
-    if s.sequence_length < 1 or s.batch_size < 1:
-        parser.error("--sequence-length and --batch-size must be positive")
-    try:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    def body():
+        s = cli.parse(build_parser(), PerplexitySettings, argv)
         rows = evaluate_perplexity(model=s.model, data=s.data, sequence_length=s.sequence_length,
                                    batch_size=s.batch_size, adapter_path=s.adapter_path,
                                    limit_tokens=s.limit_tokens, compare=s.compare)
-    except (DataError, OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    print(f"Perplexity: {rows[0]['perplexity']:.3f}")
-    if len(rows) > 1:
-        print(format_table(rows))
+        print(f"Perplexity: {rows[0]['perplexity']:.3f}")
+        if len(rows) > 1:
+            print(format_table(rows))
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import random
-import re
 import resource
 import shutil
 import signal
@@ -33,8 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import cli, recipes
 from . import data as data_lib
-from . import recipes
 from .config import OpenELMConfig, get_preset, load_config, num_parameters, uniform_variant, write_config
 from .errors import NonFiniteError, OpenELMError, nonfinite_message
 from .files import atomic_dir, atomic_write_bytes
@@ -111,39 +110,49 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fsdp: bool = False
 
-
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _coerce(name: str, value, source: str):
-    """Check a YAML or saved value against the field's type; lists become tuples for the multiplier pairs."""
-    if value is None:
-        return None
-    kind = str(_FIELDS[name].type)
-    want = {"int": int, "float": (int, float), "bool": bool, "str": str, "list": list, "tuple": (list, tuple)}
-    base = next((t for t in want if re.search(rf"\b{t}\b", kind)), None)
-    ok = want[base] if base else object
-    if isinstance(value, bool) and base in ("int", "float"):
-        ok = ()
-    if not isinstance(value, ok):
-        raise TrainingError(f"{source}: {name} must be {base}, got {value!r}")
-    if base == "tuple":
-        if len(value) != 2:
-            raise TrainingError(f"{source}: {name} must be a [first, last] pair, got {value!r}")
-        return tuple(float(v) for v in value)
-    if base == "float":
-        return float(value)
-    if base == "list":
-        return [str(v) for v in value]
-    return value
+    def __post_init__(self):
+        check = cli.check
+        self.data = list(self.data)
+        check(all(isinstance(d, str) and d for d in self.data), "data", self.data, "must list files or hf: specs")
+        for name in ("model_dim", "num_transformer_layers", "head_dim", "num_gqa_groups", "ffn_dim_divisor",
+                     "vocab_size", "global_batch"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, name, value, "must be at least 1")
+        for name in ("qkv_multipliers", "ffn_multipliers"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value)
+                check(len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                              for v in value), name, value, "must be two positive numbers FIRST LAST")
+                setattr(self, name, tuple(float(v) for v in value))
+        for name in ("seq_len", "iters", "batch_size", "grad_accum", "log_every", "eval_every", "val_batches",
+                     "save_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+        check(self.seq_len >= 2, "seq_len", self.seq_len, "must be at least 2")
+        check(self.lr > 0, "lr", self.lr, "must be above 0")
+        check(self.min_lr is None or 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "must be in [0, --lr]")
+        check(self.warmup >= 0, "warmup", self.warmup, "must be 0 or more")
+        check(self.lr_decay_iters is None or self.lr_decay_iters >= 1, "lr_decay_iters", self.lr_decay_iters,
+              "must be at least 1")
+        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be 0 or more")
+        check(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be above 0")
+        check(self.z_loss >= 0, "z_loss", self.z_loss, "must be 0 or more")
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
+        check(self.adam_eps > 0, "adam_eps", self.adam_eps, "must be above 0")
+        check(0 <= self.warmup_init_lr <= self.lr, "warmup_init_lr", self.warmup_init_lr, "must be in [0, --lr]")
+        check(self.seed >= 0, "seed", self.seed, "must be 0 or more")
+        cli.check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        check(bool(self.doc_separator), "doc_separator", self.doc_separator, "must not be empty")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m openelm_mlx.train", description=__doc__.split("\n")[0],
-                                argument_default=argparse.SUPPRESS)
+    p = cli.new_parser("python -m openelm_mlx.train", __doc__.split("\n")[0])
+    p._option_string_actions["--config"].help = ("YAML file of settings (keys are the flag names with '_'), or a "
+                                                 "packaged recipe name (openelm-270m, openelm-270m-smoke, ...); "
+                                                 "flags override it")
     add = p.add_argument
-    add("-c", "--config", help="YAML file of settings (keys are the flag names with '_'), or a packaged recipe "
-        "name (openelm-270m, openelm-270m-smoke, ...); flags override it")
     add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows), directories of them, or Hugging Face "
         "datasets: hf:ID[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV] (hub id or local dir)")
     add("--out", help="run directory (checkpoints, metrics.jsonl, token cache, the final export in RUN_DIR/hf)")
@@ -196,36 +205,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute layers in backward")
     g.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (large presets)")
-    defaults = TrainConfig()
-    for action in p._actions:  # the defaults live in TrainConfig only; show them in --help from there
-        value = getattr(defaults, action.dest, None)
-        if action.help and value not in (None, False, []):
-            action.help += f" (default {value})"
     return p
-
-
-def _read_yaml(path: Path) -> dict:
-    from .settings import SettingsError, read_settings_file
-
-    try:
-        values = read_settings_file(path, set(_FIELDS))
-    except SettingsError as e:
-        raise TrainingError(str(e)) from None
-    return {name: _coerce(name, value, str(path)) for name, value in values.items()}
 
 
 def resolve_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """defaults < (the run's saved settings, with --resume) < YAML < flags."""
-    flags = vars(build_parser().parse_args(argv))
-    config_path = flags.pop("config", None)
-    values = _read_yaml(recipes.find(config_path)) if config_path else {}  # a file or a packaged recipe
-    values.update({k: tuple(v) if isinstance(v, list) and k.endswith("multipliers") else v
-                   for k, v in flags.items()})
+    values = cli.parse_values(build_parser(), TrainConfig, argv, find_config=recipes.find)
     if values.get("resume") and values.get("out"):
         saved_path = Path(values["out"]) / "train_config.json"
         if saved_path.exists():
-            saved = {k: _coerce(k, v, str(saved_path)) for k, v in json.loads(saved_path.read_text()).items()}
-            values = {**saved, **values}
+            try:
+                saved = json.loads(saved_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise TrainingError(f"{saved_path}: corrupt ({e}); pass the settings again or start a new --out")
+            if not isinstance(saved, dict):
+                raise TrainingError(f"{saved_path}: expected a JSON object of settings")
+            values = {**cli.check_values(saved, TrainConfig, str(saved_path)), **values}
     return TrainConfig(**values)
 
 
@@ -353,10 +348,32 @@ def load_hf_weights(path: str | Path, cfg: Optional[OpenELMConfig] = None) -> tu
 
     path = Path(path)
     cfg = cfg or load_config(path)
-    weights = load_file(str(path / "model.safetensors"))
+    try:
+        weights = load_file(str(path / "model.safetensors"))
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: no model.safetensors; not a complete checkpoint or export") from None
+    except Exception as e:  # safetensors raises its own error type for truncated or junk files
+        raise TrainingError(f"{path / 'model.safetensors'}: unreadable ({e}); it is truncated or corrupt") from None
     check_weights(weights, cfg, source=str(path))
     check_finite_torch(weights, str(path), action="refusing to load it")
     return weights, cfg
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.pt (tensors and plain types only: weights_only=True), checked for the keys
+    a resume needs; a truncated or junk file is a TrainingError naming it."""
+    path = ckpt / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"{ckpt}: no trainer_state.pt; not a checkpoint directory") from None
+    except Exception as e:  # pickle/zip errors of a truncated file, or a refused (non-weights) object
+        raise TrainingError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                            "resume from an earlier checkpoint with --resume PATH") from None
+    need = ("config", "global_batch", "optimizer", "scheduler", "rng", "step", "position")
+    if not isinstance(state, dict) or any(k not in state for k in need):
+        raise TrainingError(f"{path}: not a trainer state (expected the keys {', '.join(need)})")
+    return state
 
 
 def check_finite_torch(weights: dict, source: str, action: str = "nothing was written") -> None:
@@ -631,7 +648,7 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
 
     step, position = 0, 0
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+        state = read_trainer_state(ckpt)
         _check_resumable(json.loads(state["config"]), tc, ckpt)
         saved_global = state["global_batch"]
         weights, _ = load_hf_weights(ckpt, cfg)
@@ -860,15 +877,11 @@ def _plot(run_dir: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        tc = resolve_config(argv)
-        result = train(tc)
-    except (TrainingError, data_lib.DataError, ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.interrupted:
-        return 130
-    return 0
+    def body():
+        result = train(resolve_config(argv))
+        return 130 if result.interrupted else 0
+
+    return cli.run(body)
 
 
 if __name__ == "__main__":

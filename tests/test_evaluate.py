@@ -108,9 +108,9 @@ def test_cli_writes_results_json(model_dir, task_dir, tmp_path, capsys):
     assert "tiny_mc" in printed and "acc" in printed
     data = json.loads(out.read_text())
     assert 0.0 <= data["results"]["tiny_mc"]["acc,none"] <= 1.0
-    with pytest.raises(SystemExit, match="already exists"):
-        main(["--model", str(model_dir), "--tasks", "tiny_mc", "--include-path", str(task_dir),
-              "--output-path", str(out)])
+    assert main(["--model", str(model_dir), "--tasks", "tiny_mc", "--include-path", str(task_dir),
+                 "--output-path", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err
 
 
 @requires_lm_eval
@@ -165,7 +165,7 @@ def test_paper_alias_expands_to_the_seven_zero_shot_tasks():
 
 def test_cli_without_the_harness_says_how_to_install(tmp_path):
     code = ("import sys; sys.modules['lm_eval'] = None; from openelm_mlx.evaluate import main; "
-            f"main(['--model', {str(tmp_path)!r}, '--tasks', 'arc_easy'])")
+            f"sys.exit(main(['--model', {str(tmp_path)!r}, '--tasks', 'arc_easy']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "pip install 'openelm-mlx[eval]'" in proc.stderr

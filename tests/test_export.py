@@ -92,7 +92,7 @@ def test_corenet_checkpoint_to_hf(tmp_path, ref):
     emb = corenet["token_embeddings.weight"]
     corenet["token_embeddings.weight"] = torch.cat([emb, torch.randn(128, emb.shape[1])])  # vocab padded to 32128
     torch.save({"model_state_dict": corenet, "epoch": 3}, tmp_path / "checkpoint.pt")
-    rc = script("corenet_to_hf").main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--config", "OpenELM-tiny",
+    rc = script("corenet_to_hf").main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--model-config", "OpenELM-tiny",
                                        "--hf-path", str(tmp_path / "hf"),
                                        "--tokenizer", str(shared_file("llama2-tokenizer.model"))])
     assert rc == 0
@@ -115,7 +115,7 @@ def test_corenet_unknown_tensor_is_named(tmp_path, ref):
 
 @pytest.mark.parametrize("name, argv", [
     ("mlx_to_hf", ["--mlx-path", "{tmp}/no-such-model", "--hf-path", "{tmp}/hf"]),
-    ("corenet_to_hf", ["--checkpoint", "{tmp}/no-such.pt", "--config", "OpenELM-tiny", "--hf-path", "{tmp}/hf"]),
+    ("corenet_to_hf", ["--checkpoint", "{tmp}/no-such.pt", "--model-config", "OpenELM-tiny", "--hf-path", "{tmp}/hf"]),
 ])
 def test_bridge_scripts_report_bad_input_as_one_error_line(tmp_path, capsys, name, argv):
     rc = script(name).main([a.format(tmp=tmp_path) for a in argv])

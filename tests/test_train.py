@@ -17,6 +17,7 @@ import torch
 from conftest import ROOT, shared_file
 from openelm_mlx import train as train_mod
 from openelm_mlx.config import get_preset, load_config, uniform_variant
+from openelm_mlx.errors import OpenELMError
 from openelm_mlx.train import (TrainConfig, TrainingError, build_parser, load_reference, lr_at, make_optimizer,
                                resolve_config, train)
 from openelm_mlx.weights import check_weights
@@ -53,10 +54,10 @@ def test_settings_precedence_and_unknown_yaml_key(tmp_path):
     assert (tc.iters, tc.lr, tc.grad_accum, tc.batch_size) == (50, 0.002, 4, TrainConfig.batch_size)
     assert tc.qkv_multipliers == (0.5, 1.0) and tc.data == ["a.txt"]
     run_yaml.write_text("iters: 5\nlearning_rate: 0.1\n")
-    with pytest.raises(TrainingError, match=r"run\.yaml: unknown setting 'learning_rate'"):
+    with pytest.raises(OpenELMError, match=r"run\.yaml: unknown setting 'learning_rate'"):
         resolve_config(["-c", str(run_yaml)])
     run_yaml.write_text("iters: five\n")
-    with pytest.raises(TrainingError, match=r"run\.yaml: iters must be int"):
+    with pytest.raises(OpenELMError, match=r"run\.yaml: iters: expected a whole number, got 'five'"):
         resolve_config(["-c", str(run_yaml)])
 
 
@@ -162,7 +163,21 @@ def test_export_reloads_with_identical_logits(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_keeping_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_keeping_last_good_checkpoint(tmp_path, monkeypatch):
+    small_run(tmp_path, iters=2)
+    real = train_mod.forward_backward
+
+    def poisoned(*args, **kwargs):
+        ce, z = real(*args, **kwargs)
+        return ce * float("nan"), z
+
+    monkeypatch.setattr(train_mod, "forward_backward", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 3 .* last good checkpoint is .*step-0000002"):
+        small_run(tmp_path, iters=4, resume="latest")
+    assert [p.name for p in train_mod.list_checkpoints(tmp_path / "run")] == ["step-0000002"]
+
+
+def test_a_non_finite_checkpoint_is_refused_on_resume(tmp_path):
     from safetensors.torch import load_file, save_file
 
     small_run(tmp_path, iters=2)
@@ -170,9 +185,8 @@ def test_non_finite_loss_stops_keeping_last_good_checkpoint(tmp_path):
     weights = load_file(str(ckpt / "model.safetensors"))
     weights["transformer.norm.weight"][:] = float("inf")
     save_file(weights, str(ckpt / "model.safetensors"))
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 3 .* last good checkpoint is .*step-0000002"):
+    with pytest.raises(OpenELMError, match=r"step-0000002: .*transformer.norm.weight \(64 of 64\); refusing to load"):
         small_run(tmp_path, iters=4, resume="latest")
-    assert [p.name for p in train_mod.list_checkpoints(tmp_path / "run")] == ["step-0000002"]
 
 
 def test_bad_data_fails_before_training(tmp_path):
