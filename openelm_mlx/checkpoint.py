@@ -20,7 +20,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import OpenELMConfig, load_config, num_parameters, write_config
+from .config import OpenELMConfig, load_config, num_parameters, read_json, write_config
 from .errors import NonFiniteError, OutputExistsError, nonfinite_message  # noqa: F401 (re-exported)
 from .files import atomic_dir, atomic_write_bytes  # noqa: F401 (re-exported)
 from .model import Model
@@ -29,47 +29,75 @@ from .weights import WeightsError, check_weights
 QUANT_SUFFIXES = (".scales", ".biases")
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's shard size
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def weight_files(path: Path) -> list[str]:
-    """The safetensors files of a model directory: those its index names, else `model*.safetensors`."""
+    """The safetensors files of a model directory: those its index names, else `model*.safetensors`. An index
+    naming a file outside the directory is refused."""
     path = Path(path)
     index = path / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a safetensors index (expected a 'weight_map' object): {e}") from None
+        data = read_json(index, WeightsError)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+            raise WeightsError(f"{index}: not a safetensors index (expected a 'weight_map' object of tensor name "
+                               "-> file name)")
         files = sorted(set(weight_map.values()))
+        root = path.resolve()
+        outside = [f for f in files if (root / f).resolve().parent != root]
+        if outside:
+            raise WeightsError(f"{index} names files outside {path}: {', '.join(outside[:4])}; refusing to read them")
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise WeightsError(f"{index} names shards that are not there: {', '.join(missing)}")
         return [str(path / f) for f in files]
-    files = sorted(glob.glob(str(path / "model*.safetensors")))
+    files = sorted(glob.glob(glob.escape(str(path)) + "/model*.safetensors"))
     if not files:
         raise WeightsError(f"{path}: no model*.safetensors files")
     return files
 
 
-def check_safetensors_file(path: str | Path) -> dict:
-    """Parse a safetensors header and check the file holds all the bytes it describes; returns the header.
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL",
+                      "F8_E4M3", "F8_E5M2"}
 
-    mlx reads tensor data lazily, so without this a truncated download fails late and without the file name.
-    """
+
+def check_safetensors_file(path: str | Path) -> dict:
+    """Parse a safetensors header and check its structure and that the file holds all the bytes it describes;
+    returns the header. mlx reads tensor data lazily, so without this a truncated download fails late and
+    without the file name."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 0 or n > size - 8:
-            raise WeightsError(f"{path}: truncated or not a safetensors file ({size} bytes, no complete header); "
-                               "download or export it again")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8 or n > 100 << 20:
+                raise WeightsError(f"{path}: truncated or not a safetensors file ({size} bytes, no complete "
+                                   "header); download or export it again")
+            raw = f.read(n)
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, not a safetensors file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+              and isinstance(entry.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in entry["data_offsets"])
+              and entry["data_offsets"][0] <= entry["data_offsets"][1])
+        if not ok:
+            raise WeightsError(f"{path}: corrupt safetensors header: tensor {name!r} needs a dtype, a shape and "
+                               "two data offsets")
+        end = max(end, entry["data_offsets"][1])
     if 8 + n + end > size:
         raise WeightsError(f"{path}: truncated: its header describes {end} bytes of tensor data but the file holds "
                            f"{size - 8 - n}; download or export it again")
@@ -85,6 +113,27 @@ def load_safetensors(files: list[str]) -> dict[str, mx.array]:
         except Exception as e:  # mlx raises RuntimeError/ValueError with little context
             raise WeightsError(f"{f}: cannot read safetensors file ({e}); is it truncated or corrupt?") from None
     return weights
+
+
+def read_quantization(path: Path) -> Optional[dict]:
+    """The `quantization` entry of a model directory's config.json (mlx-lm's format), checked; the one reader."""
+    config = Path(path) / "config.json"
+    data = read_json(config, WeightsError)
+    q = data.get("quantization") if isinstance(data, dict) else None
+    if q is None:
+        return None
+
+    def valid(entry):
+        return (isinstance(entry, dict) and entry.get("bits") in (2, 3, 4, 5, 6, 8)
+                and entry.get("group_size") in (32, 64, 128) and entry.get("mode", "affine") == "affine")
+
+    if not valid(q):
+        raise WeightsError(f"{config}: quantization must give bits (2-8), group_size (32, 64 or 128) and the "
+                           f"affine mode, got {q!r}")
+    bad = [k for k, v in q.items() if k not in ("bits", "group_size", "mode") and not (v is False or valid(v))]
+    if bad:
+        raise WeightsError(f"{config}: quantization overrides for {bad[:3]} must be objects with bits and group_size")
+    return q
 
 
 def quantize_like(model: nn.Module, quantization: dict, weights: Optional[dict] = None) -> None:
@@ -129,8 +178,7 @@ def load_model(path: str | Path, lazy: bool = False) -> tuple[Model, OpenELMConf
 
     path = Path(path)
     cfg = load_config(path)
-    with open(path / "config.json") as f:
-        quantization = json.load(f).get("quantization")
+    quantization = read_quantization(path)
     weights = load_safetensors(weight_files(path))
     check_weights(unpacked_shapes(weights, quantization), cfg, source=str(path))
     model = Model(cfg)

@@ -54,12 +54,26 @@ class OpenELMConfig:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
                 value = tuple(value)
-            if isinstance(value, tuple) and len(value) != 2:
-                raise ConfigError(f"{name} must be a number or a (first, last) pair, got {value!r}")
-        if self.num_transformer_layers < 1 or self.model_dim < 1 or self.head_dim < 1:
-            raise ConfigError("num_transformer_layers, model_dim and head_dim must be positive")
+            pair = value if isinstance(value, tuple) else (value,)
+            if (isinstance(value, tuple) and len(value) != 2) or not all(_is_number(v) and 0 < v <= 64 for v in pair):
+                raise ConfigError(f"{name} must be a positive number or a (first, last) pair of them (at most 64), "
+                                  f"got {value!r}")
+        for name, (lo, hi) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ConfigError(f"{name} must be a whole number from {lo} to {hi:,}, got {value!r}")
+        for name in ("rope_freq_constant", "initializer_range"):
+            value = getattr(self, name)
+            if not _is_number(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ConfigError(f"{name} {getattr(self, name)} is not below vocab_size {self.vocab_size}")
+        if num_parameters(self) > MAX_PARAMETERS:
+            raise ConfigError(f"this config describes {num_parameters(self):,} parameters, more than "
+                              f"{MAX_PARAMETERS:,}; check num_transformer_layers, model_dim and the multipliers")
         unsupported = {
             "ffn_with_glu": True,
             "normalize_qk_projections": True,
@@ -74,6 +88,20 @@ class OpenELMConfig:
 
     def replace(self, **changes) -> "OpenELMConfig":
         return dataclasses.replace(self, **changes)
+
+
+# Bounds checked before anything is allocated: far above every released size, far below a runaway allocation.
+_INT_RANGES = {
+    "num_transformer_layers": (1, 1024), "model_dim": (1, 65536), "head_dim": (2, 1024),
+    "num_gqa_groups": (1, 1024), "ffn_dim_divisor": (1, 65536), "vocab_size": (2, 1 << 22),
+    "max_context_length": (1, 1 << 22), "rope_max_length": (1, 1 << 22), "bos_token_id": (0, 1 << 22),
+    "eos_token_id": (0, 1 << 22),
+}
+MAX_PARAMETERS = 10**12
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 class LayerPlan(NamedTuple):
@@ -237,10 +265,10 @@ def to_dict(cfg: OpenELMConfig) -> dict:
 
 
 def _infer_multiplier(name: str, value, num_layers: int, source: str) -> Multiplier:
-    if isinstance(value, (int, float)):
+    if _is_number(value):
         return float(value)
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"{source}: {name} must be a number or a list, got {value!r}")
+    if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
+        raise ConfigError(f"{source}: {name} must be a number or a list of numbers, got {value!r}")
     if len(value) == 2:
         return (float(value[0]), float(value[1]))
     if len(value) != num_layers:
@@ -258,6 +286,8 @@ def _infer_multiplier(name: str, value, num_layers: int, source: str) -> Multipl
 
 def from_dict(data: dict, source: str = "config") -> OpenELMConfig:
     """Build a config from Apple's schema, recomputing the per-layer lists and failing on any mismatch."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object of settings, got {type(data).__name__}")
     if data.get("model_type", "openelm") != "openelm":
         raise ConfigError(f"{source}: model_type is {data.get('model_type')!r}, expected 'openelm'")
     unknown = sorted(set(data) - _FIELDS - _HF_ONLY_KEYS)
@@ -267,13 +297,19 @@ def from_dict(data: dict, source: str = "config") -> OpenELMConfig:
     if missing:
         raise ConfigError(f"{source}: missing required keys {missing}")
     kwargs = {k: v for k, v in data.items() if k in _FIELDS}
-    n = int(kwargs["num_transformer_layers"])
+    n = kwargs["num_transformer_layers"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _INT_RANGES["num_transformer_layers"][1]:
+        raise ConfigError(f"{source}: num_transformer_layers must be a whole number from 1 to "
+                          f"{_INT_RANGES['num_transformer_layers'][1]}, got {n!r}")
     for name in ("qkv_multipliers", "ffn_multipliers"):
         if name in kwargs:
             kwargs[name] = _infer_multiplier(name, kwargs[name], n, source)
+    for name in ("ffn_with_glu", "normalize_qk_projections", "share_input_output_layers"):
+        if name in kwargs and not isinstance(kwargs[name], bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {kwargs[name]!r}")
     try:
         cfg = OpenELMConfig(**kwargs)
-    except TypeError as e:
+    except (TypeError, ConfigError) as e:
         raise ConfigError(f"{source}: {e}") from None
     plans = layer_plan(cfg)
     for key, attr in (("num_query_heads", "num_query_heads"), ("num_kv_heads", "num_kv_heads")):
@@ -294,13 +330,32 @@ def load_config(path: str | Path) -> OpenELMConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
+    return from_dict(read_json(path, ConfigError, what="a model directory must hold config.json"), source=str(path))
+
+
+def read_json(path: Path, error: type[Exception], what: str = "") -> object:
+    """A JSON file's value; a missing, unreadable, non-UTF-8 or invalid file (NaN and Infinity included, which
+    Python's json accepts) raises `error` naming the file and line."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
     try:
-        data = json.loads(path.read_text())
+        text = Path(path).read_bytes().decode("utf-8")
+        return json.loads(text, parse_constant=no_constants)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file; a model directory must hold config.json") from None
+        raise error(f"{path}: no such file" + (f"; {what}" if what else "")) from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a JSON file") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    return from_dict(data, source=str(path))
+        raise error(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except ValueError as e:  # NaN / Infinity
+        raise error(f"{path}: {e}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply") from None
 
 
 def write_config(path: Path, cfg: OpenELMConfig, quantization: dict | None = None, **extra) -> None:
@@ -310,10 +365,3 @@ def write_config(path: Path, cfg: OpenELMConfig, quantization: dict | None = Non
         data["quantization"] = quantization
     data.update(extra)
     (path / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def quantization_of(path: str | Path) -> dict | None:
-    """The `quantization` entry of a model directory's config.json (mlx-lm's format), if any."""
-    path = Path(path)
-    data = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    return data.get("quantization")

@@ -42,7 +42,6 @@ from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
 from .weights import check_weights
 
 DEFAULT_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"  # what Apple's OpenELM instructions load
-TOKENIZER_PATTERNS = ["tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 # Never "*.py": Apple's repos carry remote code, which we do not run.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 PICKLE_PATTERNS = ["pytorch_model*.bin"]
@@ -187,8 +186,21 @@ def read_source_weights(source: Path, allow_pickle: bool = False) -> dict[str, m
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ConvertError(f"{p}: cannot load it with torch.load(weights_only=True): {e}") from None
+        if not isinstance(state, dict) or not state or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise ConvertError(f"{p}: holds no state dict of named tensors (got {type(state).__name__}); is it a "
+                               "model checkpoint?")
         weights.update(torch_to_mlx(state))
     return weights
+
+
+def check_float_tensors(weights: dict[str, mx.array], source: str) -> None:
+    """Weights must be floating point: an integer or bool tensor would be cast silently into nonsense."""
+    bad = [f"{k} ({str(v.dtype).removeprefix('mlx.core.')})" for k, v in weights.items()
+           if not mx.issubdtype(v.dtype, mx.floating)]
+    if bad:
+        raise ConvertError(f"{source}: {len(bad)} tensor(s) are not floating point: {', '.join(bad[:6])}; an "
+                           "OpenELM checkpoint holds float weights only")
 
 
 def _check_options(dtype, quantize, q_bits, q_group_size, quant_recipe):
@@ -233,6 +245,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
 
     weights = read_source_weights(source, allow_pickle)
     check_weights(weights, cfg, source=str(source))
+    check_float_tensors(weights, str(source))
     check_finite(weights, str(source), action="nothing was written (the source checkpoint is broken)")
     dtype = dtype or default_dtype(cfg)
     cast = {}

@@ -49,13 +49,14 @@ class DocumentSource(Protocol):
         ...
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file; errors name the file (and the line of a bad byte)."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
     if not raw.strip():
-        raise DataError(f"{path}: empty file; remove it from --data or give it some text")
+        raise DataError(f"{path}: the file is empty; give it some text or leave it out of --data")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -79,7 +80,7 @@ class TextFile:
         return _file_fingerprint(self.path) | {"kind": "txt", "separator": self.separator}
 
     def documents(self) -> Iterator[str]:
-        text = _read_text(self.path)
+        text = read_text_file(self.path)
         if self.separator and self.separator in text:
             parts = text.split(self.separator)
         else:
@@ -104,20 +105,23 @@ class JsonlFile:
         return _file_fingerprint(self.path) | {"kind": "jsonl"}
 
     def documents(self) -> Iterator[str]:
-        for _, text in jsonl_text_rows(self.path, _read_text(self.path)):
+        for _, text in jsonl_text_rows(self.path, read_text_file(self.path)):
             if text.strip():
                 yield text
 
 
 def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) of each non-blank line of a JSONL file's `text`; errors name the file and line."""
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (str.splitlines splits them).
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         yield lineno, row

@@ -7,7 +7,6 @@ The merge is mlx-lm's (`LoRALinear.fuse`, `DoRALinear.fuse`, `dequantize_model`)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,14 +34,14 @@ def fuse(*, model: str | Path, adapter_path: str | Path, save_path: str | Path, 
          force: bool = False) -> Path:
     """Load `model` + adapters, merge them, and save a model directory (atomically) at `save_path`."""
     from .adapters import load_adapters
-    from .checkpoint import load_model, save_model
+    from .checkpoint import load_model, read_quantization, save_model
     from .files import check_replaceable
     from .tokenizer import TOKENIZER_FILE
 
     model_dir = Path(model)
     check_replaceable(save_path, force)  # before any work
     base, _ = load_model(model_dir)
-    quantization = json.loads((model_dir / "config.json").read_text()).get("quantization")
+    quantization = read_quantization(model_dir)
     load_adapters(base, adapter_path)
     fuse_adapters(base, de_quantize=de_quantize)
     tokenizer = model_dir / TOKENIZER_FILE

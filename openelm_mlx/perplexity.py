@@ -11,7 +11,6 @@ BOS-first scoring is how Apple evaluates OpenELM (lm-evaluation-harness with `ad
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -111,8 +110,9 @@ def perplexity(model, tokenizer, ids_or_text, sequence_length: int = 512, batch_
 
 def precision_of(model_dir: str | Path, model=None) -> str:
     """'4-bit (group 64)', 'mixed 4/6-bit', or the float dtype of the weights."""
-    data = json.loads((Path(model_dir) / "config.json").read_text())
-    q = data.get("quantization")
+    from .checkpoint import read_quantization
+
+    q = read_quantization(Path(model_dir))
     if q:
         bits = {q["bits"]} | {v["bits"] for v in q.values() if isinstance(v, dict) and "bits" in v}
         if len(bits) > 1:

@@ -7,6 +7,7 @@ prompts start with BOS.
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Iterable
 
@@ -62,11 +63,20 @@ class Tokenizer:
         return {self.eos_id}
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode text, got {type(text).__name__}")
         ids = self.sp.encode(text)
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        try:
+            ids = [operator.index(i) for i in ids]  # ints of any kind (numpy too), never floats
+        except TypeError:
+            raise TokenizerError("token ids must be whole numbers") from None
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise TokenizerError(f"token ids must be in [0, {self.vocab_size}); got {bad[:4]}")
+        return self.sp.decode(ids)
 
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
@@ -97,8 +107,10 @@ def chat_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
     The role markers are plain text; `</s>` is the EOS token.
     """
     out = []
+    if not isinstance(messages, (list, tuple)):
+        raise TokenizerError(f"messages must be a list of {{'role', 'content'}} objects, got {type(messages).__name__}")
     for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in CHAT_ROLES or not isinstance(content, str):
             raise TokenizerError(f"message {i}: expected {{'role': one of {CHAT_ROLES}, 'content': str}}, got {m!r}")
         out.append(f"<|{role}|>\n{content}{EOS_TEXT}\n")

@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from . import cpu_head, quantized
-from .data import DataError, jsonl_objects  # the one JSONL reader and data error, shared with the trainer
+from .data import DataError, jsonl_objects, read_text_file  # the one JSONL reader, shared with the trainer
 from .errors import OpenELMError
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -47,7 +47,7 @@ def log(msg: str) -> None:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
     path = Path(path)
-    rows = list(jsonl_objects(path, path.read_text(encoding="utf-8")))
+    rows = list(jsonl_objects(path, read_text_file(path)))
     if not rows:
         raise DataError(f"{path}: the file is empty (expected one JSON object per line)")
     return rows
@@ -95,8 +95,13 @@ def encode_row(row: dict, fmt: str, tokenizer: Tokenizer, mask_prompt: bool, whe
         raise DataError(f"{where}: missing key(s) {missing} (this file's rows are {fmt!r}: "
                         f"{list(FORMATS[fmt])})")
     if fmt == "chat":
-        if not isinstance(row["messages"], list) or not row["messages"]:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        for k, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise DataError(f"{where}: messages[{k}] must be an object with string 'role' and 'content', "
+                                f"got {m!r:.60}")
         try:
             return _chat_example(row["messages"], tokenizer, mask_prompt)
         except TokenizerError as e:

@@ -61,15 +61,13 @@ def hf_names(cfg: OpenELMConfig) -> list[str]:
     return names
 
 
-def check_weights(weights: Mapping, cfg: OpenELMConfig, source: str = "checkpoint",
-                  ignore_suffixes: tuple = ()) -> None:
+def check_weights(weights: Mapping, cfg: OpenELMConfig, source: str = "checkpoint") -> None:
     """Raise one WeightsError naming every missing, unexpected and mis-shaped tensor.
 
-    `weights` maps HF names to anything with `.shape`. Names ending with one of `ignore_suffixes` (e.g. the
-    `.scales`/`.biases` of quantized layers) are not checked.
+    `weights` maps HF names to anything with `.shape`.
     """
     want = expected_shapes(cfg)
-    names = {k for k in weights if not k.endswith(ignore_suffixes)} if ignore_suffixes else set(weights)
+    names = set(weights)
     missing = [k for k in want if k not in names]
     unexpected = sorted(k for k in names if k not in want)
     bad_shape = [f"{k}: expected {want[k]}, got {tuple(weights[k].shape)}"

@@ -41,7 +41,7 @@ def test_jsonl_and_directories(tmp_path):
     ('{"text": "ok"}\n{"text": "bad"\n', r"bad\.jsonl:2: invalid JSON"),
     ('{"text": "ok"}\n\n{"txt": "x"}\n', r"bad\.jsonl:3: expected an object with a string \"text\" field, got \['txt'\]"),
     ('{"text": "ok"}\n[1, 2]\n', r"bad\.jsonl:2: expected a JSON object, got list"),
-    ("   \n\n", r"bad\.jsonl: empty file"),
+    ("   \n\n", r"bad\.jsonl: the file is empty"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, content, match):
     (tmp_path / "bad.jsonl").write_text(content)
