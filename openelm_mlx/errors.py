@@ -15,6 +15,10 @@ class OutputExistsError(OpenELMError, FileExistsError):
     """An output path that exists and may not (or, with --force, cannot safely) be replaced."""
 
 
+class TrainingError(OpenELMError, RuntimeError):
+    """A training run (pre-training or fine-tuning) that cannot start or go on; the message says what to do."""
+
+
 class NonFiniteError(OpenELMError, ValueError):
     """Tensors holding NaN or infinity, refused before anything is written or loaded."""
 

@@ -9,6 +9,7 @@ Temp siblings left by a killed run (their PID no longer alive) are swept by the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import os
 import shutil
@@ -56,6 +57,26 @@ def check_replaceable(path: str | Path, force: bool, what: str = "--force") -> N
                                 "an empty directory or one this project wrote: move them or choose another path")
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path):
+    """Writers in torch, safetensors and mlx report a full disk as RuntimeError ("[write] Unable to write",
+    "inline_container.cc ... unexpected pos", "I/O error"): turn those into OSError naming the destination."""
+    try:
+        yield
+    except OSError as e:
+        if not e.filename:
+            e.filename = str(path)
+        raise
+    except Exception as e:  # noqa: BLE001 (re-raised unless it is a write failure)
+        text = str(e)
+        free = shutil.disk_usage(path.parent).free
+        if free < (1 << 20) or "No space left" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        if any(w in text for w in ("Unable to write", "I/O error", "inline_container", "[write]")):
+            raise OSError(errno.EIO, f"write failed ({text.splitlines()[0][:120]})", str(path)) from None
+        raise
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -99,7 +120,8 @@ def atomic_dir(path: str | Path, force: bool = False):
     sweep_stale(path)
     tmp = _temp_sibling(path, "tmp", directory=True)
     try:
-        yield tmp
+        with _write_errors(path):
+            yield tmp
         if path.exists():
             check_replaceable(path, force)  # it may have changed while we worked
             old = _temp_sibling(path, "old", directory=True)
@@ -131,7 +153,8 @@ def atomic_file(path: str | Path, suffix: str = ""):
     sweep_stale(path)
     tmp = _temp_sibling(path, "tmp", directory=False, suffix=suffix)
     try:
-        yield tmp
+        with _write_errors(path):
+            yield tmp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from . import cli, recipes
 from . import data as data_lib
 from .config import OpenELMConfig, get_preset, load_config, num_parameters, uniform_variant, write_config
-from .errors import NonFiniteError, OpenELMError, nonfinite_message
+from .errors import NonFiniteError, TrainingError, nonfinite_message
 from .files import atomic_dir, atomic_write_bytes
 from .reference.model import Model, build_model
 from .tokenizer import Tokenizer
@@ -47,10 +47,6 @@ MODEL_KEYS = ("model_dim", "num_transformer_layers", "head_dim", "num_gqa_groups
 RESUMABLE = {"iters", "eval_every", "val_batches", "log_every", "save_every", "keep_checkpoints", "device",
              "dtype", "compile", "activation_checkpointing", "fsdp", "export", "resume", "force", "out",
              "batch_size", "grad_accum", "global_batch"}
-
-
-class TrainingError(OpenELMError, RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
 
 
 @dataclass

@@ -26,15 +26,11 @@ from mlx.utils import tree_flatten, tree_map
 
 from . import cpu_head, quantized
 from .data import DataError, jsonl_objects, read_text_file  # the one JSONL reader, shared with the trainer
-from .errors import OpenELMError
+from .errors import TrainingError  # noqa: F401 (re-exported: lora and the tests use tuner.TrainingError)
 from .tokenizer import Tokenizer, TokenizerError
 
 FORMATS = {"text": ("text",), "completions": ("prompt", "completion"), "chat": ("messages",)}
 SPLITS = ("train", "valid", "test")
-
-
-class TrainingError(OpenELMError, RuntimeError):
-    pass
 
 
 def log(msg: str) -> None:
