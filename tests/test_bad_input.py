@@ -284,7 +284,7 @@ CASES = {
     "train-iters": ("train", lambda t, m, a: ["--data", "x.txt", "--out", t / "run", "--iters", "0"], "--iters 0"),
     "train-lr": ("train", lambda t, m, a: ["--data", "x.txt", "--out", t / "run", "--lr", "inf"], "--lr"),
     "train-yaml": ("train", lambda t, m, a: ["-c", _yaml(t, "seq_len: [1]\n"), "--out", t / "run"], "seq_len"),
-    "train-resume-junk": ("train", lambda t, m, a: ["--data", _raw(t, b"Once upon a time.\n\nThe end.\n"),
+    "train-resume-junk": ("train", lambda t, m, a: ["--data", _text(t, "Once upon a time.\n\nThe end.\n"),
                                                     "--tokenizer", shared_file("llama2-tokenizer.model"),
                                                     "--out", t / "run", "--resume", _junk_checkpoint(m, t / "ck")],
                           "trainer_state.pt"),
@@ -312,6 +312,11 @@ def _yaml(tmp: Path, text: str) -> Path:
 def _rows(tmp: Path, rows) -> Path:
     (tmp / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return tmp / "d.jsonl"
+
+
+def _text(tmp: Path, text: str) -> Path:
+    (tmp / "d.txt").write_text(text)
+    return tmp / "d.txt"
 
 
 def _raw(tmp: Path, data: bytes) -> Path:
