@@ -36,7 +36,7 @@ from . import cli, recipes
 from . import data as data_lib
 from .config import OpenELMConfig, get_preset, load_config, num_parameters, uniform_variant, write_config
 from .errors import NonFiniteError, TrainingError, nonfinite_message
-from .files import atomic_dir, atomic_write_bytes
+from .files import atomic_dir, atomic_write_bytes, check_replaceable
 from .reference.model import Model, build_model
 from .tokenizer import Tokenizer
 from .weights import check_weights
@@ -604,6 +604,7 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
     if tc.export and Path(tc.export).exists() and not tc.force:
         raise TrainingError(f"--export {tc.export} already exists; pass --force to overwrite it")
     if ckpt is None and tc.force and is_main:
+        check_replaceable(run_dir, force=True)  # start over only in a run directory this project wrote
         for stale in ("checkpoints", "hf", "metrics.jsonl", "loss_curve.png"):
             p = run_dir / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
