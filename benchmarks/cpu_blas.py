@@ -48,7 +48,7 @@ def log(msg: str) -> None:
 def run_child(variants: list[dict]) -> dict:
     """Measure every variant ({"impl", "dtype", sizes...}) in this process, alternating between them."""
     import openelm_mlx  # noqa: F401  (loads the optimized BLAS before mlx, unless OPENELM_MLX_BLAS=none)
-    from openelm_mlx import blas
+    from openelm_mlx.cpu import blas
 
     import mlx.core as mx
     import mlx.nn as nn

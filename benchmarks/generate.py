@@ -55,7 +55,7 @@ def log(msg: str) -> None:
 
 def blas_in_use() -> str:
     try:
-        from openelm_mlx import blas
+        from openelm_mlx.cpu import blas
     except ImportError:
         blas = None
     if blas is not None:

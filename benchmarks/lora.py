@@ -45,7 +45,7 @@ def blas_line() -> str:
     if os.environ.get("LD_PRELOAD"):
         return f"BLAS: LD_PRELOAD={os.environ['LD_PRELOAD']}"
     try:
-        from openelm_mlx import blas
+        from openelm_mlx.cpu import blas
     except ImportError:
         return "BLAS: openelm_mlx.blas not present (whatever the process loaded; LD_PRELOAD may set it)"
     return f"BLAS: {blas.status()}"

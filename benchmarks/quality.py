@@ -17,13 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import openelm_mlx  # noqa: F401  (first: loads the optimized BLAS before mlx on Linux)
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
+import openelm_mlx  # noqa: F401  (first: loads the optimized BLAS before mlx on Linux)
 from openelm_mlx.checkpoint import load_model, save_model
 from openelm_mlx.config import get_preset
 from openelm_mlx.model import Model
@@ -71,11 +71,11 @@ def train(ids: np.ndarray, *, iters: int, batch_size: int, seq: int, lr: float, 
 
 def variants(float_dir: Path, out: Path, tokenizer_src: Path, group_size: int) -> list[Path]:
     """The float32 model re-saved in half precisions and quantized (uniform, then mixed recipes if any)."""
-    try:  # the converter's mixed recipes (openelm_mlx.checkpoint.QUANT_RECIPES), where that is merged
-        from openelm_mlx.checkpoint import QUANT_RECIPES, quantize_model
+    try:  # the converter's mixed recipes (openelm_mlx.quantization.QUANT_RECIPES), where that is merged
+        from openelm_mlx.quantization import QUANT_RECIPES, quantize_model
     except ImportError:
         QUANT_RECIPES, quantize_model = {}, None
-        print("mixed-bit recipes: not available in this checkout (openelm_mlx.checkpoint.quantize_model)",
+        print("mixed-bit recipes: not available in this checkout (openelm_mlx.quantization.quantize_model)",
               file=sys.stderr)
     dirs = [float_dir]
     for dtype in ("bfloat16", "float16"):

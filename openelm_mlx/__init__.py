@@ -1,10 +1,10 @@
 """openelm-mlx: Apple's OpenELM (layer-wise scaled transformers) trained in PyTorch, run and fine-tuned in MLX.
 
 Importing the package does not import mlx or torch; the public API below is loaded on first use. On Linux it
-first loads an optimized BLAS for MLX's CPU backend (see `openelm_mlx.blas`; OPENELM_MLX_BLAS=none turns it off).
+first loads an optimized BLAS for MLX's CPU backend (see `openelm_mlx.cpu.blas`; OPENELM_MLX_BLAS=none turns it off).
 """
 
-from . import blas as _blas
+from .cpu import blas as _blas
 
 _blas.preload()  # must run before anything imports mlx.core
 

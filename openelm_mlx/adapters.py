@@ -84,8 +84,7 @@ def read_adapter_weights(file: str | Path) -> tuple[dict, dict]:
     """(tensors, metadata) of an adapter safetensors file; a truncated, junk or non-finite file is refused."""
     import mlx.core as mx
 
-    from .checkpoint import check_finite, check_safetensors_file
-    from .weights import WeightsError
+    from .weights import WeightsError, check_finite, check_safetensors_file
 
     file = Path(file)
     try:
@@ -188,8 +187,8 @@ def save_adapter_weights(path: str | Path, weights: dict, metadata: dict | None 
 
     import mlx.core as mx
 
-    from .checkpoint import check_finite
     from .files import atomic_file
+    from .weights import check_finite
 
     path = Path(path)
     check_finite(weights, str(path), action=f"{path.name} was not written (a good file is never replaced by a "

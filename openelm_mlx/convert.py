@@ -22,24 +22,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import cli
-from .checkpoint import (
-    MAX_SHARD_BYTES,
-    QUANT_RECIPES,
-    bits_per_weight,
-    check_finite,
-    load_model,
-    load_safetensors,
-    nonfinite_counts,
-    quantize_model,
-    weight_files,
-    write_model_dir,
-)
+from .checkpoint import MAX_SHARD_BYTES, load_model, load_safetensors, weight_files, write_model_dir
 from .config import OpenELMConfig, load_config
 from .errors import NonFiniteError, OpenELMError, nonfinite_message
 from .files import atomic_dir, check_replaceable
 from .model import Model
+from .quantization import QUANT_RECIPES, bits_per_weight, quantize_model
 from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
-from .weights import check_weights
+from .weights import check_finite, check_weights, nonfinite_counts
 
 DEFAULT_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"  # what Apple's OpenELM instructions load
 # Never "*.py": Apple's repos carry remote code, which we do not run.
@@ -222,7 +212,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
             chat_template: Optional[bool] = None, verbose: bool = True) -> ConvertResult:
     """Convert `hf_path` (hub id or directory) into the MLX model directory `mlx_path`, atomically.
 
-    `quant_recipe` (implies `quantize`) picks a mixed-bit recipe from `checkpoint.QUANT_RECIPES`.
+    `quant_recipe` (implies `quantize`) picks a mixed-bit recipe from `quantization.QUANT_RECIPES`.
     `chat_template` writes the OpenELM-Instruct template into the tokenizer config (default: when the source
     name contains "instruct"). With `verify`, the PyTorch reference is run on the source weights and the
     written model must match it (unquantized outputs only; quantized ones are reported).

@@ -64,7 +64,8 @@ class OpenELMLM(TemplateLM):
         super().__init__()
         if unused:
             log.warning("openelm-mlx ignores model_args %s", sorted(unused))
-        self.model, self.config, self.tokenizer = load(pretrained, adapter_path=adapter_path)
+        self.model, self.tokenizer = load(pretrained, adapter_path=adapter_path, task="prefill")
+        self.config = self.model.config
         self.name = str(pretrained)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" -> default
         self.max_length = int(max_length or self.config.max_context_length)

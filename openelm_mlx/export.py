@@ -18,11 +18,13 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from . import cli
-from .checkpoint import dequantized_weights, load_model, save_weights, write_generation_config, write_tokenizer_files
+from .checkpoint import load_model, save_weights, write_generation_config
 from .config import OpenELMConfig, get_preset, load_config, write_config
 from .errors import OpenELMError
 from .files import atomic_dir
+from .quantization import dequantized_weights
 from .tokenizer import find_tokenizer_file
+from .tokenizer_files import write_tokenizer_files
 from .weights import check_weights, corenet_to_hf, torch_to_mlx
 
 HF_DTYPES = ("float16", "bfloat16", "float32")

@@ -33,16 +33,15 @@ def fuse_adapters(model: nn.Module, de_quantize: bool = False) -> nn.Module:
 def fuse(*, model: str | Path, adapter_path: str | Path, save_path: str | Path, de_quantize: bool = False,
          force: bool = False) -> Path:
     """Load `model` + adapters, merge them, and save a model directory (atomically) at `save_path`."""
-    from .adapters import load_adapters
-    from .checkpoint import load_model, read_quantization, save_model
+    from .checkpoint import load, resolve_model_path, save_model
     from .files import check_replaceable
+    from .quantization import read_quantization
     from .tokenizer import TOKENIZER_FILE
 
-    model_dir = Path(model)
+    model_dir = resolve_model_path(model)
     check_replaceable(save_path, force)  # before any work
-    base, _ = load_model(model_dir)
+    base, _ = load(model_dir, adapter_path, task="fuse")
     quantization = read_quantization(model_dir)
-    load_adapters(base, adapter_path)
     fuse_adapters(base, de_quantize=de_quantize)
     tokenizer = model_dir / TOKENIZER_FILE
     out = save_model(base, save_path, quantization=None if de_quantize else quantization, force=force,

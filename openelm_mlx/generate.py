@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 import types
@@ -23,15 +22,13 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from . import checkpoint, cli
+from . import cli
+from .checkpoint import HUB_ID, load, resolve_model_path  # noqa: F401 (load is part of this API)
 from .errors import OpenELMError
 from .model import Model
 from .tokenizer import Tokenizer
 
 Prompt = Union[str, Sequence[int]]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Only what a converted MLX repo needs; never *.py (no remote code).
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 DEFAULT_PREFILL_STEP = 2048
 KV_KEEP = 4  # positions a bounded (rotating) KV cache always keeps: the attention sink
 
@@ -42,57 +39,6 @@ class GenerateError(OpenELMError, ValueError):
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """A local directory as is; otherwise an `org/name` hub id fetched (or found in the cache) with
-    huggingface_hub, which honours HF_HOME and HF_HUB_OFFLINE."""
-    local = Path(path)
-    if local.exists():
-        if not local.is_dir():
-            raise GenerateError(f"{local}: is a file; --model takes a model directory (config.json, "
-                                f"model.safetensors, tokenizer.model)")
-        return local
-    if HUB_ID.match(str(path)):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(str(path), allow_patterns=HUB_PATTERNS))
-        except Exception as e:  # offline cache miss, unknown repo, network error
-            raise GenerateError(f"{path}: no such local directory, and fetching it from the Hugging Face hub "
-                                f"failed ({type(e).__name__}: {e})") from None
-    raise GenerateError(f"{path}: no such model directory; convert one first "
-                        f"(python -m openelm_mlx.convert --hf-path apple/OpenELM-270M-Instruct) or pass --model")
-
-
-def load(path: str | Path = "mlx_model", adapter_path: Optional[str | Path] = None,
-         lazy: bool = False, dtype: Optional[str] = None) -> tuple[Model, Tokenizer]:
-    """Load a converted model directory (or MLX hub repo) and its tokenizer, with optional LoRA adapters.
-
-    `dtype` sets the compute dtype; by default a half-precision model runs in float32 on a CPU with an optimized
-    BLAS (faster there, and the dtype `openelm_mlx.lora` trains adapters in on such a machine).
-    """
-    model, _, tokenizer = checkpoint.load(resolve_model_path(path), adapter_path, lazy=lazy)
-    if checkpoint.set_compute_dtype(model, dtype, "decode") is None:
-        upcast_quantized_on_cpu(model)
-    return model, tokenizer
-
-
-def upcast_quantized_on_cpu(model: Model) -> bool:
-    """On MLX's CPU backend, run a quantized model in float32: its float16/bfloat16 scales, biases and norms are
-    cast up (exact), because CPU quantized matmuls with half-precision scales are 10-30x slower than with float32
-    ones (mlx 0.32, measured by benchmarks/generate.py). The packed weights are untouched; memory grows by the
-    scales (about 6% at 4 bits, group 64). Returns whether it cast anything."""
-    import mlx.nn as nn
-
-    if mx.default_device() != mx.cpu:
-        return False
-    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
-    if not quantized or all(m.scales.dtype == mx.float32 for m in quantized):
-        return False
-    model.set_dtype(mx.float32)  # floating parameters only; the uint32 packed weights keep their type
-    mx.eval(model.parameters())
-    return True
 
 
 def is_instruct(path: str | Path) -> bool:

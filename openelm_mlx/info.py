@@ -1,5 +1,6 @@
 """`python -m openelm_mlx.info`: what MLX computes on here — platform, mlx version and device, the BLAS behind
-MLX's CPU matmuls (see `openelm_mlx.blas`), a quick matmul GFLOP/s figure and the preferred CPU dtypes."""
+MLX's CPU matmuls, the CPU backend layer's state (`openelm_mlx.cpu`), every OPENELM_MLX_* switch, and a quick
+matmul GFLOP/s figure."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import blas, cli
+from . import cli, cpu, switches
+from .cpu import blas
 
 
 @dataclass
@@ -39,8 +41,8 @@ def matmul_gflops(*, size: int, dtype: str, repeats: int = 3) -> float:
 
 
 def qgemv_line() -> str:
-    """Whether quantized decode uses csrc/qgemv.c (see `openelm_mlx.quantized`), and why not."""
-    from .quantized import qgemv_library
+    """Whether quantized decode uses csrc/qgemv.c (see `openelm_mlx.cpu.quantized`), and why not."""
+    from .cpu.quantized import qgemv_library
 
     lib, why = qgemv_library()
     return ("quantized decode: csrc/qgemv.c (AVX2/FMA, 4/8 bits)" if lib is not None
@@ -52,6 +54,8 @@ def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     import mlx.core as mx
+
+    from .cpu import dtype as cpu_dtype
 
     def pkg(name):
         try:
@@ -65,10 +69,11 @@ def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
         f"platform: {platform.platform()} ({platform.machine()}), Python {platform.python_version()}",
         f"mlx: {mx.__version__} (mlx-lm {pkg('mlx-lm')}), GPU backends: {', '.join(backends) or 'none'}, "
         f"default device: {mx.default_device()}",
+        f"CPU backend layer: {'active' if cpu.active() else 'off (a GPU or macOS)'}",
         blas.describe(),
         qgemv_line(),
-        "preferred dtype on this device: " + ", ".join(
-            f"{task} {blas.preferred_cpu_dtype(task) or 'checkpoint dtype'}" for task in blas.TASKS),
+        f"compute dtype by default: {cpu_dtype.preferred('decode') or 'the checkpoint dtype'}",
+        *switches.describe(),
     ]
     if benchmark:
         for dtype in dtypes.split(","):

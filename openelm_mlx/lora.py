@@ -103,8 +103,9 @@ def lora(**settings):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    from . import adapters, tuner
-    from .checkpoint import OutputExistsError, load_model, set_compute_dtype
+    from . import adapters, cpu, tuner
+    from .checkpoint import load_model
+    from .errors import OutputExistsError
     from .tokenizer import Tokenizer
 
     cfg = LoraConfig(**settings)
@@ -112,7 +113,7 @@ def lora(**settings):
     np.random.seed(cfg.seed)
     mx.random.seed(cfg.seed)
     model, _ = load_model(cfg.model)
-    cast = set_compute_dtype(model, cfg.dtype, "lora")
+    cast = cpu.prepare(model, "lora", cfg.dtype)["dtype"]
     if cast:
         log(f"Base model computes in {cast}"
             + ("" if cfg.dtype else " (fastest on this CPU backend; --dtype to override)"))
@@ -202,8 +203,8 @@ def resume_from(model, optimizer, path: Path) -> int:
     from mlx.utils import tree_unflatten
 
     from .adapters import AdapterError, load_adapter_weights
-    from .checkpoint import check_finite, check_safetensors_file
     from .tuner import log
+    from .weights import check_finite, check_safetensors_file
 
     if not path.is_file():
         raise AdapterError(f"--resume-adapter-file {path}: no such file")

@@ -110,7 +110,7 @@ def perplexity(model, tokenizer, ids_or_text, sequence_length: int = 512, batch_
 
 def precision_of(model_dir: str | Path, model=None) -> str:
     """'4-bit (group 64)', 'mixed 4/6-bit', or the float dtype of the weights."""
-    from .checkpoint import read_quantization
+    from .quantization import read_quantization
 
     q = read_quantization(Path(model_dir))
     if q:
@@ -162,7 +162,7 @@ def evaluate_perplexity(*, model: str, data: str, sequence_length: int = 512, ba
     rows = []
     ids = None
     for path in [model, *compare]:
-        m, _, tokenizer = load(path, adapter_path=adapter_path)
+        m, tokenizer = load(path, adapter_path=adapter_path, task="prefill")
         if ids is None:
             ids = tokenizer.encode(text, add_bos=False)[:limit_tokens]
         mx.reset_peak_memory()

@@ -99,6 +99,9 @@ class Tokenizer:
 
 EOS_TEXT = "</s>"
 CHAT_ROLES = ("system", "user", "assistant")
+# The template's pieces, the one source for `chat_text` and the Jinja template written for other tools.
+TURN = "<|{role}|>\n{content}" + EOS_TEXT + "\n"
+GENERATION_PROMPT = "<|assistant|>\n"
 
 
 def chat_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -113,9 +116,9 @@ def chat_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in CHAT_ROLES or not isinstance(content, str):
             raise TokenizerError(f"message {i}: expected {{'role': one of {CHAT_ROLES}, 'content': str}}, got {m!r}")
-        out.append(f"<|{role}|>\n{content}{EOS_TEXT}\n")
+        out.append(TURN.format(role=role, content=content))
     if add_generation_prompt:
-        out.append("<|assistant|>\n")
+        out.append(GENERATION_PROMPT)
     return "".join(out)
 
 

@@ -24,7 +24,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import cpu_head, quantized
+from .cpu import head as cpu_head
+from .cpu import quantized
 from .data import DataError, jsonl_objects, read_text_file  # the one JSONL reader, shared with the trainer
 from .errors import TrainingError  # noqa: F401 (re-exported: lora and the tests use tuner.TrainingError)
 from .tokenizer import Tokenizer, TokenizerError

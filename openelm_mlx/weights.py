@@ -7,10 +7,12 @@ vocabulary to a multiple of 128 (apple/corenet `general_gpt.py`). Imports neithe
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Mapping
 
 from .config import OpenELMConfig, layer_plan
-from .errors import OpenELMError
+from .errors import NonFiniteError, OpenELMError, nonfinite_message
 
 # HF name -> CoreNet name; `{}` is the layer index.
 GLOBAL_TABLE = {
@@ -115,6 +117,71 @@ def hf_to_corenet(weights: Mapping, cfg: OpenELMConfig) -> dict:
     for i in range(cfg.num_transformer_layers):
         table.update({hf.format(i): cn.format(i) for hf, cn in LAYER_TABLE.items()})
     return {table[k]: v for k, v in weights.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safetensors files and finiteness, checked before anything is loaded or written.
+
+SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL",
+                      "F8_E4M3", "F8_E5M2"}
+
+
+def check_safetensors_file(path: str | Path) -> dict:
+    """Parse a safetensors header and check its structure and that the file holds all the bytes it describes;
+    returns the header. mlx reads tensor data lazily, so without this a truncated download fails late and
+    without the file name."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > size - 8 or n > 100 << 20:
+                raise WeightsError(f"{path}: truncated or not a safetensors file ({size} bytes, no complete "
+                                   "header); download or export it again")
+            raw = f.read(n)
+    except IsADirectoryError:
+        raise WeightsError(f"{path}: is a directory, not a safetensors file") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        ok = (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES
+              and isinstance(entry.get("shape"), list)
+              and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in entry["data_offsets"])
+              and entry["data_offsets"][0] <= entry["data_offsets"][1])
+        if not ok:
+            raise WeightsError(f"{path}: corrupt safetensors header: tensor {name!r} needs a dtype, a shape and "
+                               "two data offsets")
+        end = max(end, entry["data_offsets"][1])
+    if 8 + n + end > size:
+        raise WeightsError(f"{path}: truncated: its header describes {end} bytes of tensor data but the file holds "
+                           f"{size - 8 - n}; download or export it again")
+    return header
+
+
+def nonfinite_counts(weights: dict) -> dict[str, int]:
+    """How many NaN/inf values each floating mx.array holds (only those with any)."""
+    import mlx.core as mx
+
+    counts = {name: mx.sum(~mx.isfinite(v)) for name, v in weights.items() if mx.issubdtype(v.dtype, mx.floating)}
+    mx.eval(counts)
+    return {name: int(c.item()) for name, c in counts.items() if c.item()}
+
+
+def check_finite(weights: dict, source: str, action: str = "nothing was written") -> None:
+    """Raise NonFiniteError naming every tensor with NaN/inf values: such weights are never saved or used."""
+    bad = nonfinite_counts(weights)
+    if bad:
+        raise NonFiniteError(nonfinite_message(source, bad, {k: weights[k].size for k in bad}, action=action))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openelm_mlx import config as config_mod
-from openelm_mlx.checkpoint import check_safetensors_file, weight_files
+from openelm_mlx.checkpoint import weight_files
 from openelm_mlx.config import OpenELMConfig, from_dict, load_config, to_dict
 from openelm_mlx.data import DataError, jsonl_objects, read_text_file
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.tokenizer import Tokenizer, TokenizerError, chat_text
-from openelm_mlx.weights import WeightsError
+from openelm_mlx.weights import WeightsError, check_safetensors_file
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 json_scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats() | st.text(max_size=8)

@@ -1,4 +1,4 @@
-"""The optimized-BLAS preload (openelm_mlx.blas): detection order, the off switch, fallbacks, and that logits do
+"""The optimized-BLAS preload (openelm_mlx.cpu.blas): detection order, the off switch, fallbacks, and that logits do
 not change beyond float32 rounding. Each case runs in a fresh interpreter: the BLAS is fixed when mlx loads."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from openelm_mlx import blas
+from openelm_mlx.cpu import blas
 
 ROOT = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the preload only acts on Linux")
@@ -42,7 +42,7 @@ STATUS = """
 import json, sys, warnings
 warnings.simplefilter("always")
 import openelm_mlx
-from openelm_mlx import blas
+from openelm_mlx.cpu import blas
 s = blas.status()
 print(json.dumps({"loaded": s.loaded, "path": s.path, "kind": s.kind, "source": s.source, "reason": s.reason,
                   "too_late": s.too_late, "mlx": "mlx" in sys.modules, "line": blas.describe(),
@@ -144,21 +144,26 @@ def test_ldconfig_parsing_finds_the_system_openblas():
 def test_preferred_cpu_dtype_follows_the_blas_in_use(setting):
     if setting is None:
         system_openblas()
-    proc = run("import openelm_mlx.blas as b; print(*(b.preferred_cpu_dtype(t) for t in b.TASKS))", setting)
+    proc = run("import openelm_mlx.cpu.dtype as d; print(*(d.preferred(t) for t in ('prefill', 'decode', 'lora')))",
+               setting)
     expected = "bfloat16" if setting == "none" else "float32"
-    assert proc.stdout.split() == [expected] * len(blas.TASKS)
+    assert proc.stdout.split() == [expected] * 3
 
 
-def test_preferred_cpu_dtype_rejects_unknown_tasks():
+def test_prepare_rejects_unknown_tasks():
+    from openelm_mlx import cpu
+    from openelm_mlx.config import get_preset
+    from openelm_mlx.model import Model
+
     with pytest.raises(ValueError, match="unknown task 'training'"):
-        blas.preferred_cpu_dtype("training")
+        cpu.prepare(Model(get_preset("tiny")), "training")
 
 
 LOGITS = """
 import sys
 import openelm_mlx
 import mlx.core as mx
-from openelm_mlx import blas
+from openelm_mlx.cpu import blas
 from openelm_mlx.config import get_preset
 from openelm_mlx.model import Model
 mx.set_default_device(mx.cpu)
@@ -245,7 +250,7 @@ import ctypes, json
 import numpy as np
 import openelm_mlx
 import mlx.core as mx
-from openelm_mlx import blas
+from openelm_mlx.cpu import blas
 mx.random.seed(0)
 x, xcol = mx.random.normal((1, 96)), mx.random.normal((96, 1))
 w, wt, c = mx.random.normal((80, 96)), mx.random.normal((96, 80)), mx.random.normal((1, 80))
@@ -292,7 +297,8 @@ def test_gemv_shim_off_switch_and_missing_compiler_keep_openblas(tmp_path):
     assert status["kind"] == "openblas" and status["gemv_shim"].startswith(str(tmp_path / "a"))
     assert "via cblas_sgemv" in status["line"]
     status, _ = status_in_subprocess(None, **{blas.GEMV_ENV_VAR: "0", blas.CACHE_ENV_VAR: str(tmp_path / "b")})
-    assert status["loaded"] and status["gemv_shim"] is None and "OPENELM_MLX_GEMV=0" in status["gemv_reason"]
+    assert status["loaded"] and status["gemv_shim"] is None
+    assert "turned off by OPENELM_MLX_GEMV" in status["gemv_reason"]
     assert not (tmp_path / "b").exists()  # nothing built when turned off
     status, stderr = status_in_subprocess(None, CC=str(tmp_path / "no-such-cc"),
                                           **{blas.CACHE_ENV_VAR: str(tmp_path / "c")})
@@ -304,9 +310,11 @@ def test_gemv_shim_off_switch_and_missing_compiler_keep_openblas(tmp_path):
 def test_gemv_shim_build_is_cached_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     if not any(map(shutil.which, ("cc", "gcc", "clang"))):
         pytest.skip("no C compiler")
-    monkeypatch.setenv(blas.CACHE_ENV_VAR, str(tmp_path))
-    path, problem = blas.build_gemv_shim()
-    assert path and not problem and Path(path).parent == tmp_path
-    mtime = os.stat(path).st_mtime_ns
-    assert blas.build_gemv_shim() == (path, "") and os.stat(path).st_mtime_ns == mtime  # built once
+    from openelm_mlx import switches
+
+    with switches.override(CACHE=str(tmp_path)):
+        path, problem = blas.build_gemv_shim()
+        assert path and not problem and Path(path).parent == tmp_path
+        mtime = os.stat(path).st_mtime_ns
+        assert blas.build_gemv_shim() == (path, "") and os.stat(path).st_mtime_ns == mtime  # built once
     assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]

@@ -16,10 +16,12 @@ from conftest import ROOT, shared_file
 from safetensors.torch import save_file
 
 import openelm_mlx.convert as conv
-from openelm_mlx.checkpoint import OutputExistsError, dequantized_weights, load_model, recipe_bits
+from openelm_mlx.checkpoint import load_model
 from openelm_mlx.config import get_preset, to_dict
 from openelm_mlx.convert import ConvertError, VerifyError, convert, default_dtype
+from openelm_mlx.errors import OutputExistsError
 from openelm_mlx.model import Model
+from openelm_mlx.quantization import dequantized_weights, recipe_bits
 from openelm_mlx.reference.model import build_model
 from openelm_mlx.weights import WeightsError
 

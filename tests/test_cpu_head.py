@@ -6,11 +6,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from openelm_mlx import adapters, cpu_head, tuner
-from openelm_mlx.checkpoint import load_model
-
 from test_lora import lora_cfg, model_dir, qmodel_dir, randomize_adapters, tok_path  # noqa: F401  (fixtures)
+
+from openelm_mlx import adapters, switches, tuner
+from openelm_mlx.checkpoint import load_model
+from openelm_mlx.cpu import head as cpu_head
 
 
 def reference_head(h, E, targets, weights):
@@ -94,7 +94,6 @@ def test_numpy_head_gives_the_mlx_heads_loss_and_gradients(model_dir, qmodel_dir
 
 
 def test_used_only_with_a_frozen_embedding_on_the_cpu(model_dir, monkeypatch):
-    monkeypatch.delenv(cpu_head.ENV_VAR, raising=False)
     model, _ = load_model(model_dir)
     adapters.apply_adapters(model, lora_cfg())
     many = cpu_head.MIN_LOGITS // model.config.vocab_size + 1  # positions: enough logits to be worth it
@@ -103,9 +102,8 @@ def test_used_only_with_a_frozen_embedding_on_the_cpu(model_dir, monkeypatch):
     model.unfreeze()  # full fine-tuning trains the tied embedding: its gradient needs the MLX head
     assert not cpu_head.usable(model, many)
     model.freeze()
-    monkeypatch.setenv(cpu_head.ENV_VAR, "off")
-    assert not cpu_head.usable(model, many)
-    monkeypatch.delenv(cpu_head.ENV_VAR)
+    with switches.override(NUMPY_HEAD=False):
+        assert not cpu_head.usable(model, many)
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     theirs, _ = mlx_lm_load_model(model_dir)  # mlx-lm's own OpenELM (no mask argument): evaluated in MLX
@@ -117,7 +115,7 @@ def test_used_only_with_a_frozen_embedding_on_the_cpu(model_dir, monkeypatch):
 def test_training_step_trains_and_reports_the_heads_scratch_memory(model_dir, monkeypatch, numpy_head):
     import mlx.optimizers as optim
 
-    monkeypatch.setenv(cpu_head.ENV_VAR, numpy_head)
+    monkeypatch.setitem(switches._overrides, cpu_head.ENV_VAR, numpy_head == "1")
     monkeypatch.setattr(cpu_head, "MIN_LOGITS", 0)  # this small batch would otherwise take the compiled step
     model = lora_model(model_dir)
     b = batch()
@@ -140,7 +138,7 @@ def test_training_step_trains_and_reports_the_heads_scratch_memory(model_dir, mo
 def test_eager_autodiff_keeps_no_dequantized_weights_and_same_gradients():
     """Inside an eager value_and_grad MLX keeps what evaluated arrays were computed from; the quantized CPU
     product's output is detached from its de-quantized weight there (its vjp needs only x)."""
-    from openelm_mlx import quantized
+    from openelm_mlx.cpu import quantized
 
     layer = nn.QuantizedLinear(256, 1024, bias=False, group_size=64, bits=4)
     quantized.use_blas_for_quantized(nn.Sequential(layer))

@@ -1,4 +1,5 @@
-"""The CPU's compiled one-token step (TransformerBlock.decode_step) against the plain ops and the torch reference."""
+"""The CPU's compiled one-token step (cpu.decode.CPUTransformerBlock.decode_step) against the plain ops and the
+torch reference."""
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -7,9 +8,11 @@ import pytest
 import torch
 from mlx.utils import tree_flatten, tree_map
 
-from openelm_mlx import model as model_module
+from openelm_mlx import switches
 from openelm_mlx.config import get_preset
-from openelm_mlx.model import Model, decode_attention, rope_one, rope_row
+from openelm_mlx.cpu import decode
+from openelm_mlx.cpu.decode import decode_attention, rope_one, rope_row
+from openelm_mlx.model import Model
 from openelm_mlx.reference.model import build_model
 from openelm_mlx.weights import torch_to_mlx
 
@@ -23,6 +26,7 @@ def pair():
     model.load_weights(list(torch_to_mlx(ref.state_dict(), "float32").items()), strict=True)
     mx.eval(model.parameters())
     model.eval()  # as every loader leaves it; training mode keeps the plain path
+    decode.use_cpu_blocks(model)  # as cpu.prepare does on the CPU
     return ref, model
 
 
@@ -33,21 +37,20 @@ def ids_for(cfg, n, seed=0, batch=1):
 def stepped(model, ids, *, compiled, cache=None, prefill=8):
     """Logits of a prefill then one-token steps, with the compiled decode switched on or off; also how many
     block calls ran TransformerBlock.decode_step."""
-    old, calls = model_module.COMPILED_DECODE, []
-    model_module.COMPILED_DECODE = compiled
-    original = model_module.TransformerBlock.decode_step
-    model_module.TransformerBlock.decode_step = lambda self, *a: calls.append(1) or original(self, *a)
+    calls = []
+    original = decode.CPUTransformerBlock.decode_step
+    decode.CPUTransformerBlock.decode_step = lambda self, *a: calls.append(1) or original(self, *a)
     try:
-        cache = cache if cache is not None else model.make_cache()
-        parts = [model(ids[:, :prefill], cache=cache)]
-        parts += [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, ids.shape[1])]
-        out = mx.concatenate(parts, axis=1)
-        mx.eval(out)
+        with switches.override(COMPILED_DECODE=compiled):
+            cache = cache if cache is not None else model.make_cache()
+            parts = [model(ids[:, :prefill], cache=cache)]
+            parts += [model(ids[:, i:i + 1], cache=cache) for i in range(prefill, ids.shape[1])]
+            out = mx.concatenate(parts, axis=1)
+            mx.eval(out)
         stepped.decode_calls = len(calls)
         return np.array(out)
     finally:
-        model_module.COMPILED_DECODE = old
-        model_module.TransformerBlock.decode_step = original
+        decode.CPUTransformerBlock.decode_step = original
 
 
 @pytest.mark.parametrize("position", [0, 1, 517, 4095, 4096, 9000])  # 4096 and up: the table grows
@@ -89,6 +92,7 @@ def copy_of(model):
     new = Model(model.config)
     new.load_weights(tree_flatten(model.parameters()), strict=True)
     new.eval()
+    decode.use_cpu_blocks(new)
     return new
 
 
@@ -117,7 +121,7 @@ def test_compiled_decode_follows_new_weights_and_replaced_layers(pair):
 def test_quantized_and_rotating_cache_decode_equal_the_plain_ops(pair):
     from mlx_lm.models.cache import RotatingKVCache
 
-    from openelm_mlx.quantized import use_blas_for_quantized
+    from openelm_mlx.cpu.quantized import use_blas_for_quantized
 
     model = pair[1]
     ids = mx.array(ids_for(model.config, 16, seed=2))
@@ -147,13 +151,13 @@ def test_plain_path_for_training_mode_and_batch_offsets(pair):
     block, x = model.layers[0], mx.zeros((1, 1, model.config.model_dim))
     cache = model.make_cache()[0]
     cache.offset = 3
-    assert model_module.uses_compiled_decode(block, x, None, cache)
+    assert decode.uses_compiled_decode(block, x, None, cache)
     cache.offset = mx.array([3, 5])  # mlx-lm's BatchKVCache: one offset per sequence
-    assert not model_module.uses_compiled_decode(block, x, None, cache)
+    assert not decode.uses_compiled_decode(block, x, None, cache)
     cache.offset = 3
-    assert not model_module.uses_compiled_decode(block, mx.zeros((1, 2, model.config.model_dim)), None, cache)
+    assert not decode.uses_compiled_decode(block, mx.zeros((1, 2, model.config.model_dim)), None, cache)
     model.train()
     try:
-        assert not model_module.uses_compiled_decode(block, x, None, cache)
+        assert not decode.uses_compiled_decode(block, x, None, cache)
     finally:
         model.eval()

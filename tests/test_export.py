@@ -7,16 +7,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, shared_file
 from safetensors import safe_open
+from test_convert import offline_hub, state_dict, write_source  # noqa: F401  (offline_hub is autouse)
 
-from openelm_mlx.checkpoint import dequantized_weights, load_model, load_safetensors
+from openelm_mlx.checkpoint import load_model, load_safetensors
 from openelm_mlx.config import get_preset, load_config
 from openelm_mlx.convert import convert
-from openelm_mlx.reference.model import Model as ReferenceModel, build_model
+from openelm_mlx.quantization import dequantized_weights
+from openelm_mlx.reference.model import Model as ReferenceModel
+from openelm_mlx.reference.model import build_model
 from openelm_mlx.weights import WeightsError, expected_shapes, hf_to_corenet
-
-from conftest import ROOT, shared_file
-from test_convert import offline_hub, state_dict, write_source  # noqa: F401  (offline_hub is autouse)
 
 
 def script(name):

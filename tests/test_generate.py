@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlx.utils import tree_flatten
 
-from openelm_mlx.checkpoint import load_model, save_model
+from openelm_mlx.checkpoint import ModelPathError, load_model, save_model
 from openelm_mlx.config import get_preset
 from openelm_mlx.model import Model
 from openelm_mlx.reference.model import build_model
@@ -346,7 +346,7 @@ def test_hub_id_resolves_offline_from_cache(tiny, tmp_path, monkeypatch):
     assert gen.resolve_model_path("someone/OpenELM-tiny-Instruct-mlx") == snapshot
     model, tok = gen.load("someone/OpenELM-tiny-Instruct-mlx")
     assert model.config == get_preset("tiny") and tok.vocab_size == 32000
-    with pytest.raises(gen.GenerateError, match="someone/missing: no such local directory, and fetching it"):
+    with pytest.raises(ModelPathError, match="someone/missing: no such local directory, and fetching it"):
         gen.load("someone/missing")
 
 

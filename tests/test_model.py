@@ -75,21 +75,25 @@ def test_chunked_prefill_with_cache_equals_full_forward(tiny_pair):
 @pytest.mark.parametrize("length,past", [(64, 0), (65, 0), (200, 0), (150, 37)])
 def test_blockwise_cpu_attention_equals_one_call(length, past):
     # GQA shapes as in OpenELM (4 query heads per KV head); `past` cached keys before the queries.
-    from openelm_mlx.model import CPU_QUERY_BLOCK, causal_attention
+    from openelm_mlx.cpu.decode import QUERY_BLOCK, blockwise_causal_attention
 
     mx.random.seed(length + past)
     q = mx.random.normal((2, 8, length, 16))
     k, v = (mx.random.normal((2, 2, past + length, 16)) for _ in range(2))
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal")
     with mx.stream(mx.cpu):
-        got = causal_attention(q, k, v, 0.25, "causal")
-    assert got.shape == want.shape == (2, 8, length, 16) and (length > CPU_QUERY_BLOCK) == (length >= 65)
+        got = blockwise_causal_attention(q, k, v, 0.25)
+    assert got.shape == want.shape == (2, 8, length, 16) and (length > QUERY_BLOCK) == (length >= 65)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)
 
 
 def test_long_prompt_matches_reference_through_the_blockwise_attention(tiny_pair):
     # 150 tokens: three query blocks on the CPU; also prefilled in two parts through the KV cache.
-    ref, model = tiny_pair
+    from openelm_mlx.cpu import decode
+
+    ref, _ = tiny_pair
+    model = mlx_from_reference(ref)
+    assert decode.use_cpu_blocks(model) == len(model.layers)  # as cpu.prepare does on the CPU
     ids = tokens(ref.config, 150)[:1]
     with torch.no_grad():
         want = ref(torch.from_numpy(ids)).numpy()

@@ -59,7 +59,7 @@ def test_windows_predict_every_token_once_after_bos():
 
 
 def test_perplexity_equals_exp_mean_nll_from_logits(dirs, text):
-    model, _, tok = load(dirs["float"])
+    model, tok = load(dirs["float"], task="prefill")
     ids = tok.encode(text, add_bos=False)
     assert len(ids) % SEQ != 0  # the last, shorter window is exercised
     ppl, nll, n = perplexity(model, tok, text, sequence_length=SEQ, batch_size=3)
@@ -72,7 +72,7 @@ def test_perplexity_equals_exp_mean_nll_from_logits(dirs, text):
 
 
 def test_perplexity_matches_torch_reference_on_same_weights(dirs, text):
-    model, _, tok = load(dirs["float"])
+    model, tok = load(dirs["float"], task="prefill")
     ids = tok.encode(text, add_bos=False)[:300]
     ref = dirs["ref"]
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_cli_prints_perplexity_for_jsonl(dirs, text, tmp_path, capsys):
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     main(["--model", str(dirs["float"]), "--data", str(data), "--sequence-length", "64", "--batch-size", "2"])
     out = capsys.readouterr()
-    model, _, tok = load(dirs["float"])
+    model, tok = load(dirs["float"], task="prefill")
     ppl, _, _ = perplexity(model, tok, "\n\n".join(docs), 64, 2)
     assert out.out.strip() == f"Perplexity: {ppl:.3f}"
     assert "tokens/s" in out.err and "peak memory" in out.err
@@ -99,7 +99,7 @@ def test_cli_settings_from_yaml_and_flags_override(dirs, text, tmp_path, capsys)
     cfg = tmp_path / "ppl.yaml"
     cfg.write_text(f"model: {dirs['float']}\ndata: {data}\nsequence_length: 64\nlimit_tokens: 100\n")
     main(["-c", str(cfg), "--limit-tokens", "50"])
-    model, _, tok = load(dirs["float"])
+    model, tok = load(dirs["float"], task="prefill")
     ppl, _, _ = perplexity(model, tok, tok.encode(text, add_bos=False)[:50], 64)
     assert capsys.readouterr().out.strip() == f"Perplexity: {ppl:.3f}"
 
@@ -199,6 +199,6 @@ def test_perplexity_equals_mlx_lm_loading_the_same_directory(dirs, text, which):
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     peer, _ = mlx_lm_load_model(dirs[which])
-    ours, _, tok = load(dirs[which])
+    ours, tok = load(dirs[which], task="prefill")
     ids = tok.encode(text, add_bos=False)[:300]
     assert perplexity(ours, tok, ids, SEQ)[1] == pytest.approx(perplexity(peer, tok, ids, SEQ)[1], rel=1e-5)

@@ -12,11 +12,16 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from openelm_mlx import switches
 from openelm_mlx.checkpoint import load_model, save_model
 from openelm_mlx.config import get_preset
+from openelm_mlx.cpu.quantized import (
+    DEQUANTIZE_MIN_ROWS,
+    CPUQuantizedEmbedding,
+    CPUQuantizedLinear,
+    use_blas_for_quantized,
+)
 from openelm_mlx.model import Model
-from openelm_mlx.quantized import (DEQUANTIZE_MIN_ROWS, CPUQuantizedEmbedding, CPUQuantizedLinear,
-                                   use_blas_for_quantized)
 
 
 def quantized_pair(bits: int, seed: int = 0) -> tuple[Model, Model]:
@@ -69,9 +74,13 @@ def test_qlora_gradients_equal_those_of_the_quantized_kernels():
 
 
 def test_loading_a_quantized_model_on_the_cpu_switches_its_layers(tmp_path):
+    from openelm_mlx import cpu
+
     kernels, _ = quantized_pair(8)
     path = save_model(kernels, tmp_path / "q8", quantization={"group_size": 64, "bits": 8})
     model, _ = load_model(path)
+    assert type(model.layers[0].attn.qkv_proj) is nn.QuantizedLinear  # as stored, until prepared
+    assert cpu.prepare(model, "decode")["quantized_layers"] == 4 * len(model.layers) + 1
     proj = model.layers[0].attn.qkv_proj
     assert type(proj) is CPUQuantizedLinear and isinstance(proj, nn.QuantizedLinear)
     assert type(model.transformer.token_embeddings) is CPUQuantizedEmbedding
@@ -81,7 +90,7 @@ def test_loading_a_quantized_model_on_the_cpu_switches_its_layers(tmp_path):
 
 
 def test_few_row_product_split_over_cpu_streams_equals_one_call():
-    from openelm_mlx.quantized import _extra_cpu_streams, _split_quantized_matmul
+    from openelm_mlx.cpu.quantized import _extra_cpu_streams, _split_quantized_matmul
 
     mx.random.seed(4)
     w = mx.random.normal((300, 128))  # 300 output rows: uneven parts
@@ -95,20 +104,18 @@ def test_few_row_product_split_over_cpu_streams_equals_one_call():
 
 
 def test_switch_can_be_turned_off(monkeypatch):
-    from openelm_mlx import quantized
 
     model = Model(get_preset("tiny"))
     nn.quantize(model, group_size=64, bits=4)
-    monkeypatch.setenv(quantized.ENV_VAR, "0")
-    assert use_blas_for_quantized(model) == 0 and type(model.layers[0].ffn.proj_1) is nn.QuantizedLinear
-    monkeypatch.delenv(quantized.ENV_VAR)
+    with switches.override(QUANTIZED_BLAS=False):
+        assert use_blas_for_quantized(model) == 0 and type(model.layers[0].ffn.proj_1) is nn.QuantizedLinear
     assert use_blas_for_quantized(model) > 0 and type(model.layers[0].ffn.proj_1) is CPUQuantizedLinear
 
 
 # csrc/qgemv.c: few-row products (decode) in registers-unpacked AVX2 code, where the CPU has it.
 
 def qgemv_or_skip():
-    from openelm_mlx.quantized import qgemv_library
+    from openelm_mlx.cpu.quantized import qgemv_library
 
     lib, why = qgemv_library()
     if lib is None:
@@ -119,7 +126,7 @@ def qgemv_or_skip():
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 3])
 def test_qgemv_equals_quantized_matmul_and_a_float64_product(bits, group, rows):
-    from openelm_mlx.quantized import _qgemv
+    from openelm_mlx.cpu.quantized import _qgemv
 
     qgemv_or_skip()
     mx.random.seed(bits * group + rows)
@@ -136,7 +143,7 @@ def test_qgemv_equals_quantized_matmul_and_a_float64_product(bits, group, rows):
 
 
 def test_qgemv_split_over_threads_equals_one_thread(monkeypatch):
-    from openelm_mlx import quantized
+    from openelm_mlx.cpu import quantized
 
     qgemv_or_skip()
     mx.random.seed(9)
@@ -149,7 +156,7 @@ def test_qgemv_split_over_threads_equals_one_thread(monkeypatch):
 
 
 def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
-    from openelm_mlx.quantized import qgemv_applies, quantized_linear
+    from openelm_mlx.cpu.quantized import qgemv_applies, quantized_linear
 
     qgemv_or_skip()
     mx.random.seed(10)
@@ -173,7 +180,7 @@ def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
 
 
 def test_qgemv_gradient_equals_the_quantized_kernels():
-    from openelm_mlx.quantized import quantized_linear
+    from openelm_mlx.cpu.quantized import quantized_linear
 
     qgemv_or_skip()
     mx.random.seed(11)
@@ -187,25 +194,21 @@ def test_qgemv_gradient_equals_the_quantized_kernels():
     np.testing.assert_allclose(np.array(ours), np.array(kernel), atol=1e-4)
 
 
-def test_qgemv_can_be_turned_off(monkeypatch):
-    from openelm_mlx import quantized
+def test_qgemv_can_be_turned_off():
+    from openelm_mlx.cpu import quantized
 
-    quantized.qgemv_library.cache_clear()
-    monkeypatch.setenv(quantized.QGEMV_ENV_VAR, "0")
-    try:
+    with switches.override(QGEMV=False):
         lib, why = quantized.qgemv_library()
         assert lib is None and quantized.QGEMV_ENV_VAR in why
         layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
         assert not quantized.qgemv_applies(layer, mx.zeros((1, 256)))
-    finally:
-        quantized.qgemv_library.cache_clear()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_qgemv_in_a_forked_child_runs_on_one_thread():
     # libgomp's pool does not survive fork (a child's threaded call hung, measured): the child uses one thread.
     # (MLX itself cannot evaluate in such a child either, so the child calls the kernel on numpy arrays.)
-    from openelm_mlx import quantized
+    from openelm_mlx.cpu import quantized
 
     qgemv_or_skip()
     mx.random.seed(12)

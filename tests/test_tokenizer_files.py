@@ -4,12 +4,11 @@ SentencePiece with BOS, and decode the same; DESIGN.md section 3 describes the p
 import json
 
 import pytest
-
-from openelm_mlx.checkpoint import write_tokenizer_files
-from openelm_mlx.tokenizer import Tokenizer
-
 from conftest import shared_file
 from test_tokenizer import _vectors as llama_cpp_vectors
+
+from openelm_mlx.tokenizer import Tokenizer
+from openelm_mlx.tokenizer_files import write_tokenizer_files
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ MLX's allocator; `peak_with_mlx_bytes` adds it to MLX's memory of the moment.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -27,8 +26,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .blas import OFF_VALUES
-from .model import Model
+from .. import switches
+from ..model import Model
 
 ENV_VAR = "OPENELM_MLX_NUMPY_HEAD"  # 0/off: the head stays in MLX (compiled step, slower on the CPU)
 # Below this many logits per batch the compiled MLX step is faster: a LoRA step of 192 positions x 8192 tokens
@@ -43,7 +42,7 @@ _scratch = {"now": 0, "peak": 0, "peak_with_mlx": 0}
 def usable(model: nn.Module, positions: int) -> bool:
     """Whether to run this model's head in numpy for a batch of `positions` token positions: it must be allowed
     (see the module docstring) and the batch's logits many enough to outweigh the eager step's overhead."""
-    if os.environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES:
+    if not switches.get(ENV_VAR):
         return False
     if mx.default_device() != mx.cpu or sys.platform == "darwin":
         return False

@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .blas import OFF_VALUES
+from .. import switches
 
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
@@ -123,11 +123,15 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "bl
     return matmul
 
 
-@functools.lru_cache(maxsize=1)
 def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
     """csrc/qgemv.c loaded, or (None, why not): switched off, no C compiler, or a CPU without AVX2/FMA."""
-    if os.environ.get(QGEMV_ENV_VAR, "").strip().lower() in OFF_VALUES:
-        return None, f"{QGEMV_ENV_VAR}={os.environ[QGEMV_ENV_VAR]}"
+    if not switches.get(QGEMV_ENV_VAR):
+        return None, f"turned off by {QGEMV_ENV_VAR}"
+    return _qgemv_build()
+
+
+@functools.lru_cache(maxsize=1)
+def _qgemv_build() -> tuple[Optional[ctypes.CDLL], str]:
     from .blas import build_c_library
 
     path, problem = build_c_library(QGEMV_SOURCE, ("-fopenmp",))
@@ -203,7 +207,7 @@ def use_blas_for_quantized(model: nn.Module) -> int:
     """On MLX's CPU backend, switch the model's quantized layers to the classes above (in place: same parameters,
     same names, still nn.QuantizedLinear / nn.QuantizedEmbedding for mlx-lm's LoRA, fuse and save code).
     Returns how many layers were switched; none on a GPU or when OPENELM_MLX_QUANTIZED_BLAS=0."""
-    if mx.default_device() != mx.cpu or os.environ.get(ENV_VAR, "").strip().lower() in OFF_VALUES:
+    if mx.default_device() != mx.cpu or not switches.get(ENV_VAR):
         return 0
     swap = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
     switched = 0

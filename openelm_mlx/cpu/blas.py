@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .. import switches
+
 ENV_VAR = "OPENELM_MLX_BLAS"
-GEMV_ENV_VAR = "OPENELM_MLX_GEMV"  # 0/off: MLX's M == 1 matmuls stay on the BLAS's sgemm
-CACHE_ENV_VAR = "OPENELM_MLX_CACHE"  # where the built shim is kept (default ~/.cache/openelm_mlx)
+GEMV_ENV_VAR = "OPENELM_MLX_GEMV"
+CACHE_ENV_VAR = "OPENELM_MLX_CACHE"
 SHIM_SOURCE = Path(__file__).with_name("csrc") / "gemv_shim.c"
-OFF_VALUES = {"none", "off", "0", "false", "reference"}
-TASKS = ("prefill", "decode", "lora")
 
 
 class BlasPreloadWarning(RuntimeWarning):
@@ -156,8 +156,8 @@ def _try_load(path: str) -> tuple[Optional[ctypes.CDLL], str]:
 
 
 def _cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR])
+    if switches.get(CACHE_ENV_VAR):
+        return Path(switches.get(CACHE_ENV_VAR))
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openelm_mlx"
 
 
@@ -197,9 +197,8 @@ def build_gemv_shim() -> tuple[Optional[str], str]:
 def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str]:
     """Put the sgemv-forwarding cblas_sgemm into the global scope, bound to `blas_path`; must run before that
     BLAS goes global, so that libmlx finds the shim first."""
-    setting = os.environ.get(GEMV_ENV_VAR, "").strip()
-    if setting.lower() in OFF_VALUES:
-        return None, f"turned off by {GEMV_ENV_VAR}={setting}"
+    if not switches.get(GEMV_ENV_VAR):
+        return None, f"turned off by {GEMV_ENV_VAR}"
     path, problem = build_gemv_shim()
     if path is None:
         return None, problem
@@ -236,9 +235,9 @@ def preload() -> BlasStatus:
 def _preload() -> BlasStatus:
     if not sys.platform.startswith("linux"):
         return BlasStatus(loaded=False, kind="platform", reason=f"not needed on {sys.platform}")
-    setting = os.environ.get(ENV_VAR, "").strip()
-    if setting.lower() in OFF_VALUES:
-        return BlasStatus(loaded=False, reason=f"turned off by {ENV_VAR}={setting}")
+    setting = switches.get(ENV_VAR) or ""
+    if setting == "none":
+        return BlasStatus(loaded=False, reason=f"turned off by {ENV_VAR}=none")
     if "mlx.core" in sys.modules:
         # libmlx has bound its reference BLAS already; loading now would change nothing (measured).
         available = setting if setting and setting.lower() != "auto" else next(candidates(), (None,))[0]
@@ -292,24 +291,3 @@ def describe() -> str:
     if s.kind == "platform":
         return f"BLAS: the platform's own (nothing preloaded: {s.reason})"
     return f"BLAS: MLX's bundled reference BLAS, slow on CPU ({s.reason})"
-
-
-# Fastest compute dtype per task on MLX's CPU backend, measured by benchmarks/cpu_blas.py (2 cores, OpenBLAS
-# 0.3.21): with an optimized BLAS float32 prefill and LoRA run 10-20x faster than bfloat16 / float16, whose CPU
-# matmuls bypass BLAS, and decode (with the sgemv shim) 4x; without one, bfloat16 is about 1.5-2x faster.
-_CPU_DTYPE = {
-    True: {"prefill": "float32", "decode": "float32", "lora": "float32"},
-    False: {"prefill": "bfloat16", "decode": "bfloat16", "lora": "bfloat16"},
-}
-
-
-def preferred_cpu_dtype(task: str) -> Optional[str]:
-    """The fastest compute dtype for `task` ("prefill", "decode" or "lora") when MLX computes on the CPU, or
-    None on a GPU (keep the checkpoint's dtype). Imports mlx to read the default device."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    import mlx.core as mx
-
-    if mx.default_device().type != mx.cpu:
-        return None
-    return _CPU_DTYPE[status().loaded][task]

@@ -1,0 +1,58 @@
+"""The compute dtype per task on MLX's CPU backend: the one place that decides it.
+
+With an optimized BLAS (`cpu.blas`), float32 prefill and LoRA run 10-20x faster than bfloat16 / float16, whose
+CPU matmuls bypass BLAS, and decode (with the sgemv shim) 4x; without one, bfloat16 is faster (figures and the
+command in docs/cpu-backend.md). A half-precision checkpoint is therefore upcast by default, never downcast:
+precision is never lost silently. Quantized models keep their packed weights; their float16 scales are upcast
+for decode and prefill, where MLX's CPU quantized kernels with half-precision scales are 10-30x slower.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def preferred(task: str) -> Optional[str]:
+    """The fastest compute dtype for `task` on this machine, or None where the checkpoint's dtype is kept
+    (a GPU, or macOS)."""
+    from . import active, blas
+
+    if not active():
+        return None
+    return "float32" if blas.status().loaded else "bfloat16"
+
+
+def apply(model: nn.Module, dtype: Optional[str], task: str) -> Optional[str]:
+    """Cast the model's floating parameters for `task`; returns the dtype it cast to, if any. An explicit
+    `dtype` is applied as is; packed quantized weights are integers and never cast."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype is None:
+        dtype = preferred(task)
+        floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+        if dtype != "float32" or all(d == mx.float32 for d in floats):
+            if task in ("prefill", "decode") and _upcast_quantized(model):
+                return "float32"
+            return None
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return dtype
+
+
+def _upcast_quantized(model: nn.Module) -> bool:
+    from . import active
+
+    if not active():
+        return False
+    quantized = [m for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    if not quantized or all(m.scales.dtype == mx.float32 for m in quantized):
+        return False
+    model.set_dtype(mx.float32)  # floating parameters only; the uint32 packed weights keep their type
+    mx.eval(model.parameters())
+    return True

@@ -1,0 +1,124 @@
+"""Every `OPENELM_MLX_*` environment variable: defined, parsed and documented here, read once per process.
+
+They are escape hatches for the CPU backend layer (`openelm_mlx.cpu`) and for where it keeps what it builds;
+`python -m openelm_mlx.info` prints them with their values. Code asks `get(name)`; tests pass values with
+`override(...)` instead of patching module globals. Pure Python.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+OFF_WORDS = {"0", "off", "false", "no", "none"}
+ON_WORDS = {"", "1", "on", "true", "yes", "auto"}
+
+
+class SwitchError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Switch:
+    name: str  # the environment variable
+    kind: str  # "flag" (on/off) or "path"
+    default: Union[bool, str, None]
+    doc: str
+
+
+SWITCHES = {s.name: s for s in (
+    Switch("OPENELM_MLX_BLAS", "path", None,
+           "optimized BLAS to load before mlx on Linux: a library path, 'auto' (default: system OpenBLAS, then "
+           "the mkl wheel) or 'none' (MLX keeps its reference BLAS)"),
+    Switch("OPENELM_MLX_GEMV", "flag", True,
+           "decode's one-row float matmuls go to OpenBLAS's sgemv through csrc/gemv_shim.c"),
+    Switch("OPENELM_MLX_CACHE", "path", None,
+           "where the C kernels built on first use are kept (default $XDG_CACHE_HOME/openelm_mlx)"),
+    Switch("OPENELM_MLX_COMPILED_DECODE", "flag", True,
+           "one-token steps on the CPU run the compiled decode step (cpu/decode.py)"),
+    Switch("OPENELM_MLX_NUMPY_HEAD", "flag", True,
+           "LoRA on the CPU computes the tied output head and its loss in numpy (cpu/head.py)"),
+    Switch("OPENELM_MLX_QUANTIZED_BLAS", "flag", True,
+           "quantized layers on the CPU de-quantize + BLAS for multi-row products (cpu/quantized.py)"),
+    Switch("OPENELM_MLX_QGEMV", "flag", True,
+           "few-row quantized products on x86-64 run the C kernel csrc/qgemv.c (cpu/quantized.py)"),
+)}
+
+_values: Optional[dict] = None
+_overrides: dict = {}
+
+
+def _parse(switch: Switch, raw: Optional[str]):
+    if raw is None:
+        return switch.default
+    if switch.kind == "path":
+        text = raw.strip()
+        if switch.name == "OPENELM_MLX_BLAS" and text.lower() in OFF_WORDS | {"reference"}:
+            return "none"
+        return text or switch.default
+    word = raw.strip().lower()
+    if word in OFF_WORDS:
+        return False
+    if word in ON_WORDS:
+        return True
+    raise SwitchError(f"{switch.name}={raw!r}: use 1/on or 0/off")
+
+
+def _read() -> dict:
+    values = {}
+    for name, switch in SWITCHES.items():
+        try:
+            values[name] = _parse(switch, os.environ.get(name))
+        except SwitchError as e:
+            import warnings
+
+            warnings.warn(f"{e}; using the default", RuntimeWarning, stacklevel=3)
+            values[name] = switch.default
+    return values
+
+
+def get(name: str):
+    """The value of switch `name` (True/False for flags, a string or None for paths): environment read once."""
+    global _values
+    if name not in SWITCHES:
+        raise KeyError(f"unknown switch {name}; known: {', '.join(SWITCHES)}")
+    if name in _overrides:
+        return _overrides[name]
+    if _values is None:
+        _values = _read()
+    return _values[name]
+
+
+def source(name: str) -> str:
+    """Where a switch's value comes from: 'override', 'environment' or 'default'."""
+    if name in _overrides:
+        return "override"
+    return "environment" if name in os.environ else "default"
+
+
+@contextlib.contextmanager
+def override(**values) -> Iterator[None]:
+    """Set switches for a block (keys without the OPENELM_MLX_ prefix, e.g. override(QGEMV=False))."""
+    names = {f"OPENELM_MLX_{k.upper()}": v for k, v in values.items()}
+    unknown = [n for n in names if n not in SWITCHES]
+    if unknown:
+        raise KeyError(f"unknown switches {unknown}")
+    saved = dict(_overrides)
+    _overrides.update(names)
+    try:
+        yield
+    finally:
+        _overrides.clear()
+        _overrides.update(saved)
+
+
+def describe() -> list[str]:
+    """One line per switch: name, value, where it comes from, what it does (for `python -m openelm_mlx.info`)."""
+    lines = []
+    for name, switch in SWITCHES.items():
+        value = get(name)
+        shown = ("on" if value else "off") if switch.kind == "flag" else (value or "default")
+        lines.append(f"{name}={shown} ({source(name)}): {switch.doc}")
+    return lines
