@@ -22,7 +22,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import cli
-from .checkpoint import MAX_SHARD_BYTES, load_model, load_safetensors, weight_files, write_model_dir
+from .checkpoint import (
+    HUB_PATTERNS,
+    MAX_SHARD_BYTES,
+    ModelPathError,
+    load_model,
+    load_safetensors,
+    resolve_model_path,
+    weight_files,
+    write_model_dir,
+)
 from .config import OpenELMConfig, load_config
 from .errors import NonFiniteError, OpenELMError, nonfinite_message
 from .files import atomic_dir, check_replaceable
@@ -32,8 +41,7 @@ from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
 from .weights import check_finite, check_weights, nonfinite_counts
 
 DEFAULT_TOKENIZER_REPO = "meta-llama/Llama-2-7b-hf"  # what Apple's OpenELM instructions load
-# Never "*.py": Apple's repos carry remote code, which we do not run.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# Pickles only with --allow-pickle; never "*.py" (Apple's repos carry remote code, which we do not run).
 PICKLE_PATTERNS = ["pytorch_model*.bin"]
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (2, 3, 4, 6, 8)
@@ -88,32 +96,15 @@ def default_dtype(cfg: OpenELMConfig) -> str:
     return "bfloat16" if cfg.model_dim >= 3072 else "float16"
 
 
-def _is_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
-
-
-def _snapshot(repo: str, revision: Optional[str], patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download  # honours HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE
-
-    return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
-
-
 def resolve_source(hf_path: str | Path, revision: Optional[str] = None, allow_pickle: bool = False) -> Path:
-    """A local model directory for `hf_path`: the directory itself, or a hub snapshot (json/safetensors only)."""
-    path = Path(hf_path)
-    if path.exists():
-        if not path.is_dir():
-            raise ConvertError(f"{path} is a file; pass the model directory (config.json + safetensors) or a hub id")
-        return path
-    if not _is_hub_id(str(hf_path)):
-        raise ConvertError(f"{hf_path}: no such directory, and not a Hugging Face hub id (ORG/NAME)")
-    try:
-        return _snapshot(str(hf_path), revision, HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else []))
-    except Exception as e:  # huggingface_hub raises many types (offline, gated, not found, network)
-        raise ConvertError(f"cannot get {hf_path} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                           "Check the repo id and your network / HF_HUB_OFFLINE, or pass a local directory "
-                           "as --hf-path") from None
+    """A local model directory for `hf_path`: the directory itself, or a hub snapshot (json/safetensors only,
+    pickles only with `allow_pickle`; never code)."""
+    return resolve_model_path(hf_path, revision=revision, flag="--hf-path",
+                              patterns=HUB_PATTERNS + (PICKLE_PATTERNS if allow_pickle else []))
+
+
+def _hub_tokenizer(repo: str) -> Path:
+    return resolve_model_path(repo, patterns=["tokenizer.model"], flag="--tokenizer") / "tokenizer.model"
 
 
 def resolve_tokenizer(tokenizer: Optional[str | Path], source: Path) -> Path:
@@ -124,11 +115,11 @@ def resolve_tokenizer(tokenizer: Optional[str | Path], source: Path) -> Path:
         if own.is_file():
             return own
         try:
-            return _snapshot(DEFAULT_TOKENIZER_REPO, None, ["tokenizer.model"]) / "tokenizer.model"
-        except Exception as e:
+            return _hub_tokenizer(DEFAULT_TOKENIZER_REPO)
+        except ModelPathError as e:
             raise ConvertError(
                 f"{source} has no tokenizer.model and the default tokenizer repo {DEFAULT_TOKENIZER_REPO} "
-                f"could not be fetched ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                f"could not be fetched ({str(e).split('(', 1)[-1].split(')')[0]}). "
                 "Pass --tokenizer PATH (Llama-2's tokenizer.model, or a directory holding it) or "
                 f"--tokenizer HUB_ID (a repo you can access; {DEFAULT_TOKENIZER_REPO} is gated: accept its "
                 "licence and run `hf auth login` first)") from None
@@ -139,13 +130,10 @@ def resolve_tokenizer(tokenizer: Optional[str | Path], source: Path) -> Path:
         except TokenizerError as e:
             raise ConvertError(f"--tokenizer {tokenizer}: {e}; pass a tokenizer.model file or a directory "
                                "holding one") from None
-    if not _is_hub_id(str(tokenizer)):
-        raise ConvertError(f"--tokenizer {tokenizer}: no such file or directory, and not a hub id (ORG/NAME)")
     try:
-        found = _snapshot(str(tokenizer), None, ["tokenizer.model"]) / "tokenizer.model"
-    except Exception as e:
-        raise ConvertError(f"--tokenizer {tokenizer}: cannot fetch it from the hub ({type(e).__name__}); pass "
-                           "a local tokenizer.model instead") from None
+        found = _hub_tokenizer(str(tokenizer))
+    except ModelPathError as e:
+        raise ConvertError(f"--tokenizer {e}; pass a local tokenizer.model instead") from None
     if not found.is_file():
         raise ConvertError(f"--tokenizer {tokenizer}: the repo has no tokenizer.model (OpenELM needs Llama-2's "
                            "SentencePiece model)")

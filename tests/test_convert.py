@@ -208,7 +208,7 @@ def test_hub_id_resolves_offline_from_a_prepopulated_cache(tmp_path, ref, ref_lo
     proc = subprocess.run([sys.executable, "-m", "openelm_mlx.convert", "--hf-path", "apple/OpenELM-missing",
                            "--mlx-path", str(tmp_path / "out2")], env=env, capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
-    assert proc.returncode == 1 and "cannot get apple/OpenELM-missing from the Hugging Face hub" in proc.stderr
+    assert proc.returncode == 1 and "apple/OpenELM-missing: no such local directory, and fetching it from the Hugging Face hub failed" in proc.stderr
     assert_nothing_left(tmp_path, "out2")
 
 
@@ -287,7 +287,7 @@ def test_cli_reports_errors_on_stderr(source, tmp_path, capsys):
     assert conv.main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "out")]) == 1
     assert "already exists; pass --force" in capsys.readouterr().err
     assert conv.main(["--hf-path", str(tmp_path / "nope"), "--mlx-path", str(tmp_path / "o")]) == 1
-    assert "no such directory" in capsys.readouterr().err
+    assert "no such model directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("module", ["openelm_mlx.convert", "openelm_mlx.export"])
