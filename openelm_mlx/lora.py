@@ -109,6 +109,10 @@ def lora(**settings):
     from .tokenizer import Tokenizer
 
     cfg = LoraConfig(**settings)
+    if cfg.fuse:  # refuse a --save-path that cannot be written before any training time is spent
+        from .files import check_replaceable
+
+        check_replaceable(cfg.save_path, cfg.force)
     log = tuner.log
     np.random.seed(cfg.seed)
     mx.random.seed(cfg.seed)
