@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import cli
-from .adapters import ADAPTER_WEIGHTS, DEFAULT_KEYS, FINE_TUNE_TYPES
+from .adapters import ADAPTER_WEIGHTS, DEFAULT_KEYS, FINE_TUNE_TYPES, AdapterError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -99,42 +99,94 @@ class LoraConfig:
 def lora(**settings):
     """Fine-tune with the given `LoraConfig` settings; returns the `TrainResult` (None when only testing)."""
     import mlx.core as mx
-    import mlx.optimizers as optim
     import numpy as np
-    from mlx.utils import tree_flatten
 
-    from . import adapters, cpu, tuner
-    from .checkpoint import load_model
-    from .errors import OutputExistsError
-    from .tokenizer import Tokenizer
+    from . import tuner
+    from .checkpoint import load
 
     cfg = LoraConfig(**settings)
-    if cfg.fuse:  # refuse a --save-path that cannot be written before any training time is spent
-        from .files import check_replaceable
-
-        check_replaceable(cfg.save_path, cfg.force)
-    log = tuner.log
+    check_outputs(cfg)
     np.random.seed(cfg.seed)
     mx.random.seed(cfg.seed)
-    model, _ = load_model(cfg.model)
-    cast = cpu.prepare(model, "lora", cfg.dtype)["dtype"]
-    if cast:
-        log(f"Base model computes in {cast}"
-            + ("" if cfg.dtype else " (fastest on this CPU backend; --dtype to override)"))
-    tokenizer = Tokenizer(cfg.model)
+    model, tokenizer = load(cfg.model, task="lora", dtype=cfg.dtype)
+    tuner.log(f"Base model computes in {compute_dtype(model)}"
+              + ("" if cfg.dtype else " (the fastest on this backend; --dtype to override)"))
     train_set, valid_set, test_set = tuner.load_datasets(
         cfg.data, tokenizer, mask_prompt=cfg.mask_prompt, max_seq_length=cfg.max_seq_length,
         valid_fraction=cfg.valid_fraction, seed=cfg.seed)
-    log(f"Data: {len(train_set)} train, {len(valid_set) if valid_set else 0} valid, "
-        f"{len(test_set) if test_set else 0} test examples ({train_set.format} format)")
+    tuner.log(f"Data: {len(train_set)} train, {len(valid_set) if valid_set else 0} valid, "
+              f"{len(test_set) if test_set else 0} test examples ({train_set.format} format)")
+    iters = total_iters(cfg, train_set)
+    adapter_cfg = add_adapters(cfg, model, iters)
+    schedule_args, optimizer = make_optimizer(cfg, iters)
+    start = 0
+    if cfg.resume_adapter_file:
+        start = resume_from(model, optimizer, Path(cfg.resume_adapter_file))
+        if start >= iters:
+            raise AdapterError(f"{cfg.resume_adapter_file} was trained to iteration {start} already; --iters "
+                               f"{iters} is the total, so raise it to train further")
+    result = None
+    if iters > start:
+        save = saver(cfg, model, optimizer, adapter_cfg, iters)
+        result = tuner.train(model, optimizer, train_set, valid_set, schedule_args, save=save, start_iteration=start)
+        report(result, start, Path(cfg.adapter_path) / ADAPTER_WEIGHTS)
+        if result.interrupted:
+            return result
+    if cfg.test:
+        if test_set is None:
+            raise tuner.DataError(f"--test needs a test split: {cfg.data} is not a directory with test.jsonl")
+        model.eval()
+        loss, ntoks = tuner.evaluate(model, test_set, cfg.batch_size, cfg.test_batches, pack=cfg.pack)
+        tuner.log(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f} ({ntoks} tokens)")
+    if cfg.fuse:
+        from .fuse import fuse
 
-    if cfg.iters is None:
-        epochs = cfg.epochs if cfg.epochs is not None else 1.0
-        iters = math.ceil(epochs * tuner.batches_per_epoch(train_set, cfg.batch_size))
-    else:
-        iters = cfg.iters
-    # Check the batch size against the data before any work is spent.
+        fuse(model=cfg.model, adapter_path=cfg.adapter_path, save_path=cfg.save_path, de_quantize=cfg.de_quantize,
+             force=cfg.force)
+    return result
+
+
+def check_outputs(cfg: LoraConfig) -> None:
+    """Refuse outputs that cannot be written before any time is spent: an adapter file from another run (unless
+    --force, or resuming from it in place) and, with --fuse, a --save-path that may not be replaced."""
+    from .errors import OutputExistsError
+    from .files import check_replaceable
+
+    out_file = Path(cfg.adapter_path) / ADAPTER_WEIGHTS
+    resume = Path(cfg.resume_adapter_file) if cfg.resume_adapter_file else None
+    if out_file.exists() and not cfg.force and (resume is None or resume.resolve() != out_file.resolve()):
+        raise OutputExistsError(f"{out_file} already exists; pass --force to overwrite it, or resume from it "
+                                f"with --resume-adapter-file {out_file}")
+    if cfg.fuse:
+        check_replaceable(cfg.save_path, cfg.force)
+
+
+def compute_dtype(model) -> str:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    floats = {str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
+              if mx.issubdtype(v.dtype, mx.floating)}
+    return "/".join(sorted(floats))
+
+
+def total_iters(cfg: LoraConfig, train_set) -> int:
+    """--iters, or the iterations of --epochs passes (default one) over the training set; also checks the batch
+    size against the data."""
+    from . import tuner
+
     next(tuner.iterate_batches(train_set, cfg.batch_size))
+    if cfg.iters is not None:
+        return cfg.iters
+    epochs = cfg.epochs if cfg.epochs is not None else 1.0
+    return math.ceil(epochs * tuner.batches_per_epoch(train_set, cfg.batch_size))
+
+
+def add_adapters(cfg: LoraConfig, model, iters: int) -> dict:
+    """Swap in the adapter layers `cfg` describes (the base frozen); returns their adapter_config.json content."""
+    from mlx.utils import tree_flatten
+
+    from . import adapters, tuner
 
     adapter_cfg = adapters.adapter_config(
         fine_tune_type=cfg.fine_tune_type, num_layers=cfg.num_layers, rank=cfg.rank, scale=cfg.lora_scale,
@@ -143,61 +195,52 @@ def lora(**settings):
     adapters.apply_adapters(model, adapter_cfg)
     n_train = sum(v.size for v in adapters.adapter_weights(model).values())
     n_total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    log(f"Trainable parameters: {100 * n_train / n_total:.3f}% ({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M)")
+    tuner.log(f"Trainable parameters: {100 * n_train / n_total:.3f}% ({n_train / 1e6:.3f}M/{n_total / 1e6:.3f}M)")
+    return adapter_cfg
 
-    adapter_path = Path(cfg.adapter_path)
-    out_file = adapter_path / ADAPTER_WEIGHTS
-    resume = Path(cfg.resume_adapter_file) if cfg.resume_adapter_file else None
-    if out_file.exists() and not cfg.force and (resume is None or resume.resolve() != out_file.resolve()):
-        raise OutputExistsError(f"{out_file} already exists; pass --force to overwrite it, or resume from it "
-                                f"with --resume-adapter-file {out_file}")
+
+def make_optimizer(cfg: LoraConfig, iters: int):
+    """(the tuner's TrainArgs, Adam/AdamW on the warmup + cosine/constant schedule)."""
+    import mlx.optimizers as optim
+
+    from . import tuner
 
     shared = {f.name for f in dataclasses.fields(tuner.TrainArgs)} - {"iters"}
-    schedule_args = tuner.TrainArgs(iters=iters, **{k: getattr(cfg, k) for k in shared})
+    args = tuner.TrainArgs(iters=iters, **{k: getattr(cfg, k) for k in shared})
     opt_class = optim.Adam if cfg.optimizer == "adam" else optim.AdamW
-    optimizer = opt_class(learning_rate=tuner.build_schedule(schedule_args))
+    return args, opt_class(learning_rate=tuner.build_schedule(args))
 
-    start = 0
-    if resume is not None:
-        start = resume_from(model, optimizer, resume)
-        if start >= iters and iters > 0:
-            raise adapters.AdapterError(f"{resume} was trained to iteration {start} already; --iters {iters} is "
-                                        f"the total, so raise it to train further")
+
+def saver(cfg: LoraConfig, model, optimizer, adapter_cfg: dict, iters: int):
+    """The tuner's `save(iteration)`: adapters, optimizer state, and every --save-every a numbered copy."""
+    from mlx.utils import tree_flatten
+
+    from . import adapters, tuner
+
+    adapter_path = Path(cfg.adapter_path)
 
     def save(iteration: int):
         meta = {"iteration": iteration}
         adapters.save_adapters(adapter_path, model, adapter_cfg, meta)
-        adapters.save_adapter_weights(adapter_path / OPTIMIZER_FILE,
-                                      dict(tree_flatten(optimizer.state)), meta)
+        adapters.save_adapter_weights(adapter_path / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)), meta)
         if cfg.save_every and iteration % cfg.save_every == 0 and iteration != iters:
             adapters.save_adapter_weights(adapter_path / f"{iteration:07d}_{ADAPTER_WEIGHTS}",
                                           adapters.adapter_weights(model), meta)
-        log(f"Iter {iteration}: Saved adapter weights to {out_file}")
+        tuner.log(f"Iter {iteration}: Saved adapter weights to {adapter_path / ADAPTER_WEIGHTS}")
 
-    result = None
-    if iters > start:
-        result = tuner.train(model, optimizer, train_set, valid_set, schedule_args, save=save, start_iteration=start)
-        log(f"Trained {result.iteration - start} iterations in {result.train_time:.1f}s: "
-            f"{result.tokens_per_sec:.1f} trained tokens/s, useful (non-padding) tokens "
-            f"{result.useful_fraction:.1%}, final train loss {result.train_loss:.3f}"
-            + (f", val loss {result.val_loss:.3f}" if result.val_loss is not None else "")
-            + f", peak memory {result.peak_memory_gb:.3f} GB")
-        if result.interrupted:
-            log(f"Stopped by SIGINT at iteration {result.iteration}; resume with "
-                f"--resume-adapter-file {out_file}")
-            return result
-    if cfg.test:
-        if test_set is None:
-            raise tuner.DataError(f"--test needs a test split: {cfg.data} is not a directory with test.jsonl")
-        model.eval()
-        loss, ntoks = tuner.evaluate(model, test_set, cfg.batch_size, cfg.test_batches, pack=cfg.pack)
-        log(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f} ({ntoks} tokens)")
-    if cfg.fuse:
-        from .fuse import fuse
+    return save
 
-        fuse(model=cfg.model, adapter_path=adapter_path, save_path=cfg.save_path, de_quantize=cfg.de_quantize,
-             force=cfg.force)
-    return result
+
+def report(result, start: int, out_file: Path) -> None:
+    from . import tuner
+
+    tuner.log(f"Trained {result.iteration - start} iterations in {result.train_time:.1f}s: "
+              f"{result.tokens_per_sec:.1f} trained tokens/s, useful (non-padding) tokens "
+              f"{result.useful_fraction:.1%}, final train loss {result.train_loss:.3f}"
+              + (f", val loss {result.val_loss:.3f}" if result.val_loss is not None else "")
+              + f", peak memory {result.peak_memory_gb:.3f} GB")
+    if result.interrupted:
+        tuner.log(f"Stopped by SIGINT at iteration {result.iteration}; resume with --resume-adapter-file {out_file}")
 
 
 def resume_from(model, optimizer, path: Path) -> int:
