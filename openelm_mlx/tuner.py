@@ -426,18 +426,9 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[Dataset], args: TrainArgs, *,
-          save: Callable[[int], None], start_iteration: int = 0) -> TrainResult:
-    """Train the model's trainable parameters for iterations `start_iteration + 1 .. args.iters`.
-
-    `save(iteration)` writes the adapter; it is called every `save_every` steps, at the end, on SIGINT, and,
-    when the loss stops being finite, after restoring the last good parameters (then TrainingError is raised).
-    The batch order depends only on `seed`, so a resumed run sees the batches the uninterrupted one would.
-    """
-    if args.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
-
-        grad_checkpoint(model.layers[0])
+def make_step(model: nn.Module, optimizer) -> tuple[Callable[["Batch"], tuple], list]:
+    """One optimizer step on a batch, and the state it updates: compiled, except where the numpy head applies
+    (it evaluates h mid-step), which runs eagerly."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state, mx.random.state]
 
@@ -450,20 +441,91 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     compiled_masked = mx.compile(plain_step, inputs=state, outputs=state)
 
     def step(batch: Batch):
-        if cpu_head.usable(model, batch.n_positions):  # the numpy head evaluates h mid-step: run eagerly
+        if cpu_head.usable(model, batch.n_positions):
             with quantized.eager_autodiff():  # a quantized base's layers then keep no float32 weights
                 return plain_step(batch.inputs, batch.targets, batch.weights, batch.mask, numpy_head=True)
         if batch.mask is None:
             return compiled(batch.inputs, batch.targets, batch.weights)
         return compiled_masked(batch.inputs, batch.targets, batch.weights, batch.mask)
 
+    return step, state
+
+
+def guarded_step(model: nn.Module, optimizer, step, state, batch: "Batch", it: int,
+                 save: Callable[[int], None]) -> float:
+    """Run `step` and return the loss; if the loss or the updated parameters are not finite, restore the last
+    finite parameters and optimizer state, save them as iteration it - 1, and raise TrainingError."""
+    # Arrays are immutable: these keep the pre-step values, the last state known to be finite.
+    good_params = model.trainable_parameters()
+    good_opt = tree_map(lambda x: x, optimizer.state)
+    loss, _ = step(batch)
+    mx.eval(state, loss)
+    loss = loss.item()
+    broken = nonfinite_trainable(model)
+    if math.isfinite(loss) and not broken:
+        return loss
+    model.update(good_params)
+    optimizer.state = good_opt
+    save(it - 1)
+    what = (f"the training loss became {loss}" if not math.isfinite(loss) else
+            f"the update made {len(broken)} adapter tensor(s) non-finite ({', '.join(broken[:3])})")
+    raise TrainingError(f"{what} at iteration {it}; stopped and saved the last good adapter (iteration {it - 1}). "
+                        f"Lower --learning-rate or add --warmup, then resume with --resume-adapter-file")
+
+
+class Meter:
+    """Loss and token counts per report window and in total, and mlx-lm's report line."""
+
+    def __init__(self):
+        self.window = dict(loss=0.0, steps=0, trained=0, useful=0, positions=0, time=0.0)
+        self.totals = dict(trained=0, useful=0, positions=0, time=0.0)
+
+    def add(self, batch: "Batch", loss: float, elapsed: float) -> None:
+        for d in (self.window, self.totals):
+            d["trained"] += batch.n_trained
+            d["useful"] += batch.n_useful
+            d["positions"] += batch.n_positions
+            d["time"] += elapsed
+        self.window["loss"] += loss
+        self.window["steps"] += 1
+
+    def report(self, it: int, learning_rate: float) -> None:
+        w = self.window
+        log(f"Iter {it}: Train loss {w['loss'] / w['steps']:.3f}, Learning Rate {learning_rate:.3e}, "
+            f"It/sec {w['steps'] / w['time']:.3f}, Tokens/sec {w['trained'] / w['time']:.1f}, "
+            f"Trained Tokens {self.totals['trained']}, Useful {w['useful'] / w['positions']:.1%}, "
+            f"Peak mem {peak_memory_gb():.3f} GB")
+        self.window = dict.fromkeys(self.window, 0)
+
+    def finish(self, result: "TrainResult") -> None:
+        t = self.totals["time"] or float("nan")
+        result.trained_tokens, result.useful_tokens = self.totals["trained"], self.totals["useful"]
+        result.tokens_per_sec = self.totals["trained"] / t
+        result.useful_per_sec = self.totals["useful"] / t
+        result.useful_fraction = self.totals["useful"] / max(self.totals["positions"], 1)
+        result.peak_memory_gb = peak_memory_gb()
+        result.train_time = self.totals["time"]
+
+
+def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[Dataset], args: TrainArgs, *,
+          save: Callable[[int], None], start_iteration: int = 0) -> TrainResult:
+    """Train the model's trainable parameters for iterations `start_iteration + 1 .. args.iters`.
+
+    `save(iteration)` writes the adapter; it is called every `save_every` steps, at the end, on SIGINT, and,
+    when the loss or an update stops being finite, after restoring the last finite state (then TrainingError is
+    raised). The batch order depends only on `seed`, so a resumed run sees the batches the uninterrupted one would.
+    """
+    if args.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    step, state = make_step(model, optimizer)
     batches = iterate_batches(train_set, args.batch_size, pack=args.pack, seed=args.seed, loop=True)
     for _ in range(start_iteration):  # replay the data order up to where a resumed run left off
         next(batches)
     reset_peak_memory()
     result = TrainResult(iteration=start_iteration, train_loss=float("nan"), val_loss=None)
-    window = dict(loss=0.0, steps=0, trained=0, useful=0, positions=0, time=0.0)
-    totals = dict(trained=0, useful=0, positions=0, time=0.0)
+    meter = Meter()
 
     def validate(it):
         tic = time.perf_counter()
@@ -478,53 +540,20 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     with _StopFlag() as flag:
         for it in range(start_iteration + 1, args.iters + 1):
             batch = next(batches)
-            # Arrays are immutable: these keep the pre-step values, the last state known to be finite.
-            good_params = model.trainable_parameters()
-            good_opt = tree_map(lambda x: x, optimizer.state)
             tic = time.perf_counter()
-            loss, _ = step(batch)
-            mx.eval(state, loss)
-            elapsed = time.perf_counter() - tic
-            loss = loss.item()
-            broken = nonfinite_trainable(model)
-            if not math.isfinite(loss) or broken:
-                model.update(good_params)
-                optimizer.state = good_opt
-                save(it - 1)
-                what = (f"the training loss became {loss}" if not math.isfinite(loss) else
-                        f"the update made {len(broken)} adapter tensor(s) non-finite ({', '.join(broken[:3])})")
-                raise TrainingError(f"{what} at iteration {it}; stopped and saved the last good adapter "
-                                    f"(iteration {it - 1}). Lower --learning-rate or add --warmup, then resume "
-                                    f"with --resume-adapter-file")
+            loss = guarded_step(model, optimizer, step, state, batch, it, save)
+            meter.add(batch, loss, time.perf_counter() - tic)
             result.iteration, result.train_loss = it, loss
             result.losses.append((it, loss))
-            for d in (window, totals):
-                d["trained"] += batch.n_trained
-                d["useful"] += batch.n_useful
-                d["positions"] += batch.n_positions
-                d["time"] += elapsed
-            window["loss"] += loss
-            window["steps"] += 1
             if it % args.steps_per_report == 0 or it == args.iters:
-                w = window
-                log(f"Iter {it}: Train loss {w['loss'] / w['steps']:.3f}, "
-                    f"Learning Rate {optimizer.learning_rate.item():.3e}, It/sec {w['steps'] / w['time']:.3f}, "
-                    f"Tokens/sec {w['trained'] / w['time']:.1f}, Trained Tokens {totals['trained']}, "
-                    f"Useful {w['useful'] / w['positions']:.1%}, Peak mem {peak_memory_gb():.3f} GB")
-                window = dict.fromkeys(window, 0)
+                meter.report(it, optimizer.learning_rate.item())
             if valid_set is not None and (it % args.steps_per_eval == 0 or it == args.iters):
                 validate(it)
-            if it % args.save_every == 0 and it != args.iters:
+            if args.save_every and it % args.save_every == 0 and it != args.iters:
                 save(it)
             if flag.stop:
                 result.interrupted = True
                 break
     save(result.iteration)
-    t = totals["time"] or float("nan")
-    result.trained_tokens, result.useful_tokens = totals["trained"], totals["useful"]
-    result.tokens_per_sec = totals["trained"] / t
-    result.useful_per_sec = totals["useful"] / t
-    result.useful_fraction = totals["useful"] / max(totals["positions"], 1)
-    result.peak_memory_gb = peak_memory_gb()
-    result.train_time = totals["time"]
+    meter.finish(result)
     return result
