@@ -1,24 +1,21 @@
 """The tied output head and its cross-entropy for fine-tuning on the CPU, computed with numpy.
 
 The head of a training step projects hidden states onto the vocabulary (h @ E^T, 32000 columns) and takes a
-cross-entropy over the result. MLX's CPU backend exponentiates with scalar code outside macOS (~16 ns per element,
-one thread; mlx 0.32, x86): on a 26M OpenELM shape, batch 4 x 200 tokens, the head's forward and backward took
-~0.8 s of a 1.73 s LoRA step, most of it exps. numpy's exp is vectorised (~1.2 ns per element) and its BLAS is as
-fast as MLX's, so here the head runs in numpy, an online softmax over blocks of E (bounded scratch memory),
-trained positions only (padding and masked prompt tokens never meet the vocabulary), returning the loss and dL/dh;
-MLX differentiates everything before it. The step took 0.85 s (one-off profile; benchmarks/lora.py has the
-measured comparison); gradients equal MLX's within float32 rounding (tested). numpy needs h evaluated, so a step
-using this head cannot be `mx.compile`d; the tuner runs it eagerly.
+cross-entropy over the result; on MLX's CPU backend outside macOS most of that time is a scalar, single-threaded
+`exp`, where numpy's is vectorised and its BLAS as fast. So the head runs here: an online softmax over blocks of E
+(bounded scratch memory, a quantized E de-quantized block by block), trained positions only (padding and masked
+prompt tokens never meet the vocabulary), returning the loss and dL/dh; MLX differentiates everything before it.
+Gradients equal MLX's within float32 rounding (tested); figures in docs/cpu-backend.md. numpy needs h evaluated,
+so a step using this head cannot be `mx.compile`d; the tuner runs it eagerly.
 
-Used when the default device is the CPU and the host is not macOS (Accelerate vectorises MLX's exp there), the
-embedding is frozen (LoRA/DoRA; full fine-tuning needs dL/dE and stays in MLX), the batch has at least MIN_LOGITS
-logits (smaller ones run faster compiled), and OPENELM_MLX_NUMPY_HEAD is not 0/off. Its scratch memory is outside
-MLX's allocator; `peak_with_mlx_bytes` adds it to MLX's memory of the moment.
+Used when the default device is the CPU and the host is not macOS, the embedding is frozen (LoRA/DoRA; full
+fine-tuning needs dL/dE and stays in MLX), the batch has at least MIN_LOGITS logits (smaller ones run faster
+compiled), and the OPENELM_MLX_NUMPY_HEAD switch is on. Its scratch memory is outside MLX's allocator;
+`peak_with_mlx_bytes` adds it to MLX's memory of the moment.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Callable, Iterable, Iterator, Optional
 
 import mlx.core as mx
@@ -28,11 +25,10 @@ from mlx.utils import tree_flatten
 
 from .. import switches
 from ..model import Model
+from . import active
 
 ENV_VAR = "OPENELM_MLX_NUMPY_HEAD"  # 0/off: the head stays in MLX (compiled step, slower on the CPU)
-# Below this many logits per batch the compiled MLX step is faster: a LoRA step of 192 positions x 8192 tokens
-# ran at 0.65x with the numpy head, 800 x 4096 at 1.8x, 192 x 32000 at 1.7x, 192 x 1024 at 0.27x (one-off).
-MIN_LOGITS = 1 << 21
+MIN_LOGITS = 1 << 21  # below this many logits per batch the compiled MLX step was faster (docs/cpu-backend.md)
 VOCAB_BLOCK = 2048  # rows of E per block of logits (and per de-quantized block of a quantized E)
 MAX_ROWS = 4096  # positions per pass over E: at most 4096 x 2048 float32 logits (32 MB) at once
 
@@ -44,7 +40,7 @@ def usable(model: nn.Module, positions: int) -> bool:
     (see the module docstring) and the batch's logits many enough to outweigh the eager step's overhead."""
     if not switches.get(ENV_VAR):
         return False
-    if mx.default_device() != mx.cpu or sys.platform == "darwin":
+    if not active():
         return False
     if not isinstance(model, Model):  # e.g. mlx-lm's own OpenELM, whose transformer takes no mask
         return False

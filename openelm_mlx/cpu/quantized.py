@@ -33,6 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import switches
+from . import active
 
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
@@ -207,7 +208,7 @@ def use_blas_for_quantized(model: nn.Module) -> int:
     """On MLX's CPU backend, switch the model's quantized layers to the classes above (in place: same parameters,
     same names, still nn.QuantizedLinear / nn.QuantizedEmbedding for mlx-lm's LoRA, fuse and save code).
     Returns how many layers were switched; none on a GPU or when OPENELM_MLX_QUANTIZED_BLAS=0."""
-    if mx.default_device() != mx.cpu or not switches.get(ENV_VAR):
+    if not active() or not switches.get(ENV_VAR):
         return 0
     swap = {nn.QuantizedLinear: CPUQuantizedLinear, nn.QuantizedEmbedding: CPUQuantizedEmbedding}
     switched = 0
