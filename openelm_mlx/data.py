@@ -108,9 +108,10 @@ class JsonlFile:
                 yield text
 
 
-def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file's `text`; errors name the file and line."""
-    for lineno, line in enumerate(text.splitlines(), 1):
+def jsonl_objects(path: Path, text: str, first_line: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file's `text` (whose first line is line
+    `first_line` of the file); errors name the file and line."""
+    for lineno, line in enumerate(text.splitlines(), first_line):
         if not line.strip():
             continue
         try:
@@ -122,9 +123,9 @@ def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield lineno, row
 
 
-def jsonl_text_rows(path: Path, text: str) -> Iterator[tuple[int, str]]:
+def jsonl_text_rows(path: Path, text: str, first_line: int = 1) -> Iterator[tuple[int, str]]:
     """(line number, "text" field) of each non-blank line of a JSONL file's `text`; errors name file and line."""
-    for lineno, row in jsonl_objects(path, text):
+    for lineno, row in jsonl_objects(path, text, first_line):
         if not isinstance(row.get("text"), str):
             raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field, got {sorted(row)}")
         yield lineno, row["text"]
