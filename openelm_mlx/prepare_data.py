@@ -167,6 +167,14 @@ class TokenizeUnit:
         self.filters, self.val_fraction, self.side_dir, self.dtype = filters, val_fraction, side_dir, dtype
 
     def __call__(self, index: int) -> Iterator[np.ndarray]:
+        try:
+            yield from self._tokenize(index)
+        except Exception as e:  # an exception in a worker hangs litdata's optimize: report it through a file
+            msg = str(e) if isinstance(e, (DataError, OSError)) else f"{type(e).__name__}: {e}"
+            Path(self.side_dir, f"error-{index:06d}.txt").write_text(msg)
+            Path(self.side_dir, f"stats-{index:06d}.json").write_text(json.dumps(asdict(UnitStats())))
+
+    def _tokenize(self, index: int) -> Iterator[np.ndarray]:
         if self.tokenizer_path not in _TOKENIZERS:  # once per worker process
             _TOKENIZERS[self.tokenizer_path] = Tokenizer(self.tokenizer_path)
         tok = _TOKENIZERS[self.tokenizer_path]
@@ -328,18 +336,26 @@ def prepare(data: Sequence[str], tokenizer: str, out: str, *, workers: int = os.
             build = str(Path(out, "nodes", f".{node}.tmp"))
             Path(build).mkdir(parents=True)
         stop = threading.Event()
-        bar = threading.Thread(target=_show_progress, args=(side, mine, units, sources, stop, progress))
+        bar = threading.Thread(target=_show_progress, args=(side, mine, stop, progress))
         bar.start()
         try:
-            if mine:
-                _optimize(fn, mine, join(build, "train"), min(workers, len(mine)), chunk_bytes)
-        finally:
-            stop.set()
-            bar.join()
-        per_unit = [json.loads(Path(side, f"stats-{i:06d}.json").read_text()) for i in mine]
-        val_units = [i for i in mine if Path(side, f"val-{i:06d}.npy").exists()]
-        if val_units:
-            _optimize(ReadValidation(side), val_units, join(build, "val"), 1, chunk_bytes)
+            try:
+                if mine:
+                    _optimize(fn, mine, join(build, "train"), min(workers, len(mine)), chunk_bytes)
+            finally:
+                stop.set()
+                bar.join()
+            errors = sorted(Path(side).glob("error-*.txt"))
+            if errors:
+                raise DataError(errors[0].read_text())
+            per_unit = [json.loads(Path(side, f"stats-{i:06d}.json").read_text()) for i in mine]
+            val_units = [i for i in mine if Path(side, f"val-{i:06d}.npy").exists()]
+            if val_units:
+                _optimize(ReadValidation(side), val_units, join(build, "val"), 1, chunk_bytes)
+        except BaseException:
+            if not is_remote(out):  # a dataset is complete or absent
+                shutil.rmtree(build, ignore_errors=True)
+            raise
     per_source = [asdict(UnitStats()) for _ in sources]
     for i, stats in zip(mine, per_unit):
         for key, value in stats.items():
@@ -394,7 +410,7 @@ def merge(out: str, num_nodes: int = 1, quiet: bool = False) -> Optional[dict]:
     return manifest
 
 
-def _show_progress(side: str, mine: list, units: list, sources, stop: threading.Event, enabled: bool) -> None:
+def _show_progress(side: str, mine: list, stop: threading.Event, enabled: bool) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=len(mine), desc="prepare", unit="unit", file=sys.stderr, disable=not enabled,
