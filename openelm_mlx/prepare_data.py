@@ -243,12 +243,17 @@ def read_text(url: str) -> Optional[str]:
         return p.read_text() if p.exists() else None
     from litdata.streaming.fs_provider import _get_fs_provider
 
-    fs = _get_fs_provider(url)
-    if not fs.exists(url):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        fs.download_file(url, os.path.join(tmp, "f"))
-        return Path(tmp, "f").read_text()
+    try:
+        fs = _get_fs_provider(url)
+        if not fs.exists(url):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            fs.download_file(url, os.path.join(tmp, "f"))
+            return Path(tmp, "f").read_text()
+    except Exception as e:  # botocore / google-cloud raise many types (credentials, network, permissions)
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DataError(f"{url}: cannot read ({type(e).__name__}: {msg}); check the URL, credentials and "
+                        "network") from None
 
 
 def write_text(url: str, text: str) -> None:

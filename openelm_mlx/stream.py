@@ -231,9 +231,15 @@ class PreparedFeed:
             num_workers=self.workers, collate_fn=_as_is, persistent_workers=False,
             prefetch_factor=PREFETCH_PER_WORKER if self.workers else None)
         it = iter(loader)
-        while True:
-            micro = [next(it) for _ in range(self.grad_accum)]
-            yield [(x, y) for x, y, _ in micro], json.loads(micro[-1][2])
+        try:
+            while True:
+                micro = [next(it) for _ in range(self.grad_accum)]
+                yield [(x, y) for x, y, _ in micro], json.loads(micro[-1][2])
+        finally:
+            # stop the workers now: left to the garbage collector, their exit could reach a later loader's
+            # SIGCHLD handler as a failed worker
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
 
     def read_val(self, refs: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         return collate_items([self.val[k].item(i) for k, i in refs], self.seq_len, self.pad_id)

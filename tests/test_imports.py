@@ -25,3 +25,8 @@ def test_pure_modules_import_neither_framework(module):
 def test_mlx_side_does_not_import_torch(module):
     loaded = modules_after_import(f"import {module}")
     assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("module", ["openelm_mlx.prepare_data", "openelm_mlx.stream"])
+def test_data_preparation_and_streaming_do_not_import_mlx(module):
+    assert "mlx" not in modules_after_import(f"import {module}")
