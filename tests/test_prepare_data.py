@@ -139,3 +139,26 @@ def test_units_split_large_files_and_hashing_is_stable():
     assert 0.08 < np.mean(picks) < 0.12 and picks == [prep.is_validation(f"doc {i}", 0.1) for i in range(5000)]
     assert list(prep.split_words("a b c d e", 2)) == ["a b", "c d", "e"]
     assert list(prep.split_words("a b c", 0)) == ["a b c"]
+
+
+def test_gzip_jsonl_and_parquet_sources(tmp_path):
+    import gzip
+
+    from openelm_mlx.data import resolve_sources
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = ["first story", "second story", "third"]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n"
+                                                                      for t in rows).encode()))
+    pq.write_table(pa.table({"text": rows, "id": [1, 2, 3]}), tmp_path / "d" / "b.parquet")
+    docs = [d for s in resolve_sources([str(tmp_path / "d")]) for d in s.documents()]
+    assert docs == rows + rows
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"bad\.jsonl\.gz: cannot decompress"):
+        list(resolve_sources([str(tmp_path / "bad.jsonl.gz")])[0].documents())
+    pq.write_table(pa.table({"content": rows}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c\.parquet: no \"text\" column \(columns: \['content'\]\)"):
+        list(resolve_sources([str(tmp_path / "c.parquet")])[0].documents())
