@@ -58,7 +58,8 @@ class PreparedSplit:
         if self._datasets is None:  # opened lazily, so each loader worker opens its own readers
             from litdata import StreamingDataset
 
-            self._datasets = [StreamingDataset(part, cache_dir=_cache_for(part, self.cache_dir))
+            # batch_decode=0: decode only the item asked for (random access; the default decodes 256 around it)
+            self._datasets = [StreamingDataset(part, cache_dir=_cache_for(part, self.cache_dir), batch_decode=0)
                               for part in self.parts]
         return self._datasets
 
