@@ -33,10 +33,11 @@ from openelm_mlx.config import get_preset  # noqa: E402
 from openelm_mlx.prepare_data import Filters, prepare  # noqa: E402
 from openelm_mlx.reference.model import build_model  # noqa: E402
 from openelm_mlx.stream import PreparedFeed  # noqa: E402
-from openelm_mlx.train import TrainConfig, forward_backward, make_optimizer  # noqa: E402
+from openelm_mlx.train import TrainConfig, flops_per_token, forward_backward, make_optimizer  # noqa: E402
 
 SHARED = Path(os.environ.get("OPENELM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 APPLE_TOKENS = 1.8e12  # the OpenELM paper's pre-training corpus
+H100_BF16 = 989e12  # dense bf16 FLOP/s, NVIDIA's data sheet (H100 and H200 SXM)
 
 
 def make_corpus(out: Path, copies: int) -> Path:
@@ -142,6 +143,10 @@ def main(argv=None) -> int:
             print(f"| loader, {w} workers | {s:.4f} | {B * T / s:,.0f} | {f'{step / s:,.0f}x' if step else '-'} |")
         if step:
             print(f"| 270M step (CPU, fp32) | {step:.1f} | {B * T / step:,.0f} | |")
+        # no GPU here: bound the GPU step from below by the data-sheet bf16 peak at 100% utilization
+        gpu_tokens = H100_BF16 / flops_per_token(get_preset("OpenELM-270M"), T)
+        print(f"| 270M step bound, H100/H200 at {H100_BF16 / 1e12:.0f} TFLOP/s, 100% MFU | {B * T / gpu_tokens:.4f} | "
+              f"{gpu_tokens:,.0f} | loader 2 workers {B * T / loader[2] / gpu_tokens:.1f}x faster |")
 
         disk = sum(f.stat().st_size for f in Path(dataset).rglob("*") if f.is_file())
         per_token = disk / tokens

@@ -258,8 +258,12 @@ class HFDataset:
             fp["hub_sha"] = _hub_dataset_sha(self.path)
         return fp
 
-    def documents(self) -> Iterator[str]:
+    def documents(self, shard: Optional[tuple[int, int]] = None) -> Iterator[str]:
+        """All documents, or with `shard` = (index, count) those of one of `count` disjoint sets of the
+        dataset's files (count <= num_shards())."""
         rows = self._open()
+        if shard is not None:
+            rows = rows.shard(num_shards=shard[1], index=shard[0])
         for i, row in enumerate(rows):
             if self.max_docs is not None and i >= self.max_docs:
                 return
@@ -270,6 +274,10 @@ class HFDataset:
                                 "choose one with ?text_field=NAME")
             if text.strip():
                 yield text
+
+    def num_shards(self) -> int:
+        """How many disjoint file sets `documents(shard=...)` can split the dataset into (1 with max_docs)."""
+        return 1 if self.max_docs is not None else int(getattr(self._open(), "n_shards", 1))
 
     def _open(self):
         try:

@@ -128,9 +128,12 @@ def plan_units(sources: Sequence[data_lib.DocumentSource], workers: int) -> list
 
 
 def unit_documents(source: data_lib.DocumentSource, part: int, parts: int) -> Iterator[str]:
-    """Documents part, part + parts, ... of `source`; JSONL lines that are not this unit's are not parsed."""
+    """This unit's documents of `source`: a Hugging Face dataset's share of its files when it has enough of them,
+    else documents part, part + parts, ... (JSONL lines that are not this unit's are not parsed)."""
     if parts == 1:
         yield from source.documents()
+    elif isinstance(source, data_lib.HFDataset) and source.num_shards() >= parts:
+        yield from source.documents(shard=(part, parts))  # disjoint files: no unit streams the whole dataset
     elif isinstance(source, data_lib.JsonlFile):
         numbered = [(n, line) for n, line in enumerate(data_lib._read_text(source.path).splitlines(), 1)
                     if line.strip()]
@@ -327,9 +330,14 @@ def prepare(data: Sequence[str], tokenizer: str, out: str, *, workers: int = os.
                 "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "dtype": dtype,
                 "filters": asdict(filters), "val_fraction": val_fraction, "num_nodes": num_nodes,
                 "sources": [s.name for s in sources]}
+    node = _node_name(node_rank, num_nodes)
+    done = read_text(join(out, "nodes", node, "node.json"))
+    if done is not None and not force and all(json.loads(done).get(k) == v for k, v in settings.items()):
+        # this node finished in an earlier, interrupted run of the whole preparation: keep its part
+        print(f"[prepare_data] {node}: already prepared with these settings; kept", file=sys.stderr, flush=True)
+        return merge(out, num_nodes, quiet=not progress) or json.loads(done)
     units = plan_units(sources, workers * num_nodes)
     mine = list(range(node_rank, len(units), num_nodes))
-    node = _node_name(node_rank, num_nodes)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="openelm-prepare-") as side:
         fn = TokenizeUnit(sources, units, str(tok.path), filters, val_fraction, side, dtype)
@@ -365,7 +373,8 @@ def prepare(data: Sequence[str], tokenizer: str, out: str, *, workers: int = os.
     for i, stats in zip(mine, per_unit):
         for key, value in stats.items():
             per_source[units[i].source][key] += value
-    record = {**settings, "node": node, "units": len(mine), "per_source": per_source}
+    # every node must split the work alike: merge() checks "units" (set by --workers x --num-nodes)
+    record = {**settings, "units": len(units), "node": node, "node_units": len(mine), "per_source": per_source}
     write_text(join(build, "node.json"), json.dumps(record, indent=1))
     if not is_remote(out):
         if Path(final).exists():
@@ -392,13 +401,13 @@ def merge(out: str, num_nodes: int = 1, quiet: bool = False) -> Optional[dict]:
     records = [json.loads(t) for t in texts]
     first = records[0]
     for record in records[1:]:
-        bad = [k for k in first if k not in ("node", "units", "per_source") and record.get(k) != first[k]]
+        bad = [k for k in first if k not in ("node", "node_units", "per_source") and record.get(k) != first[k]]
         if bad:
             raise DataError(f"{out}: {record['node']} was prepared with other settings ({', '.join(bad)}) "
-                            "than node 0; prepare every node with the same command")
+                            "than node 0; prepare every node with the same command and --workers")
     per_source = [{k: sum(r["per_source"][i][k] for r in records) for k in first["per_source"][i]}
                   for i in range(len(first["sources"]))]
-    manifest = {k: v for k, v in first.items() if k not in ("node", "units", "per_source", "sources")}
+    manifest = {k: v for k, v in first.items() if k not in ("node", "units", "node_units", "per_source", "sources")}
     manifest.update(
         splits={split: [f"nodes/{r['node']}/{split}" for r in records
                         if any(s[f"{split}_pieces"] for s in r["per_source"])] for split in ("train", "val")},
@@ -455,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (Llama-2's for OpenELM)")
     p.add_argument("--out", required=True, help="dataset directory or s3:// / gs:// URL")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes (default: "
-                   "all cores)")
+                   "all cores; give every node the same value: it sets how the work is split)")
     p.add_argument("--min-chars", type=int, default=Filters.min_chars, help="corenet min_characters_per_text")
     p.add_argument("--min-tokens", type=int, default=Filters.min_tokens, help="corenet min_tokens_per_text "
                    "(BOS and EOS counted)")

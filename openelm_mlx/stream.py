@@ -19,6 +19,7 @@ labels, as apple/corenet's `BaseLMIterableDataset._tokenize_text` does.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -212,13 +213,15 @@ class PreparedFeed:
 
     def __init__(self, specs: Sequence[str], weights, streams: int, seed: int, batch_size: int, grad_accum: int,
                  world: int, rank: int, seq_len: int, pad_id: int, workers: int, cache_dir: Optional[str],
-                 state: Optional[dict] = None):
+                 state: Optional[dict] = None, val_limit: Optional[int] = None):
         self.train = [PreparedSplit(s, "train", cache_dir) for s in specs]
         self.val = [PreparedSplit(s, "val", cache_dir) for s in specs]
         self.manifests = [s.manifest for s in self.train]
         self.plan = Plan(self.train, weights, streams, seed, batch_size, grad_accum, world, rank, state)
         self.seq_len, self.pad_id, self.workers, self.grad_accum = seq_len, pad_id, workers, grad_accum
-        self.val_items = [(k, i) for k, split in enumerate(self.val) for i in range(len(split))]
+        # the held-out items evaluation reads: the first `val_limit` of the datasets' val splits, in order
+        self.val_items = list(itertools.islice(((k, i) for k, split in enumerate(self.val)
+                                                for i in range(len(split))), val_limit))
 
     def check_tokenizer(self, sha256: str, vocab_size: int, source: str) -> None:
         for spec, m in zip(self.train, self.manifests):

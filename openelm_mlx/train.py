@@ -679,7 +679,8 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
         streams = data_state["streams"] if data_state else (tc.data_streams or d.world)
         feed = stream_lib.PreparedFeed(tc.data, tc.data_weights, streams, tc.seed, B, tc.grad_accum, d.world,
                                        d.rank, tc.seq_len, pad_id, tc.data_workers,
-                                       stream_lib.default_cache_dir(run_dir), data_state)
+                                       stream_lib.default_cache_dir(run_dir), data_state,
+                                       val_limit=tc.val_batches * B * d.world)
         feed.check_tokenizer(data_lib._sha256(tok.path), tok.vocab_size, str(tok.path))
         data_state = data_state or feed.plan.state()
         n_train, val_items = sum(len(s) for s in feed.train), feed.val_items

@@ -101,6 +101,10 @@ def test_one_two_four_workers_and_two_nodes_give_the_same_tokens_and_manifest(tm
     first = prepare([str(corpus)], tokenizer, str(out), workers=2, filters=OFF, val_fraction=0.05,
                     chunk_bytes=4096, node_rank=1, num_nodes=2, progress=False)
     assert "splits" not in first and not (out / "manifest.json").exists()
+    stamp = (out / "nodes" / "node-00001-of-00002" / "node.json").stat().st_mtime_ns
+    again = prepare([str(corpus)], tokenizer, str(out), workers=2, filters=OFF, val_fraction=0.05,
+                    chunk_bytes=4096, node_rank=1, num_nodes=2, progress=False)  # a re-run keeps a finished node
+    assert again == first and (out / "nodes" / "node-00001-of-00002" / "node.json").stat().st_mtime_ns == stamp
     with pytest.raises(DataError, match="not a prepared dataset"):
         prep.read_manifest(str(out))
     merged = prepare([str(corpus)], tokenizer, str(out), workers=2, filters=OFF, val_fraction=0.05,
