@@ -112,17 +112,18 @@ class Unit:
 
 
 def plan_units(sources: Sequence[data_lib.DocumentSource], workers: int) -> list[Unit]:
-    """Split sources into units: large local files into several strided parts, so a corpus of one big file
-    still uses every worker; the output does not depend on the split."""
-    sizes = []
-    for s in sources:
-        path = getattr(s, "path", None)
-        sizes.append(Path(path).stat().st_size if isinstance(path, Path) and path.is_file() else 0)
+    """Split sources into units: a Hugging Face dataset by its files (up to the target), a local file by size
+    into strided parts, so a corpus of one big file still uses every worker; the output does not depend on the
+    split."""
+    sizes = [Path(s.path).stat().st_size if isinstance(getattr(s, "path", None), Path) else 0 for s in sources]
     total = sum(sizes) or 1
     target = max(1, workers * UNITS_PER_WORKER)
     units = []
-    for i, size in enumerate(sizes):
-        parts = max(1, min(target, math.ceil(target * size / total))) if size else target
+    for i, (source, size) in enumerate(zip(sources, sizes)):
+        if isinstance(source, data_lib.HFDataset):
+            parts = min(target, source.num_shards())  # each unit streams only its own files
+        else:
+            parts = max(1, min(target, math.ceil(target * size / total)))
         units += [Unit(i, k, parts) for k in range(parts)]
     return units
 

@@ -166,3 +166,23 @@ def test_gzip_jsonl_and_parquet_sources(tmp_path):
     pq.write_table(pa.table({"content": rows}), tmp_path / "c.parquet")
     with pytest.raises(DataError, match=r"c\.parquet: no \"text\" column \(columns: \['content'\]\)"):
         list(resolve_sources([str(tmp_path / "c.parquet")])[0].documents())
+
+
+def test_hugging_face_dataset_is_split_by_files(tmp_path, tokenizer, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="the optional `datasets` extra is not installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "pq").mkdir()
+    texts = [f"Story {i}: the cat sat on mat number {i}." for i in range(30)]
+    for f in range(3):
+        datasets.Dataset.from_dict({"text": texts[f::3]}).to_parquet(str(tmp_path / "pq" / f"part-{f}.parquet"))
+    spec = f"hf:{tmp_path / 'pq'}"
+    (source,) = prep.data_lib.resolve_sources([spec])
+    assert source.num_shards() == 3
+    units = prep.plan_units([source], workers=2)
+    assert [(u.part, u.parts) for u in units] == [(0, 3), (1, 3), (2, 3)]
+    shares = [list(prep.unit_documents(source, u.part, u.parts)) for u in units]
+    assert sorted(sum(shares, [])) == sorted(texts) and all(shares)  # disjoint files, every document once
+    manifest = prepare([spec], tokenizer, str(tmp_path / "out"), workers=2, filters=OFF, val_fraction=0.0,
+                       progress=False)
+    assert manifest["totals"]["documents"] == 30 and len(items(tmp_path / "out")) == 30
