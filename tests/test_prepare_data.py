@@ -44,6 +44,9 @@ def items(out, split="train"):
 
 
 def test_corenet_filters_drop_exactly_the_documents_they_should(tmp_path, tokenizer):
+    """apple/corenet rules (commit 1aa3acd): general_lm.py `_split_document_into_sequences` (2048-word pieces),
+    base_lm.py `_process_text` + `_tokenize_text` (under 200 processed characters, under 256 tokens with
+    BOS/EOS: dropped), defaults from projects/openelm/pretraining_configs/openelm_270M.yaml."""
     docs = {
         "short": "Short story.",  # 11 characters: under 200
         "punct": "!" * 500 + " hi",  # 503 characters, but "hi" once punctuation is stripped (SlimPajama's rule)

@@ -177,3 +177,18 @@ def test_two_process_gloo_ddp_equals_one_process_reading_both_streams(tmp_path, 
                           env=env, capture_output=True, text=True, timeout=300)
     assert solo.returncode == 0, solo.stderr[-3000:]
     assert metrics(tmp_path / "solo")[0]["loss"] != pytest.approx(a[0]["loss"], abs=1e-4)
+
+
+def test_trainer_refuses_mixed_or_unusable_prepared_data(tmp_path, datasets, tokenizer, capsys):
+    from openelm_mlx import train as train_mod
+
+    (tmp_path / "raw.txt").write_text("Once upon a time.")
+    with pytest.raises(train_mod.TrainingError, match="--data mixes prepared datasets and raw sources"):
+        train_mod.train(data=[datasets["a"], str(tmp_path / "raw.txt")], tokenizer=tokenizer, out=str(tmp_path / "r"))
+    with pytest.raises(train_mod.TrainingError, match="a prepared dataset needs --tokenizer"):
+        train_mod.train(data=[datasets["a"]], vocab_size=300, out=str(tmp_path / "r2"))
+    assert train_mod.main(["--data", datasets["a"], "--tokenizer", tokenizer, "--out", str(tmp_path / "r3"),
+                           "--data-weights", "1", "2", "--preset", "tiny", "--model-dim", "64",
+                           "--num-transformer-layers", "2", "--head-dim", "16", "--iters", "1"]) == 1
+    assert "error: --data-weights [1.0, 2.0]: need one non-negative weight per --data source (1)" in \
+        capsys.readouterr().err
