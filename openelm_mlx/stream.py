@@ -2,7 +2,9 @@
 
 Storage, chunk download and caching are litdata's (`StreamingDataset`, random access by item). The order is
 ours, because the trainer's properties need an order that depends on neither the number of processes nor the
-number of loader workers (litdata's own loader assigns items by world size and worker count):
+number of loader workers: litdata's own `StreamingDataLoader` assigns items by world size and worker count (in
+a check with litdata 0.2.76, 0 and 2 workers gave different batches, and its restored `state_dict` did not
+reproduce the next batches of a 2-worker loader), and `CombinedStreamingDataset` draws per worker. Our order:
 - a dataset's chunks are dealt to `streams` data streams (a fixed seeded permutation, chunk c to stream
   c mod streams), so each process reads only its streams' chunks: process r of W owns streams
   [r S / W, (r + 1) S / W). `streams` defaults to the first run's world size and is kept on resume;
