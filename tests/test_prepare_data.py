@@ -130,6 +130,9 @@ def test_bad_input_is_one_error_line_and_leaves_no_dataset(tmp_path, tokenizer, 
     assert not (out / "manifest.json").exists() and not list((out / "nodes").iterdir())
     (tmp_path / "src" / "b.jsonl").unlink()
     assert prep.main(args + ["--min-tokens", "0"]) == 0
+    summary = capsys.readouterr().err
+    assert "[prepare_data] node-00000-of-00001: 1 documents -> 1 pieces; dropped 0 under 200 characters and 0 " \
+        "under 0 tokens; kept 1 train (303 tokens) + 0 validation (0 tokens)" in summary and "tokens/s" in summary
     assert prep.main(args) == 1
     assert "already holds a prepared dataset; pass --force" in capsys.readouterr().err
     assert prep.main(["--data", str(tmp_path / "nowhere"), "--tokenizer", tokenizer, "--out", str(out)]) == 1

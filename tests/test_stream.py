@@ -152,7 +152,8 @@ def test_interrupted_and_resumed_run_reproduces_the_losses(tmp_path, datasets, t
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp_equals_one_process_reading_both_streams(tmp_path, datasets, tokenizer):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_equals_one_process_reading_both_streams(tmp_path, datasets, tokenizer, mode):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     data = [datasets["a"]]
     one = subprocess.run([sys.executable, "-m", "openelm_mlx.train",
@@ -163,10 +164,10 @@ def test_two_process_gloo_ddp_equals_one_process_reading_both_streams(tmp_path, 
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "openelm_mlx.train",
                           *_train_flags(tmp_path, "two", data, tokenizer, iters=4, batch_size=2, eval_every=4,
-                                        val_batches=1)],
+                                        val_batches=1, **({"fsdp": True} if mode == "fsdp" else {}))],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "world 2 DDP" in two.stderr
+    assert f"world 2 {mode.upper()}" in two.stderr
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], atol=1e-5, rtol=0)
     # both evaluate the same 4 held-out samples (val_batches x batch x processes, a multiple of the processes)
