@@ -209,6 +209,12 @@ def _as_is(batch):
     return batch
 
 
+def _open_own_readers(worker_id: int) -> None:
+    # a forked worker opens its own litdata readers instead of sharing the parent's (their threads and files)
+    for split in torch.utils.data.get_worker_info().dataset.splits:
+        split._datasets = None
+
+
 class PreparedFeed:
     """The trainer's view of one or more prepared datasets: `steps()` yields, per optimizer step, this
     process's micro-batches and the data state after it; `val_items` and `read_val` feed evaluation."""
@@ -235,6 +241,7 @@ class PreparedFeed:
         loader = torch.utils.data.DataLoader(
             _Reader(self.train, self.seq_len, self.pad_id), sampler=_PlanKeys(self.plan), batch_size=None,
             num_workers=self.workers, collate_fn=_as_is, persistent_workers=False,
+            worker_init_fn=_open_own_readers if self.workers else None,
             prefetch_factor=PREFETCH_PER_WORKER if self.workers else None)
         it = iter(loader)
         try:
