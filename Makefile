@@ -11,7 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,train,plot,eval]"
+	# torch pinned again here: litdata needs torchvision, whose newest release would otherwise upgrade torch
+	$(PY) -m pip install -q -e ".[test,train,plot,eval]" "$(TORCH)"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -30,7 +30,13 @@ from .tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value the loss skips (torch's cross_entropy default)
 CACHE_FORMAT = 1
-DATA_SUFFIXES = (".txt", ".jsonl")
+DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+
+
+def data_suffix(path: Path) -> str:
+    """The data type of a file name: ".jsonl.gz" for x.jsonl.gz, ".txt" for x.txt, "" when unsupported."""
+    name = path.name.lower()
+    return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
 class DataError(OpenELMError, ValueError):
@@ -55,6 +61,7 @@ def read_text_file(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+    raw = _decompress(path, raw)
     if not raw.strip():
         raise DataError(f"{path}: the file is empty; give it some text or leave it out of --data")
     try:
@@ -62,6 +69,60 @@ def read_text_file(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def _decompress(path: Path, raw: bytes) -> bytes:
+    """.gz and .zst files (RedPajama and Dolma ship .jsonl.gz / .jsonl.zst) are read whole, decompressed."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".gz"):
+            import gzip
+
+            return gzip.decompress(raw)
+        if name.endswith(".zst"):
+            try:
+                import zstandard
+            except ImportError:
+                raise DataError(f"{path}: reading .zst files needs the zstandard package: pip install zstandard") \
+                    from None
+            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    except DataError:
+        raise
+    except Exception as e:  # gzip / zstandard raise several types for a corrupt file
+        raise DataError(f"{path}: cannot decompress ({type(e).__name__}: {e})") from None
+    return raw
+
+
+@dataclass
+class ParquetFile:
+    """A .parquet file with a string "text" column, read in record batches (for another column name use
+    hf:DIR?text_field=NAME)."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    def fingerprint(self) -> dict:
+        return _file_fingerprint(self.path) | {"kind": "parquet"}
+
+    def documents(self) -> Iterator[str]:
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(self.path)
+        except ImportError:
+            raise DataError(f"{self.path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise DataError(f"{self.path}: cannot read parquet ({type(e).__name__}: {e})") from None
+        if "text" not in table.schema_arrow.names:
+            raise DataError(f"{self.path}: no \"text\" column (columns: {table.schema_arrow.names}); pass "
+                            f"hf:{self.path.parent}?text_field=NAME instead")
+        for batch in table.iter_batches(columns=["text"], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and text.strip():
+                    yield text
 
 
 @dataclass
@@ -110,10 +171,11 @@ class JsonlFile:
                 yield text
 
 
-def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file's `text`; errors name the file and line."""
+def jsonl_objects(path: Path, text: str, first_line: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file's `text` (whose first line is line
+    `first_line` of the file); errors name the file and line."""
     # Lines end at "\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (str.splitlines splits them).
-    for lineno, line in enumerate(text.split("\n"), 1):
+    for lineno, line in enumerate(text.split("\n"), first_line):
         if not line.strip():
             continue
         try:
@@ -127,9 +189,9 @@ def jsonl_objects(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         yield lineno, row
 
 
-def jsonl_text_rows(path: Path, text: str) -> Iterator[tuple[int, str]]:
+def jsonl_text_rows(path: Path, text: str, first_line: int = 1) -> Iterator[tuple[int, str]]:
     """(line number, "text" field) of each non-blank line of a JSONL file's `text`; errors name file and line."""
-    for lineno, row in jsonl_objects(path, text):
+    for lineno, row in jsonl_objects(path, text, first_line):
         if not isinstance(row.get("text"), str):
             raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field, got {sorted(row)}")
         yield lineno, row["text"]
@@ -201,8 +263,12 @@ class HFDataset:
             fp["hub_sha"] = _hub_dataset_sha(self.path)
         return fp
 
-    def documents(self) -> Iterator[str]:
+    def documents(self, shard: Optional[tuple[int, int]] = None) -> Iterator[str]:
+        """All documents, or with `shard` = (index, count) those of one of `count` disjoint sets of the
+        dataset's files (count <= num_shards())."""
         rows = self._open()
+        if shard is not None:
+            rows = rows.shard(num_shards=shard[1], index=shard[0])
         for i, row in enumerate(rows):
             if self.max_docs is not None and i >= self.max_docs:
                 return
@@ -213,6 +279,10 @@ class HFDataset:
                                 "choose one with ?text_field=NAME")
             if text.strip():
                 yield text
+
+    def num_shards(self) -> int:
+        """How many disjoint file sets `documents(shard=...)` can split the dataset into (1 with max_docs)."""
+        return 1 if self.max_docs is not None else int(getattr(self._open(), "n_shards", 1))
 
     def _open(self):
         try:
@@ -263,17 +333,20 @@ def resolve_sources(specs: Sequence[str], separator: str = "<|endoftext|>") -> l
             continue
         path = Path(spec)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
+            files = sorted(p for p in path.rglob("*") if data_suffix(p) and not p.name.startswith("."))
             if not files:
-                raise DataError(f"{path}: directory holds no .txt or .jsonl files")
+                raise DataError(f"{path}: directory holds no .txt or .jsonl files (nor .jsonl.gz, .jsonl.zst, "
+                                ".parquet)")
         elif path.exists() or path.is_symlink():
-            if path.suffix not in DATA_SUFFIXES:
-                raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+            if not data_suffix(path):
+                raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
             files = [path]
         else:
             raise DataError(f"{path}: no such file or directory (a Hugging Face dataset is written hf:ID)")
         for f in files:
-            sources.append(JsonlFile(f) if f.suffix == ".jsonl" else TextFile(f, separator))
+            kind = data_suffix(f)
+            sources.append(ParquetFile(f) if kind == ".parquet" else TextFile(f, separator) if kind == ".txt"
+                           else JsonlFile(f))
     return sources
 
 

@@ -36,6 +36,9 @@ SWITCHES = {s.name: s for s in (
            "decode's one-row float matmuls go to OpenBLAS's sgemv through csrc/gemv_shim.c"),
     Switch("OPENELM_MLX_CACHE", "path", None,
            "where the C kernels built on first use are kept (default $XDG_CACHE_HOME/openelm_mlx)"),
+    Switch("OPENELM_MLX_DATA_CACHE", "path", None,
+           "where the trainer caches chunks of a prepared dataset read from object storage (default RUN_DIR/"
+           "data-cache)"),
     Switch("OPENELM_MLX_COMPILED_DECODE", "flag", True,
            "one-token steps on the CPU run the compiled decode step (cpu/decode.py)"),
     Switch("OPENELM_MLX_NUMPY_HEAD", "flag", True,

@@ -46,7 +46,7 @@ MODEL_KEYS = ("model_dim", "num_transformer_layers", "head_dim", "num_gqa_groups
 # Settings a resumed run may change; every other one must equal the checkpoint's (else the run is not the same).
 RESUMABLE = {"iters", "eval_every", "val_batches", "log_every", "save_every", "keep_checkpoints", "device",
              "dtype", "compile", "activation_checkpointing", "fsdp", "export", "resume", "force", "out",
-             "batch_size", "grad_accum", "global_batch"}
+             "batch_size", "grad_accum", "global_batch", "data_workers"}
 
 
 @dataclass
@@ -72,6 +72,10 @@ class TrainConfig:
     pack: bool = False
     doc_separator: str = "<|endoftext|>"
     val_fraction: float = 0.02
+    # prepared datasets (python -m openelm_mlx.prepare_data): mixture weights, data streams, loader workers
+    data_weights: Optional[list] = None  # one per --data dataset; default: proportional to their samples
+    data_streams: Optional[int] = None  # default: the first run's number of processes
+    data_workers: int = 2
     # optimisation (Apple's recipe; the step counts are scaled down from 5k warmup / 350k iterations)
     iters: int = 1000
     batch_size: int = 8
@@ -150,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "flags override it")
     add = p.add_argument
     add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows), directories of them, or Hugging Face "
-        "datasets: hf:ID[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV] (hub id or local dir)")
+        "datasets: hf:ID[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV] (hub id or local dir); "
+        "or datasets made by python -m openelm_mlx.prepare_data (directories or s3:// / gs:// URLs), streamed")
     add("--out", help="run directory (checkpoints, metrics.jsonl, token cache, the final export in RUN_DIR/hf)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help="OpenELM-270M / -450M / -1_1B / -3B / -tiny")
@@ -167,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack", action="store_true", help="pack documents into full windows instead of padding")
     g.add_argument("--doc-separator", help="document separator in .txt files")
     g.add_argument("--val-fraction", type=float, help="fraction of documents held out")
+    g.add_argument("--data-weights", nargs="+", type=float, help="prepared datasets: mixture weight of each "
+                   "--data dataset (default: proportional to their samples)")
+    g.add_argument("--data-streams", type=int, help="prepared datasets: data streams the samples of a step "
+                   "come from, a multiple of the number of processes (default: the first run's processes)")
+    g.add_argument("--data-workers", type=int, help="prepared datasets: loader worker processes prefetching "
+                   "batches (0: read in the training process)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, help="optimizer steps")
     g.add_argument("--batch-size", type=int, help="samples per micro-batch per process")
@@ -549,6 +560,17 @@ def _prepare_tokenizer(tc: TrainConfig, run_dir: Path, sources, log) -> Tokenize
     return tok
 
 
+def _is_prepared(specs: Sequence[str]) -> bool:
+    """Whether --data names prepared datasets (all of them) or raw sources (all of them)."""
+    from .prepare_data import MANIFEST, is_remote
+
+    kinds = {is_remote(s) or (Path(s) / MANIFEST).is_file() for s in specs}
+    if len(kinds) > 1:
+        raise TrainingError(f"--data mixes prepared datasets and raw sources ({' '.join(specs)}); prepare the raw "
+                            "ones with python -m openelm_mlx.prepare_data, or pass only raw sources")
+    return kinds == {True}
+
+
 def _resume_state(tc: TrainConfig, run_dir: Path) -> Optional[Path]:
     """The checkpoint to resume from, or None for a fresh run (refusing to clobber an existing run)."""
     checkpoints = list_checkpoints(run_dir)
@@ -609,8 +631,13 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
             p = run_dir / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    sources = data_lib.resolve_sources(tc.data, tc.doc_separator)
-    if d.world > 1:
+    prepared = _is_prepared(tc.data)
+    sources = [] if prepared else data_lib.resolve_sources(tc.data, tc.doc_separator)
+    if prepared:  # streamed from shards (openelm_mlx/stream.py); the tokenizer must be the one they were made with
+        if not tc.tokenizer and not (run_dir / "tokenizer.model").exists():
+            raise TrainingError("a prepared dataset needs --tokenizer: the tokenizer.model it was prepared with")
+        tok = _prepare_tokenizer(tc, run_dir, sources, log)
+    elif d.world > 1:
         # rank 0 trains the tokenizer and builds the cache; the others wait and then open them
         if is_main:
             tok = _prepare_tokenizer(tc, run_dir, sources, log)
@@ -624,10 +651,11 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
         cache = data_lib.build_token_cache(
             sources, tok, run_dir / "data",
             progress=lambda name, docs, toks: log(f"tokenized {name}: {docs} documents, {toks} tokens so far"))
-    train_docs, val_docs = data_lib.split_documents(cache.num_docs, tc.val_fraction, ", ".join(tc.data))
-    train_windows = data_lib.make_windows(cache, train_docs, tc.seq_len, tc.pack)
-    val_windows = data_lib.make_windows(cache, val_docs, tc.seq_len, tc.pack)
-    order = data_lib.SampleOrder(len(train_windows), tc.seed)
+    if not prepared:
+        train_docs, val_docs = data_lib.split_documents(cache.num_docs, tc.val_fraction, ", ".join(tc.data))
+        train_windows = data_lib.make_windows(cache, train_docs, tc.seq_len, tc.pack)
+        val_windows = data_lib.make_windows(cache, val_docs, tc.seq_len, tc.pack)
+        order = data_lib.SampleOrder(len(train_windows), tc.seed)
 
     cfg = model_config(tc, tok.vocab_size)
     torch.manual_seed(tc.seed)
@@ -643,7 +671,7 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
     autocast_dtype = _pick_dtype(tc.dtype, device)
     forward = _compile_or_eager(wrapped, device, log) if tc.compile else wrapped
 
-    step, position = 0, 0
+    step, position, data_state = 0, 0, None
     if ckpt is not None:
         state = read_trainer_state(ckpt)
         _check_resumable(json.loads(state["config"]), tc, ckpt)
@@ -653,6 +681,7 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step, position = int(state["step"]), int(state["position"])
+        data_state = json.loads(state["data_state"]) if "data_state" in state else None
         if saved_global != tc.batch_size * tc.grad_accum * d.world:
             raise TrainingError(f"{ckpt}: the global batch was {saved_global} samples; now batch_size x grad_accum "
                                 f"x processes = {tc.batch_size * tc.grad_accum * d.world}")
@@ -664,27 +693,64 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
 
     B, G = tc.batch_size, tc.batch_size * tc.grad_accum * d.world
     pad_id = tok.eos_id
+    if prepared:
+        from . import stream as stream_lib
+
+        if tc.pack:
+            raise TrainingError("--pack does not apply to a prepared dataset: each sample is one prepared piece")
+        streams = data_state["streams"] if data_state else (tc.data_streams or d.world)
+        feed = stream_lib.PreparedFeed(tc.data, tc.data_weights, streams, tc.seed, B, tc.grad_accum, d.world,
+                                       d.rank, tc.seq_len, pad_id, tc.data_workers,
+                                       stream_lib.default_cache_dir(run_dir), data_state,
+                                       val_limit=tc.val_batches * B * d.world)
+        feed.check_tokenizer(data_lib._sha256(tok.path), tok.vocab_size, str(tok.path))
+        data_state = data_state or feed.plan.state()
+        n_train, val_items = sum(len(s) for s in feed.train), feed.val_items
+        feed_steps = feed.steps()
+
+        def read_val(refs):
+            return feed.read_val(refs)
+
+        def next_batches():
+            nonlocal data_state
+            batches, data_state = next(feed_steps)
+            local = float(sum(int((y != data_lib.IGNORE_INDEX).sum()) for _, y in batches))
+            return batches, d.sum([local], device)[0]  # labelled positions in the whole global batch
+    else:
+        n_train, val_items = len(train_windows), val_windows
+
+        def read_val(windows):
+            return data_lib.collate(cache, windows, tc.seq_len, pad_id)
+
+        def next_batches():
+            windows = train_windows[order.indices(position, G)]
+            batches = []
+            for micro in range(tc.grad_accum):
+                first = (micro * d.world + d.rank) * B
+                x, y = data_lib.collate(cache, windows[first:first + B], tc.seq_len, pad_id)
+                batches.append((torch.from_numpy(x), torch.from_numpy(y)))
+            return batches, float(np.sum(windows[:, 1] - 1))  # labelled positions in the whole global batch
     n_params = num_parameters(cfg)
     log(f"model: {cfg.num_transformer_layers} layers, dim {cfg.model_dim}, {n_params:,} parameters; "
-        f"{len(train_windows)} train / {len(val_windows)} val samples of {tc.seq_len} tokens; global batch {G}; "
+        f"{n_train} train / {len(val_items)} val samples of {tc.seq_len} tokens; global batch {G}; "
         f"device {device}{' bf16 autocast' if autocast_dtype else ''}; world {d.world}"
         f"{' FSDP' if tc.fsdp else ' DDP' if d.world > 1 else ''}")
 
     def evaluate() -> float:
         wrapped.eval()
-        n = min(len(val_windows), tc.val_batches * B * d.world)
+        n = min(len(val_items), tc.val_batches * B * d.world)
         if n == 0:
             return float("nan")
         if n >= d.world:
             n -= n % d.world
-            share = val_windows[d.rank * n // d.world:(d.rank + 1) * n // d.world]
+            share = val_items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
             scale = 1.0
         else:  # fewer samples than processes: everyone evaluates all of them
-            share, scale = val_windows[:n], 1.0 / d.world
+            share, scale = val_items[:n], 1.0 / d.world
         ce_sum, count = 0.0, 0.0
         with torch.no_grad(), autocast_context(device, autocast_dtype):
             for i in range(0, len(share), B):
-                x, y = data_lib.collate(cache, share[i:i + B], tc.seq_len, pad_id)
+                x, y = read_val(share[i:i + B])
                 ce, _ = loss_sums(forward(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
                 ce_sum += ce.item() * scale
                 count += float((y != data_lib.IGNORE_INDEX).sum()) * scale
@@ -707,6 +773,8 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
             state = {"step": step, "position": position, "global_batch": G, "optimizer": optim_state,
                      "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                      "config": json.dumps(dataclasses.asdict(tc), default=list)}
+            if prepared:
+                state["data_state"] = json.dumps(data_state)
             export_hf(weights, cfg, run_dir / "tokenizer.model", path, force=True,
                       extra_files={"trainer_state.pt": lambda p: torch.save(state, p)})
             for old in list_checkpoints(run_dir)[:-max(1, tc.keep_checkpoints)]:
@@ -728,14 +796,10 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
                 interrupted = True
                 break
             lr = scheduler.get_last_lr()[0]
-            idx = order.indices(position, G)
-            windows = train_windows[idx]
-            targets = float(np.sum(windows[:, 1] - 1))  # labelled positions in the whole global batch
+            batches, targets = next_batches()
             ce_total = z_total = 0.0
-            for micro in range(tc.grad_accum):
-                first = (micro * d.world + d.rank) * B
-                x, y = data_lib.collate(cache, windows[first:first + B], tc.seq_len, pad_id)
-                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+            for micro, (x, y) in enumerate(batches):
+                x, y = x.to(device), y.to(device)
                 with _no_sync(wrapped, tc, d, last=micro == tc.grad_accum - 1):
                     # normalised by the global count and times world, since DDP/FSDP average over processes
                     ce, z = forward_backward(forward, x, y, tc.z_loss, d.world / targets, autocast_dtype)
@@ -784,6 +848,8 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
     finally:
         bar.close()
         _restore_signal_handlers(old_handlers)
+        if prepared:
+            feed_steps.close()  # stops the loader workers
     elapsed = time.perf_counter() - t_start
     tps = tokens_run / elapsed if tokens_run else 0.0
     if interrupted:

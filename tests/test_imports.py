@@ -32,10 +32,15 @@ def test_mlx_side_does_not_import_torch(module):
     assert "torch" not in loaded
 
 
+@pytest.mark.parametrize("module", ["openelm_mlx.prepare_data", "openelm_mlx.stream"])
+def test_data_preparation_and_streaming_do_not_import_mlx(module):
+    assert "mlx" not in modules_after_import(f"import {module}")
+
+
 # ------------------------------------------------------------------------------------------ architecture rules
 
 PACKAGE = Path(__file__).resolve().parents[1] / "openelm_mlx"
-CLIS = ["convert", "generate", "lora", "fuse", "train", "perplexity", "evaluate", "info", "demo"]
+CLIS = ["convert", "generate", "lora", "fuse", "train", "perplexity", "evaluate", "info", "demo", "prepare_data"]
 
 
 def package_imports() -> dict[str, set]:
@@ -102,7 +107,7 @@ def test_each_switch_is_defined_in_exactly_one_module():
 
     for name in switches.SWITCHES:
         homes = [p for p in PACKAGE.rglob("*.py")
-                 if re.search(rf"(os\.environ|getenv)[^\n]*{name}|\"{name}\"\s*(,|\))", code_of(p))]
+                 if re.search(rf"Switch\(\"{name}\"|(os\.environ|getenv)[^\n]*{name}", code_of(p))]
         assert [p.name for p in homes] == ["switches.py"], (name, homes)
     for path in PACKAGE.rglob("*.py"):
         if path.name != "switches.py":
