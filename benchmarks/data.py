@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from openelm_mlx.config import get_preset  # noqa: E402
-from openelm_mlx.prepare_data import Filters, prepare  # noqa: E402
+from openelm_mlx.reference.prepare_data import Filters, prepare  # noqa: E402
 from openelm_mlx.reference.model import build_model  # noqa: E402
-from openelm_mlx.stream import PreparedFeed  # noqa: E402
-from openelm_mlx.train import TrainConfig, flops_per_token, forward_backward, make_optimizer  # noqa: E402
+from openelm_mlx.reference.stream import PreparedFeed  # noqa: E402
+from openelm_mlx.reference.train import TrainConfig, flops_per_token, forward_backward, make_optimizer  # noqa: E402
 
 SHARED = Path(os.environ.get("OPENELM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 APPLE_TOKENS = 1.8e12  # the OpenELM paper's pre-training corpus

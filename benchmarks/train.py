@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from openelm_mlx.config import get_preset, num_parameters  # noqa: E402
 from openelm_mlx.reference.model import build_model  # noqa: E402
-from openelm_mlx.train import (TrainConfig, _compile_or_eager, _pick_dtype, flops_per_token,  # noqa: E402
+from openelm_mlx.reference.train import (TrainConfig, _compile_or_eager, _pick_dtype, flops_per_token,  # noqa: E402
                                forward_backward, make_optimizer)
 
 # Dense peak FLOP/s (bf16, tf32) from the vendors' data sheets (SXM parts, without sparsity).

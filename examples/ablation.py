@@ -64,9 +64,9 @@ def run_ablation(*, data: Sequence[str], out: str, seeds: Sequence[int], tokeniz
                  val_fraction: float, threads: int = 0, force: bool = False) -> dict:
     import torch
 
-    from openelm_mlx import data as data_lib
+    from openelm_mlx.reference import data as data_lib
     from openelm_mlx.config import layer_plan, num_parameters
-    from openelm_mlx.train import TrainConfig, model_config, train
+    from openelm_mlx.reference.train import TrainConfig, model_config, train
 
     if threads:
         torch.set_num_threads(threads)
@@ -134,7 +134,7 @@ def _finished(run_dir: Path, iters: int) -> bool:
 
 def _write_heldout_text(sources, val_fraction: float, path: Path) -> None:
     """The trainer's validation documents (its split: the last fraction of documents) as one text file."""
-    from openelm_mlx import data as data_lib
+    from openelm_mlx.reference import data as data_lib
 
     docs = [doc for s in sources for doc in s.documents()]
     _, val = data_lib.split_documents(len(docs), val_fraction)

@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cli
-from .data import DataError, jsonl_text_rows
+from .textfiles import DataError, jsonl_text_rows
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Documents of a JSONL file are joined by a blank line before the text is tokenized as a whole.

@@ -26,8 +26,8 @@ from mlx.utils import tree_flatten, tree_map
 
 from .cpu import head as cpu_head
 from .cpu import quantized
-from .data import DataError, jsonl_objects, read_text_file  # the one JSONL reader, shared with the trainer
 from .errors import TrainingError  # noqa: F401 (re-exported: lora and the tests use tuner.TrainingError)
+from .textfiles import DataError, jsonl_objects, read_text_file  # the one JSONL reader
 from .tokenizer import Tokenizer, TokenizerError
 
 FORMATS = {"text": ("text",), "completions": ("prompt", "completion"), "chat": ("messages",)}

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from openelm_mlx import config as config_mod
 from openelm_mlx.checkpoint import weight_files
 from openelm_mlx.config import OpenELMConfig, from_dict, load_config, to_dict
-from openelm_mlx.data import DataError, jsonl_objects, read_text_file
+from openelm_mlx.textfiles import DataError, jsonl_objects, read_text_file
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.tokenizer import Tokenizer, TokenizerError, chat_text
 from openelm_mlx.weights import WeightsError, check_safetensors_file
@@ -424,7 +424,7 @@ def test_disk_full_in_the_trainer_export_is_an_os_error(full_disk):
     import torch
 
     from openelm_mlx.reference.model import build_model
-    from openelm_mlx.train import export_hf
+    from openelm_mlx.reference.train import export_hf
 
     ref = build_model(config_mod.get_preset("tiny"), seed=0)
     with pytest.raises(OSError) as e:
@@ -435,9 +435,10 @@ def test_disk_full_in_the_trainer_export_is_an_os_error(full_disk):
 
 def test_every_cli_error_is_an_openelm_error():
     """The error classes a user can cause all derive from the one base (so every main handles them)."""
-    from openelm_mlx import adapters, cli, convert, data, errors, export, generate, recipes, tokenizer, train, tuner
+    from openelm_mlx import adapters, cli, convert, errors, export, generate, recipes, textfiles, tokenizer, tuner
+    from openelm_mlx.reference import train
 
-    classes = [adapters.AdapterError, cli.SettingsError, convert.ConvertError, data.DataError, errors.NonFiniteError,
+    classes = [adapters.AdapterError, cli.SettingsError, convert.ConvertError, textfiles.DataError, errors.NonFiniteError,
                errors.OutputExistsError, export.ExportError, generate.GenerateError, recipes.RecipeError,
                tokenizer.TokenizerError, train.TrainingError, WeightsError,
                config_mod.ConfigError]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from openelm_mlx.data import (IGNORE_INDEX, DataError, SampleOrder, build_token_cache, collate, make_windows,
+from openelm_mlx.reference.data import (IGNORE_INDEX, DataError, SampleOrder, build_token_cache, collate, make_windows,
                               resolve_sources, split_documents)
 from openelm_mlx.tokenizer import Tokenizer
 

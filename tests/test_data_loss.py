@@ -235,7 +235,7 @@ def test_a_saved_model_with_nan_weights_is_refused_at_load(ref, tmp_path):
 
 
 def test_trainer_export_refuses_non_finite_weights(ref, tmp_path):
-    from openelm_mlx.train import export_hf
+    from openelm_mlx.reference.train import export_hf
 
     w = state_dict(ref)
     w["transformer.norm.weight"][0] = float("nan")

@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from conftest import shared_file
-from openelm_mlx import data as data_lib
-from openelm_mlx.data import DataError, HFDataset, resolve_sources
+from openelm_mlx.reference import data as data_lib
+from openelm_mlx.reference.data import DataError, HFDataset, resolve_sources
 from openelm_mlx.tokenizer import Tokenizer
 
 datasets = pytest.importorskip("datasets", reason="the optional `datasets` extra is not installed")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import shared_file
-from openelm_mlx import prepare_data as prep
-from openelm_mlx.data import DataError
-from openelm_mlx.prepare_data import Filters, corenet_characters, prepare
+from openelm_mlx.reference import prepare_data as prep
+from openelm_mlx.reference.data import DataError
+from openelm_mlx.reference.prepare_data import Filters, corenet_characters, prepare
 
 pytest.importorskip("litdata", reason="prepare_data needs litdata (the train extra)")
 
@@ -154,7 +154,7 @@ def test_units_split_large_files_and_hashing_is_stable():
 def test_gzip_jsonl_and_parquet_sources(tmp_path):
     import gzip
 
-    from openelm_mlx.data import resolve_sources
+    from openelm_mlx.reference.data import resolve_sources
 
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -12,7 +12,7 @@ from conftest import ROOT, shared_file
 from openelm_mlx import recipes
 from openelm_mlx.config import get_preset, layer_plan, num_parameters, uniform_variant
 from openelm_mlx.reference.model import build_model
-from openelm_mlx.train import (TrainConfig, TrainingError, lr_at, main, make_optimizer, model_config,
+from openelm_mlx.reference.train import (TrainConfig, TrainingError, lr_at, main, make_optimizer, model_config,
                                resolve_config, train, with_global_batch)
 
 # size: preset, peak LR, min LR, activation checkpointing, FSDP, parameters (from corenet's configs and the paper)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import ROOT, shared_file
-from openelm_mlx.data import DataError
-from openelm_mlx.stream import Plan, PreparedFeed, PreparedSplit, StreamOrder, collate_items
+from openelm_mlx.reference.data import DataError
+from openelm_mlx.reference.stream import Plan, PreparedFeed, PreparedSplit, StreamOrder, collate_items
 
 pytest.importorskip("litdata", reason="streaming prepared datasets needs litdata (the train extra)")
 torch.set_num_threads(1)
@@ -31,7 +31,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory, tokenizer):
     """Two prepared datasets of TinyStories (160 and 60 stories) in chunks of a few KB (several per dataset)."""
-    from openelm_mlx.prepare_data import Filters, prepare
+    from openelm_mlx.reference.prepare_data import Filters, prepare
 
     stories = [s.strip() for s in shared_file("tinystories-sample-2mb.txt").read_text().split("<|endoftext|>")]
     stories = [s for s in stories if s]
@@ -132,7 +132,7 @@ def metrics(run_dir):
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_run_reproduces_the_losses(tmp_path, datasets, tokenizer):
-    from openelm_mlx import train as train_mod
+    from openelm_mlx.reference import train as train_mod
 
     data = [datasets["a"], datasets["b"]]
     common = dict(SMALL, data=data, tokenizer=tokenizer, data_weights=[0.7, 0.3], iters=12, lr_decay_iters=12,
@@ -181,7 +181,7 @@ def test_two_process_gloo_equals_one_process_reading_both_streams(tmp_path, data
 
 
 def test_trainer_refuses_mixed_or_unusable_prepared_data(tmp_path, datasets, tokenizer, capsys):
-    from openelm_mlx import train as train_mod
+    from openelm_mlx.reference import train as train_mod
 
     (tmp_path / "raw.txt").write_text("Once upon a time.")
     with pytest.raises(train_mod.TrainingError, match="--data mixes prepared datasets and raw sources"):

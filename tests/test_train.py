@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import ROOT, shared_file
-from openelm_mlx import train as train_mod
+from openelm_mlx.reference import train as train_mod
 from openelm_mlx.config import get_preset, load_config, uniform_variant
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.train import (TrainConfig, TrainingError, build_parser, load_reference, lr_at, make_optimizer,
+from openelm_mlx.reference.train import (TrainConfig, TrainingError, build_parser, load_reference, lr_at, make_optimizer,
                                resolve_config, train)
 from openelm_mlx.weights import check_weights
 

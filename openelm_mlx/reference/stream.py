@@ -29,7 +29,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from . import switches
+from .. import switches
 from .data import IGNORE_INDEX, DataError
 from .prepare_data import is_remote, join, read_manifest
 

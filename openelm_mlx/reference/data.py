@@ -25,8 +25,8 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from .errors import OpenELMError
-from .tokenizer import Tokenizer
+from ..textfiles import DataError, jsonl_text_rows, read_text_file  # noqa: F401 (DataError: the trainer's too)
+from ..tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value the loss skips (torch's cross_entropy default)
 CACHE_FORMAT = 1
@@ -39,10 +39,6 @@ def data_suffix(path: Path) -> str:
     return next((s for s in sorted(DATA_SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
-class DataError(OpenELMError, ValueError):
-    """Training data that cannot be used; the message names the file (and line)."""
-
-
 class DocumentSource(Protocol):
     """Anything that yields training documents."""
 
@@ -53,44 +49,6 @@ class DocumentSource(Protocol):
 
     def documents(self) -> Iterator[str]:
         ...
-
-
-def read_text_file(path: Path) -> str:
-    """A UTF-8 text file; errors name the file (and the line of a bad byte)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
-    raw = _decompress(path, raw)
-    if not raw.strip():
-        raise DataError(f"{path}: the file is empty; give it some text or leave it out of --data")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-
-
-def _decompress(path: Path, raw: bytes) -> bytes:
-    """.gz and .zst files (RedPajama and Dolma ship .jsonl.gz / .jsonl.zst) are read whole, decompressed."""
-    name = path.name.lower()
-    try:
-        if name.endswith(".gz"):
-            import gzip
-
-            return gzip.decompress(raw)
-        if name.endswith(".zst"):
-            try:
-                import zstandard
-            except ImportError:
-                raise DataError(f"{path}: reading .zst files needs the zstandard package: pip install zstandard") \
-                    from None
-            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-    except DataError:
-        raise
-    except Exception as e:  # gzip / zstandard raise several types for a corrupt file
-        raise DataError(f"{path}: cannot decompress ({type(e).__name__}: {e})") from None
-    return raw
 
 
 @dataclass
@@ -169,32 +127,6 @@ class JsonlFile:
         for _, text in jsonl_text_rows(self.path, read_text_file(self.path)):
             if text.strip():
                 yield text
-
-
-def jsonl_objects(path: Path, text: str, first_line: int = 1) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of each non-blank line of a JSONL file's `text` (whose first line is line
-    `first_line` of the file); errors name the file and line."""
-    # Lines end at "\n" only: U+2028, U+2029 and U+0085 are valid inside JSON strings (str.splitlines splits them).
-    for lineno, line in enumerate(text.split("\n"), first_line):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
-
-
-def jsonl_text_rows(path: Path, text: str, first_line: int = 1) -> Iterator[tuple[int, str]]:
-    """(line number, "text" field) of each non-blank line of a JSONL file's `text`; errors name file and line."""
-    for lineno, row in jsonl_objects(path, text, first_line):
-        if not isinstance(row.get("text"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string \"text\" field, got {sorted(row)}")
-        yield lineno, row["text"]
 
 
 def _file_fingerprint(path: Path) -> dict:
@@ -377,7 +309,7 @@ def build_token_cache(sources: Sequence[DocumentSource], tokenizer: Tokenizer, c
     if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == meta:
         return _open_cache(cache_dir)
 
-    from .files import atomic_dir  # the one atomic-directory helper
+    from ..files import atomic_dir  # the one atomic-directory helper
 
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     offsets = [0]
