@@ -158,7 +158,7 @@ def test_export_reloads_with_identical_logits(tmp_path):
         assert (hf_dir / "tokenizer.model").read_bytes() == shared_file("llama2-tokenizer.model").read_bytes()
         with torch.no_grad():
             assert torch.equal(load_reference(hf_dir)(ids), want)
-    with pytest.raises(TrainingError, match="exported already exists; pass --force"):
+    with pytest.raises(OpenELMError, match="exported already exists; pass --force"):
         small_run(tmp_path, "other", iters=1, export=str(tmp_path / "exported"))
 
 

@@ -619,258 +619,309 @@ def train(config: Optional[TrainConfig] = None, **overrides) -> TrainResult:
 
 
 def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log) -> TrainResult:
-    from tqdm import tqdm
-
     tc = with_global_batch(tc, d.world)
     ckpt = _resume_state(tc, run_dir)
-    if tc.export and Path(tc.export).exists() and not tc.force:
-        raise TrainingError(f"--export {tc.export} already exists; pass --force to overwrite it")
+    _prepare_run_dir(tc, run_dir, ckpt, is_main)
+    run = _Run(tc, run_dir, device, d, is_main, log)
+    run.open_tokenizer_and_cache()
+    run.build_model()
+    run.resume(ckpt)
+    run.open_data()
+    return run.loop()
+
+
+def _prepare_run_dir(tc: TrainConfig, run_dir: Path, ckpt: Optional[Path], is_main: bool) -> None:
+    """Refuse outputs that may not be replaced; with --force (and no --resume) clear a run this project wrote."""
+    if tc.export:
+        check_replaceable(tc.export, tc.force)
     if ckpt is None and tc.force and is_main:
         check_replaceable(run_dir, force=True)  # start over only in a run directory this project wrote
         for stale in ("checkpoints", "hf", "metrics.jsonl", "loss_curve.png"):
             p = run_dir / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prepared = _is_prepared(tc.data)
-    sources = [] if prepared else data_lib.resolve_sources(tc.data, tc.doc_separator)
-    if prepared:  # streamed from shards (openelm_mlx/stream.py); the tokenizer must be the one they were made with
-        if not tc.tokenizer and not (run_dir / "tokenizer.model").exists():
-            raise TrainingError("a prepared dataset needs --tokenizer: the tokenizer.model it was prepared with")
-        tok = _prepare_tokenizer(tc, run_dir, sources, log)
-    elif d.world > 1:
-        # rank 0 trains the tokenizer and builds the cache; the others wait and then open them
-        if is_main:
-            tok = _prepare_tokenizer(tc, run_dir, sources, log)
-            cache = data_lib.build_token_cache(sources, tok, run_dir / "data")
-        dist.barrier()
-        if not is_main:
-            tok = _prepare_tokenizer(tc, run_dir, sources, log)
-            cache = data_lib.build_token_cache(sources, tok, run_dir / "data")
-    else:
-        tok = _prepare_tokenizer(tc, run_dir, sources, log)
-        cache = data_lib.build_token_cache(
-            sources, tok, run_dir / "data",
-            progress=lambda name, docs, toks: log(f"tokenized {name}: {docs} documents, {toks} tokens so far"))
-    if not prepared:
-        train_docs, val_docs = data_lib.split_documents(cache.num_docs, tc.val_fraction, ", ".join(tc.data))
-        train_windows = data_lib.make_windows(cache, train_docs, tc.seq_len, tc.pack)
-        val_windows = data_lib.make_windows(cache, val_docs, tc.seq_len, tc.pack)
-        order = data_lib.SampleOrder(len(train_windows), tc.seed)
 
-    cfg = model_config(tc, tok.vocab_size)
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed)
-    random.seed(tc.seed)
-    if is_main:
-        write_model_record(run_dir, cfg, tc)
-    model = build_model(cfg, seed=tc.seed).to(device)
-    model.checkpoint_layers = tc.activation_checkpointing
-    wrapped = _wrap_distributed(model, tc, d, device)
-    optimizer = make_optimizer(model, tc, fused=device.type == "cuda" and not tc.fsdp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(tc))
-    autocast_dtype = _pick_dtype(tc.dtype, device)
-    forward = _compile_or_eager(wrapped, device, log) if tc.compile else wrapped
 
-    step, position, data_state = 0, 0, None
-    if ckpt is not None:
-        state = read_trainer_state(ckpt)
-        _check_resumable(json.loads(state["config"]), tc, ckpt)
-        saved_global = state["global_batch"]
-        weights, _ = load_hf_weights(ckpt, cfg)
-        _load_state_dicts(model, optimizer, weights, state["optimizer"], tc.fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step, position = int(state["step"]), int(state["position"])
-        data_state = json.loads(state["data_state"]) if "data_state" in state else None
-        if saved_global != tc.batch_size * tc.grad_accum * d.world:
-            raise TrainingError(f"{ckpt}: the global batch was {saved_global} samples; now batch_size x grad_accum "
-                                f"x processes = {tc.batch_size * tc.grad_accum * d.world}")
-        log(f"resumed from {ckpt} at step {step}")
-    if is_main:
-        atomic_write_bytes(run_dir / "train_config.json",
-                           json.dumps(dataclasses.asdict(tc), indent=1, default=list).encode())
-        _trim_metrics(run_dir / "metrics.jsonl", step)
+class _Run:
+    """One training run, in the order `_train` calls its parts: tokenizer (and token cache), model and
+    optimizer, resume, data feed, then the loop (steps, evaluation, metrics, checkpoints, final export)."""
 
-    B, G = tc.batch_size, tc.batch_size * tc.grad_accum * d.world
-    pad_id = tok.eos_id
-    if prepared:
-        from . import stream as stream_lib
+    def __init__(self, tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log):
+        self.tc, self.run_dir, self.device, self.d, self.is_main, self.log = tc, run_dir, device, d, is_main, log
+        self.prepared = _is_prepared(tc.data)
+        self.B = tc.batch_size
+        self.G = tc.batch_size * tc.grad_accum * d.world  # samples per optimizer step, all processes
+        self.step, self.position, self.data_state = 0, 0, None
+        self.val_loss = None
+        self.last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
 
-        if tc.pack:
-            raise TrainingError("--pack does not apply to a prepared dataset: each sample is one prepared piece")
-        streams = data_state["streams"] if data_state else (tc.data_streams or d.world)
-        feed = stream_lib.PreparedFeed(tc.data, tc.data_weights, streams, tc.seed, B, tc.grad_accum, d.world,
-                                       d.rank, tc.seq_len, pad_id, tc.data_workers,
-                                       stream_lib.default_cache_dir(run_dir), data_state,
-                                       val_limit=tc.val_batches * B * d.world)
-        feed.check_tokenizer(data_lib._sha256(tok.path), tok.vocab_size, str(tok.path))
-        data_state = data_state or feed.plan.state()
-        n_train, val_items = sum(len(s) for s in feed.train), feed.val_items
-        feed_steps = feed.steps()
+    # ----------------------------------------------------------------------------------------- setting up
 
-        def read_val(refs):
-            return feed.read_val(refs)
+    def open_tokenizer_and_cache(self) -> None:
+        tc, d, run_dir, log = self.tc, self.d, self.run_dir, self.log
+        if self.prepared:  # streamed from shards (stream.py); the tokenizer must be the one they were made with
+            if not tc.tokenizer and not (run_dir / "tokenizer.model").exists():
+                raise TrainingError("a prepared dataset needs --tokenizer: the tokenizer.model it was prepared with")
+            self.tok = _prepare_tokenizer(tc, run_dir, [], log)
+            return
+        sources = data_lib.resolve_sources(tc.data, tc.doc_separator)
+        if d.world > 1:
+            # rank 0 trains the tokenizer and builds the cache; the others wait and then open them
+            if self.is_main:
+                self.tok = _prepare_tokenizer(tc, run_dir, sources, log)
+                self.cache = data_lib.build_token_cache(sources, self.tok, run_dir / "data")
+            dist.barrier()
+            if not self.is_main:
+                self.tok = _prepare_tokenizer(tc, run_dir, sources, log)
+                self.cache = data_lib.build_token_cache(sources, self.tok, run_dir / "data")
+        else:
+            self.tok = _prepare_tokenizer(tc, run_dir, sources, log)
+            self.cache = data_lib.build_token_cache(
+                sources, self.tok, run_dir / "data",
+                progress=lambda name, docs, toks: log(f"tokenized {name}: {docs} documents, {toks} tokens so far"))
 
-        def next_batches():
-            nonlocal data_state
-            batches, data_state = next(feed_steps)
-            local = float(sum(int((y != data_lib.IGNORE_INDEX).sum()) for _, y in batches))
-            return batches, d.sum([local], device)[0]  # labelled positions in the whole global batch
-    else:
-        n_train, val_items = len(train_windows), val_windows
+    def build_model(self) -> None:
+        tc, device = self.tc, self.device
+        self.cfg = model_config(tc, self.tok.vocab_size)
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed)
+        random.seed(tc.seed)
+        if self.is_main:
+            write_model_record(self.run_dir, self.cfg, tc)
+        self.model = build_model(self.cfg, seed=tc.seed).to(device)
+        self.model.checkpoint_layers = tc.activation_checkpointing
+        self.wrapped = _wrap_distributed(self.model, tc, self.d, device)
+        self.optimizer = make_optimizer(self.model, tc, fused=device.type == "cuda" and not tc.fsdp)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, WarmupCosine(tc))
+        self.autocast_dtype = _pick_dtype(tc.dtype, device)
+        self.forward = _compile_or_eager(self.wrapped, device, self.log) if tc.compile else self.wrapped
 
-        def read_val(windows):
-            return data_lib.collate(cache, windows, tc.seq_len, pad_id)
+    def resume(self, ckpt: Optional[Path]) -> None:
+        tc = self.tc
+        if ckpt is not None:
+            state = read_trainer_state(ckpt)
+            _check_resumable(json.loads(state["config"]), tc, ckpt)
+            weights, _ = load_hf_weights(ckpt, self.cfg)
+            _load_state_dicts(self.model, self.optimizer, weights, state["optimizer"], tc.fsdp)
+            self.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+            self.step, self.position = int(state["step"]), int(state["position"])
+            self.data_state = json.loads(state["data_state"]) if "data_state" in state else None
+            if state["global_batch"] != self.G:
+                raise TrainingError(f"{ckpt}: the global batch was {state['global_batch']} samples; now batch_size "
+                                    f"x grad_accum x processes = {self.G}")
+            self.log(f"resumed from {ckpt} at step {self.step}")
+        if self.is_main:
+            atomic_write_bytes(self.run_dir / "train_config.json",
+                               json.dumps(dataclasses.asdict(tc), indent=1, default=list).encode())
+            _trim_metrics(self.run_dir / "metrics.jsonl", self.step)
 
-        def next_batches():
-            windows = train_windows[order.indices(position, G)]
-            batches = []
-            for micro in range(tc.grad_accum):
-                first = (micro * d.world + d.rank) * B
-                x, y = data_lib.collate(cache, windows[first:first + B], tc.seq_len, pad_id)
-                batches.append((torch.from_numpy(x), torch.from_numpy(y)))
-            return batches, float(np.sum(windows[:, 1] - 1))  # labelled positions in the whole global batch
-    n_params = num_parameters(cfg)
-    log(f"model: {cfg.num_transformer_layers} layers, dim {cfg.model_dim}, {n_params:,} parameters; "
-        f"{n_train} train / {len(val_items)} val samples of {tc.seq_len} tokens; global batch {G}; "
-        f"device {device}{' bf16 autocast' if autocast_dtype else ''}; world {d.world}"
-        f"{' FSDP' if tc.fsdp else ' DDP' if d.world > 1 else ''}")
+    def open_data(self) -> None:
+        """`self.next_batches()` (this process's micro-batches of the next step and the global count of labelled
+        positions), `self.read_val(items)`, `self.val_items`, `self.n_train`."""
+        tc, d = self.tc, self.d
+        pad_id = self.tok.eos_id
+        if self.prepared:
+            from . import stream as stream_lib
 
-    def evaluate() -> float:
-        wrapped.eval()
-        n = min(len(val_items), tc.val_batches * B * d.world)
+            if tc.pack:
+                raise TrainingError("--pack does not apply to a prepared dataset: each sample is one prepared piece")
+            streams = self.data_state["streams"] if self.data_state else (tc.data_streams or d.world)
+            feed = stream_lib.PreparedFeed(tc.data, tc.data_weights, streams, tc.seed, self.B, tc.grad_accum,
+                                           d.world, d.rank, tc.seq_len, pad_id, tc.data_workers,
+                                           stream_lib.default_cache_dir(self.run_dir), self.data_state,
+                                           val_limit=tc.val_batches * self.B * d.world)
+            feed.check_tokenizer(data_lib._sha256(self.tok.path), self.tok.vocab_size, str(self.tok.path))
+            self.data_state = self.data_state or feed.plan.state()
+            self.n_train, self.val_items, self.read_val = sum(len(s) for s in feed.train), feed.val_items, \
+                feed.read_val
+            self.feed_steps = feed.steps()
+
+            def next_batches():
+                batches, self.data_state = next(self.feed_steps)
+                local = float(sum(int((y != data_lib.IGNORE_INDEX).sum()) for _, y in batches))
+                return batches, d.sum([local], self.device)[0]  # labelled positions in the whole global batch
+        else:
+            cache = self.cache
+            train_docs, val_docs = data_lib.split_documents(cache.num_docs, tc.val_fraction, ", ".join(tc.data))
+            train_windows = data_lib.make_windows(cache, train_docs, tc.seq_len, tc.pack)
+            self.val_items = data_lib.make_windows(cache, val_docs, tc.seq_len, tc.pack)
+            self.n_train = len(train_windows)
+            order = data_lib.SampleOrder(len(train_windows), tc.seed)
+            self.read_val = lambda windows: data_lib.collate(cache, windows, tc.seq_len, pad_id)
+
+            def next_batches():
+                windows = train_windows[order.indices(self.position, self.G)]
+                batches = []
+                for micro in range(tc.grad_accum):
+                    first = (micro * d.world + d.rank) * self.B
+                    x, y = data_lib.collate(cache, windows[first:first + self.B], tc.seq_len, pad_id)
+                    batches.append((torch.from_numpy(x), torch.from_numpy(y)))
+                return batches, float(np.sum(windows[:, 1] - 1))  # labelled positions in the whole global batch
+        self.next_batches = next_batches
+        cfg = self.cfg
+        self.log(f"model: {cfg.num_transformer_layers} layers, dim {cfg.model_dim}, {num_parameters(cfg):,} "
+                 f"parameters; {self.n_train} train / {len(self.val_items)} val samples of {tc.seq_len} tokens; "
+                 f"global batch {self.G}; device {self.device}{' bf16 autocast' if self.autocast_dtype else ''}; "
+                 f"world {d.world}{' FSDP' if tc.fsdp else ' DDP' if d.world > 1 else ''}")
+
+    # ------------------------------------------------------------------------------------------- the run
+
+    def evaluate(self) -> float:
+        """Validation loss over up to val_batches x batch_size x world samples, split across processes."""
+        tc, d, B = self.tc, self.d, self.B
+        self.wrapped.eval()
+        n = min(len(self.val_items), tc.val_batches * B * d.world)
         if n == 0:
             return float("nan")
         if n >= d.world:
             n -= n % d.world
-            share = val_items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
+            share = self.val_items[d.rank * n // d.world:(d.rank + 1) * n // d.world]
             scale = 1.0
         else:  # fewer samples than processes: everyone evaluates all of them
-            share, scale = val_items[:n], 1.0 / d.world
+            share, scale = self.val_items[:n], 1.0 / d.world
         ce_sum, count = 0.0, 0.0
-        with torch.no_grad(), autocast_context(device, autocast_dtype):
+        with torch.no_grad(), autocast_context(self.device, self.autocast_dtype):
             for i in range(0, len(share), B):
-                x, y = read_val(share[i:i + B])
-                ce, _ = loss_sums(forward(torch.from_numpy(x).to(device)), torch.from_numpy(y).to(device))
+                x, y = self.read_val(share[i:i + B])
+                ce, _ = loss_sums(self.forward(torch.from_numpy(x).to(self.device)),
+                                  torch.from_numpy(y).to(self.device))
                 ce_sum += ce.item() * scale
                 count += float((y != data_lib.IGNORE_INDEX).sum()) * scale
-        wrapped.train()
-        ce_sum, count = d.sum([ce_sum, count], device)
+        self.wrapped.train()
+        ce_sum, count = d.sum([ce_sum, count], self.device)
         return ce_sum / count
 
-    stop_signal: dict = {}
-    old_handlers = _install_signal_handlers(stop_signal)
-    losses: list = []
-    val_loss = None
-    metrics_rows: list = []
-    last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
-
-    def save() -> dict:
-        nonlocal last_good
-        weights, optim_state = _state_dicts(model, optimizer, tc.fsdp)
-        path = run_dir / "checkpoints" / f"step-{step:07d}"
-        if is_main:
-            state = {"step": step, "position": position, "global_batch": G, "optimizer": optim_state,
-                     "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+    def save(self) -> dict:
+        """A checkpoint of this step (weights, optimizer, scheduler, RNG, data position); keeps the newest
+        keep_checkpoints; returns the full weights."""
+        tc, run_dir = self.tc, self.run_dir
+        weights, optim_state = _state_dicts(self.model, self.optimizer, tc.fsdp)
+        path = run_dir / "checkpoints" / f"step-{self.step:07d}"
+        if self.is_main:
+            state = {"step": self.step, "position": self.position, "global_batch": self.G,
+                     "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
                      "config": json.dumps(dataclasses.asdict(tc), default=list)}
-            if prepared:
-                state["data_state"] = json.dumps(data_state)
-            export_hf(weights, cfg, run_dir / "tokenizer.model", path, force=True,
+            if self.prepared:
+                state["data_state"] = json.dumps(self.data_state)
+            export_hf(weights, self.cfg, run_dir / "tokenizer.model", path, force=True,
                       extra_files={"trainer_state.pt": lambda p: torch.save(state, p)})
             for old in list_checkpoints(run_dir)[:-max(1, tc.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
-        if d.world > 1:
+        if self.d.world > 1:
             dist.barrier()
-        last_good = path
+        self.last_good = path
         return weights
 
-    wrapped.train()
-    bar = tqdm(total=tc.iters, initial=step, file=sys.stderr, disable=not is_main, dynamic_ncols=True,
-               desc="train", unit="step")
-    t_start = t_log = time.perf_counter()
-    tokens_run = tokens_log = 0
-    interrupted = False
-    try:
-        while step < tc.iters:
-            if _should_stop(stop_signal, d, device):
-                interrupted = True
-                break
-            lr = scheduler.get_last_lr()[0]
-            batches, targets = next_batches()
-            ce_total = z_total = 0.0
-            for micro, (x, y) in enumerate(batches):
-                x, y = x.to(device), y.to(device)
-                with _no_sync(wrapped, tc, d, last=micro == tc.grad_accum - 1):
-                    # normalised by the global count and times world, since DDP/FSDP average over processes
-                    ce, z = forward_backward(forward, x, y, tc.z_loss, d.world / targets, autocast_dtype)
-                ce_total += ce
-                z_total += z
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
-                grad_norm = grad_norm.full_tensor()
-            ce_sum, z_sum = d.sum([float(ce_total), float(z_total)], device)
-            train_loss = ce_sum / targets
-            if not (math.isfinite(train_loss) and math.isfinite(float(grad_norm))):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                raise TrainingError(f"non-finite loss at step {step + 1} (loss {train_loss}, grad norm "
-                                    f"{float(grad_norm)}); stopping without saving: {where}. Lower --lr or raise "
-                                    "--warmup, then --resume")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            position += G
-            tokens_run += G * tc.seq_len
-            tokens_log += G * tc.seq_len
-            losses.append((step, train_loss))
-            if step % tc.eval_every == 0 or step == tc.iters:
-                val_loss = evaluate()
-            if step % tc.log_every == 0 or step == tc.iters or step % tc.eval_every == 0:
-                now = time.perf_counter()
-                row = {"step": step, "loss": train_loss, "z_loss": z_sum / targets, "lr": lr,
-                       "grad_norm": float(grad_norm), "tokens_per_sec": tokens_log / max(now - t_log, 1e-9)}
-                if step % tc.eval_every == 0 or step == tc.iters:
-                    row["val_loss"] = val_loss
-                t_log, tokens_log = now, 0
-                metrics_rows.append(row)
-                if is_main:
-                    with open(run_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}",
-                                **({"val": f"{val_loss:.4f}"} if "val_loss" in row else {}))
-            bar.update(1)
-            if step % tc.save_every == 0 and step < tc.iters:
-                save()
-        final_weights = None
-        if interrupted or step >= tc.iters:
-            if not (last_good is not None and last_good.name == f"step-{step:07d}" and last_good.exists()):
-                final_weights = save()
-    finally:
-        bar.close()
-        _restore_signal_handlers(old_handlers)
-        if prepared:
-            feed_steps.close()  # stops the loader workers
-    elapsed = time.perf_counter() - t_start
-    tps = tokens_run / elapsed if tokens_run else 0.0
-    if interrupted:
-        log(f"interrupted by {stop_signal.get('name', 'a signal')} at step {step}; checkpoint saved to {last_good}; "
-            f"continue with --resume")
-    else:
-        final_state = final_weights if final_weights is not None else _state_dicts(model, optimizer, tc.fsdp)[0]
-        if is_main:
-            export_hf(final_state, cfg, run_dir / "tokenizer.model", run_dir / "hf", force=True)
-            if tc.export:
-                export_hf(final_state, cfg, run_dir / "tokenizer.model", tc.export, force=tc.force)
-            _plot(run_dir)
-    if is_main:
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        val = f"{val_loss:.4f}" if val_loss is not None else "n/a"
-        where = f" | exported {run_dir / 'hf'}" + (f" and {tc.export}" if tc.export else "") if not interrupted else ""
-        log(f"done: {step} steps, {tokens_run:,} tokens in {elapsed:.1f}s | {tps:,.0f} tokens/s | "
-            f"{flops_per_token(cfg, tc.seq_len) * tps / 1e9:,.1f} model GFLOP/s | peak memory "
-            f"{peak / 2**30:.2f} GiB | val loss {val}{where}")
-    return TrainResult(run_dir, step, losses, val_loss, model, interrupted, tps)
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over the global batch; returns (loss, z-loss, grad norm), all finite."""
+        tc, d = self.tc, self.d
+        batches, targets = self.next_batches()
+        ce_total = z_total = 0.0
+        for micro, (x, y) in enumerate(batches):
+            x, y = x.to(self.device), y.to(self.device)
+            with _no_sync(self.wrapped, tc, d, last=micro == tc.grad_accum - 1):
+                # normalised by the global count and times world, since DDP/FSDP average over processes
+                ce, z = forward_backward(self.forward, x, y, tc.z_loss, d.world / targets, self.autocast_dtype)
+            ce_total += ce
+            z_total += z
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        ce_sum, z_sum = d.sum([float(ce_total), float(z_total)], self.device)
+        train_loss = ce_sum / targets
+        if not (math.isfinite(train_loss) and math.isfinite(float(grad_norm))):
+            where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was saved yet"
+            raise TrainingError(f"non-finite loss at step {self.step + 1} (loss {train_loss}, grad norm "
+                                f"{float(grad_norm)}); stopping without saving: {where}. Lower --lr or raise "
+                                "--warmup, then --resume")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.position += self.G
+        return train_loss, z_sum / targets, float(grad_norm)
+
+    def loop(self) -> TrainResult:
+        from tqdm import tqdm
+
+        tc, run_dir = self.tc, self.run_dir
+        stop_signal: dict = {}
+        old_handlers = _install_signal_handlers(stop_signal)
+        losses: list = []
+        self.wrapped.train()
+        bar = tqdm(total=tc.iters, initial=self.step, file=sys.stderr, disable=not self.is_main,
+                   dynamic_ncols=True, desc="train", unit="step")
+        t_start = t_log = time.perf_counter()
+        tokens_run = tokens_log = 0
+        interrupted = False
+        try:
+            while self.step < tc.iters:
+                if _should_stop(stop_signal, self.d, self.device):
+                    interrupted = True
+                    break
+                lr = self.scheduler.get_last_lr()[0]
+                train_loss, z_loss, grad_norm = self.train_step()
+                step = self.step
+                tokens_run += self.G * tc.seq_len
+                tokens_log += self.G * tc.seq_len
+                losses.append((step, train_loss))
+                evaluated = step % tc.eval_every == 0 or step == tc.iters
+                if evaluated:
+                    self.val_loss = self.evaluate()
+                if step % tc.log_every == 0 or evaluated:
+                    now = time.perf_counter()
+                    row = {"step": step, "loss": train_loss, "z_loss": z_loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_sec": tokens_log / max(now - t_log, 1e-9)}
+                    if evaluated:
+                        row["val_loss"] = self.val_loss
+                    t_log, tokens_log = now, 0
+                    if self.is_main:
+                        with open(run_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_sec']:.0f}",
+                                    **({"val": f"{self.val_loss:.4f}"} if evaluated else {}))
+                bar.update(1)
+                if step % tc.save_every == 0 and step < tc.iters:
+                    self.save()
+            final_weights = None
+            last = self.last_good
+            if not (last is not None and last.name == f"step-{self.step:07d}" and last.exists()):
+                final_weights = self.save()
+        finally:
+            bar.close()
+            _restore_signal_handlers(old_handlers)
+            if self.prepared:
+                self.feed_steps.close()  # stops the loader workers
+        elapsed = time.perf_counter() - t_start
+        tps = tokens_run / elapsed if tokens_run else 0.0
+        self.finish(interrupted, final_weights, stop_signal, tokens_run, elapsed, tps)
+        return TrainResult(run_dir, self.step, losses, self.val_loss, self.model, interrupted, tps)
+
+    def finish(self, interrupted: bool, final_weights, stop_signal: dict, tokens_run: int, elapsed: float,
+               tps: float) -> None:
+        """The final export (run_dir/hf and --export) and the summary line."""
+        tc, run_dir, cfg = self.tc, self.run_dir, self.cfg
+        if interrupted:
+            self.log(f"interrupted by {stop_signal.get('name', 'a signal')} at step {self.step}; checkpoint saved "
+                     f"to {self.last_good}; continue with --resume")
+        else:
+            final_state = final_weights if final_weights is not None else \
+                _state_dicts(self.model, self.optimizer, tc.fsdp)[0]
+            if self.is_main:
+                export_hf(final_state, cfg, run_dir / "tokenizer.model", run_dir / "hf", force=True)
+                if tc.export:
+                    export_hf(final_state, cfg, run_dir / "tokenizer.model", tc.export, force=tc.force)
+                _plot(run_dir)
+        if self.is_main:
+            peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            val = f"{self.val_loss:.4f}" if self.val_loss is not None else "n/a"
+            where = (f" | exported {run_dir / 'hf'}" + (f" and {tc.export}" if tc.export else "")
+                     if not interrupted else "")
+            self.log(f"done: {self.step} steps, {tokens_run:,} tokens in {elapsed:.1f}s | {tps:,.0f} tokens/s | "
+                     f"{flops_per_token(cfg, tc.seq_len) * tps / 1e9:,.1f} model GFLOP/s | peak memory "
+                     f"{peak / 2**30:.2f} GiB | val loss {val}{where}")
 
 
 def _no_sync(wrapped, tc: TrainConfig, d: _Dist, last: bool):
