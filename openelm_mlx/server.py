@@ -133,9 +133,10 @@ def parse_body(model, data: Any):
         return model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"{param}: {err['msg']} (got {json.dumps(err.get('input'))[:80]})", param=param,
-                       code="invalid_value") from None
+        where = ".".join(str(p) for p in err["loc"])
+        got = json.dumps(err.get("input"))
+        raise ApiError(400, f"{where}: {err['msg']} (got {got[:80]}{'...' if len(got) > 80 else ''})",
+                       param=str(err["loc"][0]) if err["loc"] else None, code="invalid_value") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
