@@ -61,7 +61,13 @@ class Conversation:
     def prompt_for(self, text: str, max_tokens: int, context: int, warn) -> Optional[tuple[list[int], int]]:
         """Ids for the conversation plus `text`, dropping the oldest exchanges while prompt plus `max_tokens`
         would pass the context; None (after a warning) when the message alone does not fit."""
-        turns = self.turns + [{"role": "user", "content": text}]
+        message = {"role": "user", "content": text}
+        alone = len(self.tokenizer.encode_chat(self.messages([message])))
+        if alone >= context:  # checked first, so that a message that cannot fit costs no history
+            warn(f"[context: this message makes a {alone}-token prompt, beyond the model's {context}-token "
+                 f"context; it was not sent]")
+            return None
+        turns = self.turns + [message]
         while True:
             ids = self.tokenizer.encode_chat(self.messages(turns))
             if len(ids) + max_tokens <= context or len(turns) == 1:
@@ -69,10 +75,6 @@ class Conversation:
             turns = turns[2:]  # the oldest user message and its reply
             warn("[context: dropped the oldest exchange to stay within the model's "
                  f"{context}-token context]")
-        if len(ids) >= context:
-            warn(f"[context: this message makes a {len(ids)}-token prompt, beyond the model's {context}-token "
-                 f"context; it was not sent]")
-            return None
         self.turns = turns
         return ids, min(max_tokens, context - len(ids))
 
