@@ -21,7 +21,8 @@ def test_pure_modules_import_neither_framework(module):
 @pytest.mark.parametrize("module", ["openelm_mlx.model", "openelm_mlx.checkpoint", "openelm_mlx.tokenizer",
                                     "openelm_mlx.data", "openelm_mlx.adapters", "openelm_mlx.tuner",
                                     "openelm_mlx.lora", "openelm_mlx.fuse", "openelm_mlx.generate",
-                                    "openelm_mlx.perplexity", "openelm_mlx.convert"])
+                                    "openelm_mlx.perplexity", "openelm_mlx.convert", "openelm_mlx.engine",
+                                    "openelm_mlx.server", "openelm_mlx.chat"])
 def test_mlx_side_does_not_import_torch(module):
     loaded = modules_after_import(f"import {module}")
     assert "torch" not in loaded
