@@ -24,6 +24,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=16)
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the servers are stopped on the way out
 
     with tempfile.TemporaryDirectory() as tmp:
         log(f"building a random-weight {args.preset}-shaped float32 model ...")

@@ -13,6 +13,7 @@ not batch in mlx-lm). The structure follows mlx-lm's `server.ResponseGenerator`;
 
 from __future__ import annotations
 
+import copy
 import queue
 import secrets
 import threading
@@ -129,6 +130,7 @@ class _Decoded:
         self.text = ""
         self.sent = 0
         self.tokens = 0
+        self.generated: list[int] = []  # kept by the solo path, which may hand the request to the batch
 
     def add(self, token: int, logprobs: Optional[mx.array], finish_reason: Optional[str]) -> Event:
         """The event for one generated token; `finish_reason` is mlx-lm's ("stop" at EOS, "length")."""
@@ -188,13 +190,14 @@ class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, *, draft_model: Optional[Model] = None,
                  num_draft_tokens: int = 3, max_batch: int = 16, max_queue: int = 64,
                  prefill_step_size: int = 2048, prompt_cache_size: int = 10,
-                 prompt_cache_bytes: Optional[int] = None):
+                 prompt_cache_bytes: Optional[int] = None, solo: bool = True):
         from mlx_lm.models.cache import LRUPromptCache
 
         self.model, self.tokenizer, self.draft_model = model, tokenizer, draft_model
         self.num_draft_tokens = num_draft_tokens
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prefill_step_size = prefill_step_size
+        self.solo = solo
         self.context = model.config.max_context_length
         self.prompt_cache = LRUPromptCache(max_size=prompt_cache_size,
                                            max_bytes=prompt_cache_bytes if prompt_cache_bytes else 1 << 63)
@@ -204,6 +207,7 @@ class Engine:
         self._closing = False
         self.failure: Optional[str] = None
         self.served = 0
+        self.joined = 0  # lone requests moved into the batch
         self._thread = threading.Thread(target=self._run, name="openelm-engine", daemon=True)
         self._thread.start()
 
@@ -258,6 +262,9 @@ class Engine:
             if self.draft_model is not None:
                 if self._waiting:
                     self._serve_one(self._waiting.popleft())
+                continue
+            if self.solo and not self._active and len(self._waiting) == 1:
+                self._serve_solo(self._waiting.popleft())
                 continue
             while self._waiting:
                 self._insert(self._waiting.popleft())
@@ -332,27 +339,39 @@ class Engine:
                                          prefill_step_size=self.prefill_step_size)
         return self._batch
 
-    def _insert(self, ticket: Ticket) -> None:
-        from mlx_lm.generate import StopSequences
+    def _cached_prefix(self, ticket: Ticket) -> tuple[Optional[list], list[int]]:
+        """The prompt cache's KV state for the longest cached prefix of the prompt, and the tokens left."""
         from mlx_lm.models.cache import trim_prompt_cache
 
-        ids, p = ticket.ids, ticket.params
+        ids = ticket.ids
         cache, rest = self.prompt_cache.fetch_nearest_cache(_CACHE_KEY, ids)
         if cache is not None and not rest:  # all of it cached: recompute the last token to get its logits
             trim_prompt_cache(cache, 1)
             rest = ids[-1:]
-        cached = len(ids) - len(rest)
-        ticket.cached_tokens = cached
+        ticket.cached_tokens = len(ids) - len(rest)
+        return cache, rest
+
+    def _insert(self, ticket: Ticket, cache: Optional[list] = None, rest: Optional[list[int]] = None,
+                decoded: Optional[_Decoded] = None, sampler=None) -> None:
+        """Add a request to the batch: from the prompt cache, or (moving a solo request in) from its own cache
+        with `rest` the one token still to feed."""
+        from mlx_lm.generate import StopSequences
+
+        p = ticket.params
+        if decoded is None:
+            cache, rest = self._cached_prefix(ticket)
+        full = ticket.ids + (decoded.generated if decoded else [])  # the cache holds all but `rest`
+        cached = len(full) - len(rest)
         segments = [rest]
-        if cached < ticket.system_prefix < len(ids) - 1:  # process (and cache) the system prompt on its own
-            segments = [ids[cached:ticket.system_prefix], ids[ticket.system_prefix:]]
+        if decoded is None and cached < ticket.system_prefix < len(full) - 1:  # the system prompt on its own
+            segments = [full[cached:ticket.system_prefix], full[ticket.system_prefix:]]
         (uid,) = self._generator().insert_segments(
-            segments=[segments], max_tokens=[p.max_tokens], caches=[cache], all_tokens=[ids[:cached]],
-            samplers=[make_sampler(p)],
+            segments=[segments], max_tokens=[p.max_tokens - (decoded.tokens if decoded else 0)], caches=[cache],
+            all_tokens=[full[:cached]], samplers=[sampler or make_sampler(p)],
             logits_processors=[make_logits_processors(p.repetition_penalty, p.repetition_context_size)],
             stop_sequences=[StopSequences([(t,) for t in self.tokenizer.eos_token_ids])])
         ticket.uid = uid
-        self._active[uid] = _Decoded(ticket, self.tokenizer)
+        self._active[uid] = decoded or _Decoded(ticket, self.tokenizer)
 
     def _step(self) -> None:
         batch = self._generator()
@@ -379,6 +398,93 @@ class Engine:
         for cache, tokens in caches.values():
             self.prompt_cache.insert_cache(_CACHE_KEY, list(tokens), cache)
         del self._active[uid]
+
+    # -- a lone request ----------------------------------------------------------------------------------------
+
+    def _serve_solo(self, ticket: Ticket) -> None:
+        """Serve a request that is alone on the single-sequence path, as `generate.stream_generate` does (on the
+        CPU that is our blockwise prefill and compiled one-token step, which a batch cannot use). When another
+        request arrives, this one moves into the batch with its KV cache, its sampler (and so its random key)
+        and its text so far."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        p = ticket.params
+        cache, rest = self._cached_prefix(ticket)
+        cache = cache if cache is not None else make_prompt_cache(self.model)
+        sampler = make_sampler(p)
+        processors = make_logits_processors(p.repetition_penalty, p.repetition_context_size)
+        context = mx.array(ticket.ids[:len(ticket.ids) - len(rest)], mx.uint32)
+        decoded = _Decoded(ticket, self.tokenizer)
+        ticket.uid = -1
+        self._active[-1] = decoded
+
+        def step(tokens: mx.array):
+            nonlocal context
+            logits = self.model(tokens[None], cache=cache)[:, -1, :]
+            if processors:
+                context = mx.concatenate([context, tokens.astype(mx.uint32)])
+                for proc in processors:
+                    logits = proc(context, logits)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            return sampler(logprobs), logprobs
+
+        try:
+            prompt = mx.array(rest, mx.uint32)
+            cached = ticket.cached_tokens
+            if cached < ticket.system_prefix < len(ticket.ids) - 1:  # the system prompt first, then cached
+                self._prefill(prompt[:ticket.system_prefix - cached], cache)
+                self.prompt_cache.insert_cache(_CACHE_KEY, ticket.ids[:ticket.system_prefix],
+                                               [copy.deepcopy(c) for c in cache], cache_type="system")
+                context = mx.concatenate([context, prompt[:ticket.system_prefix - cached]])
+                prompt = prompt[ticket.system_prefix - cached:]
+            while prompt.size > self.prefill_step_size:  # as mlx-lm's generate_step: all but the last chunk
+                self._prefill(prompt[:self.prefill_step_size], cache)
+                if processors:
+                    context = mx.concatenate([context, prompt[:self.prefill_step_size]])
+                prompt = prompt[self.prefill_step_size:]
+            y, logprobs = step(prompt)
+            mx.async_eval(y, logprobs)
+            while True:
+                more = decoded.tokens + 1 < p.max_tokens
+                if more:  # queue the next step before reading this token, as generate_step does
+                    next_y, next_logprobs = step(y)
+                    mx.async_eval(next_y, next_logprobs)
+                token = y.item()
+                decoded.generated.append(token)
+                event = decoded.add(token, logprobs, None if more else "length")
+                self._deliver(ticket, event)
+                if event.finish_reason is not None:
+                    break
+                self._read_inbox(block=False)
+                if -1 not in self._active:  # cancelled (and released)
+                    return
+                y, logprobs = next_y, next_logprobs
+                if self._waiting:  # company: emit the token already sampled, then join the batch
+                    token = y.item()
+                    decoded.generated.append(token)
+                    event = decoded.add(token, logprobs, None if decoded.tokens + 1 < p.max_tokens else "length")
+                    self._deliver(ticket, event)
+                    if event.finish_reason is not None:
+                        break
+                    del self._active[-1]
+                    self._insert(ticket, cache, [token], decoded, sampler)
+                    self.joined += 1
+                    return
+        except Exception as e:
+            self._deliver(ticket, decoded.finish(Event(finish_reason="error",
+                                                      error=f"generation failed: {type(e).__name__}: {e}")))
+            self._active.pop(-1, None)
+            self._release()
+            return
+        mx.eval([c.state for c in cache])  # the step queued ahead may still run (and owns the cache)
+        tokens = (ticket.ids + decoded.generated)[:cache[0].offset]
+        self.prompt_cache.insert_cache(_CACHE_KEY, tokens, cache)
+        self._active.pop(-1, None)
+        self._release()
+
+    def _prefill(self, tokens: mx.array, cache: list) -> None:
+        self.model(tokens[None], cache=cache)
+        mx.eval([c.state for c in cache])
 
     # -- one at a time, speculative --------------------------------------------------------------------------
 

@@ -321,6 +321,7 @@ def build_app(svc: Service):
         ok = svc.engine.healthy()
         body = {"status": "ok" if ok else "error", "model": svc.model_id, "in_flight": svc.engine.in_flight,
                 "capacity": svc.engine.capacity, "served": svc.engine.served,
+                "joined_batch": svc.engine.joined,
                 "prompt_cache": {"sequences": len(svc.engine.prompt_cache),
                                  "bytes": svc.engine.prompt_cache.nbytes},
                 "memory": {"active_gb": mx.get_active_memory() / 1e9, "peak_gb": mx.get_peak_memory() / 1e9,

@@ -200,6 +200,24 @@ def test_eight_concurrent_clients_get_their_own_answers(client):
         together = list(pool.map(ask, range(8)))
     assert together == alone
     assert len(set(alone)) == 8
+    assert [ask(i) for i in range(8)] == alone  # again, from the KV states the batch left in the prompt cache
+
+
+def test_a_lone_request_joins_the_batch_when_others_arrive(server, client):
+    """A request alone runs on the single-sequence path; when others arrive mid-way it moves into the batch
+    with its cache and sampler, and every answer is still the one it gets alone."""
+    def ask(i, **kw):
+        return chat(client, PROMPTS[i], max_tokens=40, seed=i, temperature=0.7 * (i % 2), **kw)
+
+    alone = [ask(i).choices[0].message.content for i in range(4)]
+    joined = raw(server, "GET", "/health")[1]["joined_batch"]
+    first = ask(0, stream=True)
+    text = next(first).choices[0].delta.content
+    with cf.ThreadPoolExecutor(3) as pool:
+        others = list(pool.map(lambda i: ask(i).choices[0].message.content, range(1, 4)))
+    text += "".join(c.choices[0].delta.content or "" for c in first if c.choices)
+    assert [text] + others == alone
+    assert raw(server, "GET", "/health")[1]["joined_batch"] > joined
 
 
 def test_prompt_cache_reuses_a_shared_prefix(client, loaded):
