@@ -8,6 +8,8 @@ prompt-cache hits, `--gen-tokens` tokens), and we record:
 - aggregate tokens/s: all completion tokens (the servers' own `usage`) over the wall time from the start to the
   last client's end;
 - time to first token: from a client's start to its first streamed text chunk, averaged over the clients.
+A connection the server resets before answering (mlx_lm.server's `ThreadingHTTPServer` listens with a backlog of
+5, so a burst of 16 connections can overflow it) is retried after 0.2 s, counted, and its wait included.
 The servers alternate (order flipping every round) so machine load hits both alike; medians over `--rounds`.
 
 mlx-lm's side runs in one of two ways (`--peer`): `blas` (default) imports openelm_mlx first, so mlx-lm runs on
@@ -83,13 +85,23 @@ def start(name: str, cmd: list[str], port: int, env: dict) -> subprocess.Popen:
 
 
 def one_request(port: int, model: str, prompt: str, max_tokens: int, barrier: threading.Barrier, out: dict):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1200)
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                        "stream": True, "stream_options": {"include_usage": True}})
     barrier.wait()
     t0 = time.perf_counter()
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    r = conn.getresponse()
+    for attempt in range(10):  # a connection the server reset before answering is retried (and counted)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1200)
+        try:
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            break
+        except (ConnectionResetError, ConnectionRefusedError, http.client.RemoteDisconnected):
+            conn.close()
+            out["retries"] = out.get("retries", 0) + 1
+            time.sleep(0.2)
+    else:
+        out.update(status="connection reset 10 times")
+        return
     first, tokens, pieces = None, None, 0
     for raw in r:
         line = raw.decode().strip()
@@ -127,7 +139,7 @@ def measure(port: int, model: str, clients: int, prompt_words: int, gen_tokens: 
     wall = max(r["end"] for r in results) - start
     return {"tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_s": statistics.mean(r["ttft"] for r in results if r["ttft"] is not None),
-            "tokens": sum(r["tokens"] for r in results)}
+            "tokens": sum(r["tokens"] for r in results), "retries": sum(r.get("retries", 0) for r in results)}
 
 
 def main(argv=None) -> int:
@@ -172,7 +184,7 @@ def main(argv=None) -> int:
                                     f"r{rnd}-{name}")
                         runs[(name, c)].append(r)
                         log(f"round {rnd + 1}, {c:2d} clients, {name:6s}: {r['tokens_per_s']:7.2f} tok/s, "
-                            f"TTFT {r['ttft_s']:.3f} s ({r['tokens']} tokens)")
+                            f"TTFT {r['ttft_s']:.3f} s ({r['tokens']} tokens, {r['retries']} connections reset and retried)")
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -189,6 +201,9 @@ def main(argv=None) -> int:
         print(f"| {c} | {o['tokens_per_s']:.2f} | {m['tokens_per_s']:.2f} | "
               f"{o['tokens_per_s'] / m['tokens_per_s']:.2f}x | {o['ttft_s']:.3f} | {m['ttft_s']:.3f} | "
               f"{m['ttft_s'] / o['ttft_s']:.2f}x |")
+    for name in servers:
+        resets = sum(r["retries"] for c in levels for r in runs[(name, c)])
+        print(f"{name}: {resets} connections reset by the server and retried by the client (TTFT includes it)")
     if 1 in levels and max(levels) > 1:
         top = max(levels)
         for name in servers:
