@@ -255,7 +255,6 @@ class Engine:
     def _loop(self) -> None:
         self._waiting: deque[Ticket] = deque()
         self._active: dict[int, _Decoded] = {}
-        self._cancelled: set[int] = set()
         self._batch = None
         while not self._closing:
             self._read_inbox(block=not self._active and not self._waiting)
@@ -282,11 +281,7 @@ class Engine:
         while True:
             kind, ticket = msg
             if kind == "add":
-                if id(ticket) in self._cancelled:
-                    self._cancelled.discard(id(ticket))
-                    self._release()
-                else:
-                    self._waiting.append(ticket)
+                self._waiting.append(ticket)
             elif kind == "cancel":
                 self._drop(ticket)
             try:
@@ -298,14 +293,15 @@ class Engine:
         if ticket in self._waiting:
             self._waiting.remove(ticket)
             self._release()
-        elif ticket.uid == -1 and -1 in self._active:  # the one being served speculatively
+            return
+        decoded = self._active.get(ticket.uid) if ticket.uid is not None else None
+        if decoded is None or decoded.ticket is not ticket:  # already finished (uid -1 is reused by solo)
+            return
+        if ticket.uid == -1:
             del self._active[-1]
-            self._release()
-        elif ticket.uid is not None and ticket.uid in self._active:
+        else:
             self._remove(ticket.uid, keep_cache=False)
-            self._release()
-        elif ticket.uid is None:
-            self._cancelled.add(id(ticket))  # cancelled before it reached us (inbox order is kept, so rare)
+        self._release()
 
     def _release(self) -> None:
         with self._lock:
