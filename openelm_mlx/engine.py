@@ -17,6 +17,7 @@ import copy
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -27,6 +28,8 @@ from .generate import make_logits_processors, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
 
+# How long a request that finds the engine idle waits for company before it starts alone.
+COALESCE_S = 0.01
 # Key of our one model in mlx-lm's prompt cache (which can hold several models' entries).
 _CACHE_KEY = "model"
 
@@ -263,8 +266,11 @@ class Engine:
                     self._serve_one(self._waiting.popleft())
                 continue
             if self.solo and not self._active and len(self._waiting) == 1:
-                self._serve_solo(self._waiting.popleft())
-                continue
+                time.sleep(COALESCE_S)  # the requests of a burst arrive a few ms apart: batch them from the start
+                self._read_inbox(block=False)
+                if len(self._waiting) == 1:
+                    self._serve_solo(self._waiting.popleft())
+                    continue
             while self._waiting:
                 self._insert(self._waiting.popleft())
             if self._active:
