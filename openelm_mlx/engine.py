@@ -454,35 +454,37 @@ class Engine:
                 token = y.item()
                 decoded.generated.append(token)
                 event = decoded.add(token, logprobs, None if more else "length")
-                self._deliver(ticket, event)
                 if event.finish_reason is not None:
                     break
+                self._deliver(ticket, event)
                 self._read_inbox(block=False)
-                if -1 not in self._active:  # cancelled (and released)
+                if -1 not in self._active:  # cancelled (and released); let the step queued ahead finish
+                    mx.synchronize()
                     return
                 y, logprobs = next_y, next_logprobs
                 if self._waiting:  # company: emit the token already sampled, then join the batch
                     token = y.item()
                     decoded.generated.append(token)
                     event = decoded.add(token, logprobs, None if decoded.tokens + 1 < p.max_tokens else "length")
-                    self._deliver(ticket, event)
                     if event.finish_reason is not None:
                         break
+                    self._deliver(ticket, event)
                     del self._active[-1]
                     self._insert(ticket, cache, [token], decoded, sampler)
                     self.joined += 1
                     return
         except Exception as e:
-            self._deliver(ticket, decoded.finish(Event(finish_reason="error",
-                                                      error=f"generation failed: {type(e).__name__}: {e}")))
-            self._active.pop(-1, None)
-            self._release()
+            if self._active.pop(-1, None) is not None:
+                self._release()
+                self._deliver(ticket, decoded.finish(Event(finish_reason="error",
+                                                          error=f"generation failed: {type(e).__name__}: {e}")))
             return
-        mx.eval([c.state for c in cache])  # the step queued ahead may still run (and owns the cache)
+        mx.synchronize()  # the step queued ahead may still run (and it writes the cache)
         tokens = (ticket.ids + decoded.generated)[:cache[0].offset]
         self.prompt_cache.insert_cache(_CACHE_KEY, tokens, cache)
         self._active.pop(-1, None)
         self._release()
+        self._deliver(ticket, event)  # the last event after the slot is free, as in the batch
 
     def _prefill(self, tokens: mx.array, cache: list) -> None:
         self.model(tokens[None], cache=cache)
@@ -502,14 +504,14 @@ class Engine:
                     draft_model=self.draft_model, num_draft_tokens=self.num_draft_tokens,
                     prefill_step_size=self.prefill_step_size):
                 event = decoded.add(r.token, r.logprobs, r.finish_reason)
-                self._deliver(ticket, event)
                 if event.finish_reason is not None:
                     break
+                self._deliver(ticket, event)
                 self._read_inbox(block=False)
                 if -1 not in self._active:  # cancelled (and released) while we generated
                     return
         except Exception as e:
-            self._deliver(ticket, decoded.finish(Event(finish_reason="error",
-                                                      error=f"generation failed: {type(e).__name__}: {e}")))
-        self._active.pop(-1, None)
-        self._release()
+            event = decoded.finish(Event(finish_reason="error", error=f"generation failed: {type(e).__name__}: {e}"))
+        if self._active.pop(-1, None) is not None:
+            self._release()
+            self._deliver(ticket, event)

@@ -87,3 +87,14 @@ def test_stop_string_across_tokens_is_held_back(engine, loaded):
     text, e, parts = collect(submit(engine, tok, "Once upon a time", max_tokens=24, stop=(stop,))[1])
     assert text == full[:full.find(stop)] and e.finish_reason == "stop"
     assert all(stop not in "".join(parts[:i + 1]) for i in range(len(parts)))
+
+
+def test_draft_model_serves_one_at_a_time_with_the_targets_greedy_output(loaded):
+    model, tok = loaded
+    eng = Engine(model, tok, draft_model=model, num_draft_tokens=3)
+    try:
+        pending = [submit(eng, tok, p, max_tokens=12)[1] for p in ("Once upon a time", "Hello there")]
+        for p, events in zip(("Once upon a time", "Hello there"), pending):
+            assert collect(events)[0] == gen.generate(model, tok, p, max_tokens=12)
+    finally:
+        eng.close()
