@@ -194,13 +194,18 @@ def main(argv=None) -> int:
     peer = "mlx_lm.server (same BLAS)" if args.peer == "blas" else "mlx_lm.server (stock)"
     print(f"model: {args.preset}-shaped, random weights, float32; prompt {args.prompt_words} words, "
           f"{args.gen_tokens} tokens per request, greedy; medians of {args.rounds} rounds; peer: {peer}")
-    print("| clients | ours tok/s | mlx-lm tok/s | ratio | ours TTFT s | mlx-lm TTFT s | TTFT ratio (mlx-lm/ours) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| clients | ours tok/s | mlx-lm tok/s | ratio | paired ratio | ours TTFT s | mlx-lm TTFT s | TTFT ratio "
+          "(mlx-lm/ours) | paired |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in levels:
         o, m = med[("ours", c)], med[("mlx-lm", c)]
+        # paired: the median of the per-round ratios (the two sides of a round ran back to back)
+        pairs = list(zip(runs[("ours", c)], runs[("mlx-lm", c)]))
+        speed = statistics.median(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+        ttft = statistics.median(b["ttft_s"] / a["ttft_s"] for a, b in pairs)
         print(f"| {c} | {o['tokens_per_s']:.2f} | {m['tokens_per_s']:.2f} | "
-              f"{o['tokens_per_s'] / m['tokens_per_s']:.2f}x | {o['ttft_s']:.3f} | {m['ttft_s']:.3f} | "
-              f"{m['ttft_s'] / o['ttft_s']:.2f}x |")
+              f"{o['tokens_per_s'] / m['tokens_per_s']:.2f}x | {speed:.2f}x | {o['ttft_s']:.3f} | {m['ttft_s']:.3f} | "
+              f"{m['ttft_s'] / o['ttft_s']:.2f}x | {ttft:.2f}x |")
     for name in servers:
         resets = sum(r["retries"] for c in levels for r in runs[(name, c)])
         print(f"{name}: {resets} connections reset by the server and retried by the client (TTFT includes it)")
