@@ -404,6 +404,12 @@ class Engine:
     # -- a lone request ----------------------------------------------------------------------------------------
 
     def _serve_solo(self, ticket: Ticket) -> None:
+        from mlx_lm.generate import generation_stream
+
+        with mx.stream(generation_stream):
+            self._serve_solo_on_stream(ticket)
+
+    def _serve_solo_on_stream(self, ticket: Ticket) -> None:
         """Serve a request that is alone on the single-sequence path, as `generate.stream_generate` does (on the
         CPU that is our blockwise prefill and compiled one-token step, which a batch cannot use). When another
         request arrives, this one moves into the batch with its KV cache, its sampler (and so its random key)
