@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-queue", type=int, default=8)
     p.add_argument("--warmup", type=int, default=100, help="requests before the baseline memory sample")
+    p.add_argument("--backoff", type=float, default=0.25, help="seconds a client waits after a 429/503")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so the server is stopped on the way out
 
@@ -145,6 +146,8 @@ def run(args, port: int, pid: int, model: str) -> int:
                 statuses[(kind, status)] += 1
                 if status not in allowed:
                     unexpected.append((i, kind, status))
+            if status in (429, 503):
+                time.sleep(args.backoff)  # as a client honouring Retry-After would, only shorter
 
     t0 = time.time()
     limits = sorted({min(args.warmup, args.requests), *range(args.warmup + 100, args.requests, 100), args.requests})
