@@ -10,7 +10,9 @@ prompt-cache hits, `--gen-tokens` tokens), and we record:
 - time to first token: from a client's start to its first streamed text chunk, averaged over the clients.
 A connection the server resets before answering (mlx_lm.server's `ThreadingHTTPServer` listens with a backlog of
 5, so a burst of 16 connections can overflow it) is retried after 0.2 s, counted, and its wait included.
-The servers alternate (order flipping every round) so machine load hits both alike; medians over `--rounds`.
+The servers alternate (order flipping every round) so machine load hits both alike; medians over `--rounds`, and
+the median of the per-round ratios. Also reported: each server process's CPU time (user + system, all threads,
+from /proc) per generated token, which other jobs on a shared machine disturb less than wall time.
 
 mlx-lm's side runs in one of two ways (`--peer`): `blas` (default) imports openelm_mlx first, so mlx-lm runs on
 the same optimized CPU BLAS and the comparison isolates the serving machinery and the model code; `stock` is
@@ -119,7 +121,15 @@ def one_request(port: int, model: str, prompt: str, max_tokens: int, barrier: th
     conn.close()
 
 
-def measure(port: int, model: str, clients: int, prompt_words: int, gen_tokens: int, tag: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, model: str, clients: int, prompt_words: int, gen_tokens: int, tag: str,
+            pid: int = None) -> dict:
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     barrier = threading.Barrier(clients)
     results = [{} for _ in range(clients)]
     threads = []
@@ -139,7 +149,8 @@ def measure(port: int, model: str, clients: int, prompt_words: int, gen_tokens: 
     wall = max(r["end"] for r in results) - start
     return {"tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_s": statistics.mean(r["ttft"] for r in results if r["ttft"] is not None),
-            "tokens": sum(r["tokens"] for r in results), "retries": sum(r.get("retries", 0) for r in results)}
+            "tokens": sum(r["tokens"] for r in results), "retries": sum(r.get("retries", 0) for r in results),
+            "cpu_ms_per_token": (cpu_seconds(pid) - cpu0) * 1e3 / sum(r["tokens"] for r in results) if pid else 0}
 
 
 def main(argv=None) -> int:
@@ -181,22 +192,24 @@ def main(argv=None) -> int:
                     order = list(servers) if (rnd + levels.index(c)) % 2 == 0 else list(servers)[::-1]
                     for name in order:
                         r = measure(servers[name][1], str(model_dir), c, args.prompt_words, args.gen_tokens,
-                                    f"r{rnd}-{name}")
+                                    f"r{rnd}-{name}", pid=servers[name][0].pid)
                         runs[(name, c)].append(r)
                         log(f"round {rnd + 1}, {c:2d} clients, {name:6s}: {r['tokens_per_s']:7.2f} tok/s, "
-                            f"TTFT {r['ttft_s']:.3f} s ({r['tokens']} tokens, {r['retries']} connections reset and retried)")
+                            f"TTFT {r['ttft_s']:.3f} s, {r['cpu_ms_per_token']:.0f} CPU ms/token ({r['tokens']} tokens, "
+                            f"{r['retries']} connections reset and retried)")
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=60)
 
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("tokens_per_s", "ttft_s")} for k, v in runs.items()}
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("tokens_per_s", "ttft_s", "cpu_ms_per_token")}
+           for k, v in runs.items()}
     peer = "mlx_lm.server (same BLAS)" if args.peer == "blas" else "mlx_lm.server (stock)"
     print(f"model: {args.preset}-shaped, random weights, float32; prompt {args.prompt_words} words, "
           f"{args.gen_tokens} tokens per request, greedy; medians of {args.rounds} rounds; peer: {peer}")
     print("| clients | ours tok/s | mlx-lm tok/s | ratio | paired ratio | ours TTFT s | mlx-lm TTFT s | TTFT ratio "
-          "(mlx-lm/ours) | paired |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "(mlx-lm/ours) | paired | CPU ms/token ours | mlx-lm |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in levels:
         o, m = med[("ours", c)], med[("mlx-lm", c)]
         # paired: the median of the per-round ratios (the two sides of a round ran back to back)
@@ -205,7 +218,8 @@ def main(argv=None) -> int:
         ttft = statistics.median(b["ttft_s"] / a["ttft_s"] for a, b in pairs)
         print(f"| {c} | {o['tokens_per_s']:.2f} | {m['tokens_per_s']:.2f} | "
               f"{o['tokens_per_s'] / m['tokens_per_s']:.2f}x | {speed:.2f}x | {o['ttft_s']:.3f} | {m['ttft_s']:.3f} | "
-              f"{m['ttft_s'] / o['ttft_s']:.2f}x | {ttft:.2f}x |")
+              f"{m['ttft_s'] / o['ttft_s']:.2f}x | {ttft:.2f}x | {o['cpu_ms_per_token']:.0f} | "
+              f"{m['cpu_ms_per_token']:.0f} |")
     for name in servers:
         resets = sum(r["retries"] for c in levels for r in runs[(name, c)])
         print(f"{name}: {resets} connections reset by the server and retried by the client (TTFT includes it)")
