@@ -2,9 +2,10 @@
 cache, on mlx-lm's machinery.
 
 One thread owns the model. Requests that arrive together are decoded together by mlx-lm's `BatchGenerator`
-(sequences join and leave the batch between steps); a finished request leaves its KV state in mlx-lm's
-`LRUPromptCache`, so a later prompt that shares a prefix (the next turn of a chat, a fixed system prompt) starts
-from it. What is ours: per-request samplers with their own random key (a seeded request gives the same tokens
+(sequences join and leave the batch between steps); a request that is alone runs on the single-sequence path of
+`generate` (on the CPU: blockwise prefill, compiled one-token step) and moves into the batch when another one
+arrives. A finished request leaves its KV state in mlx-lm's `LRUPromptCache`, so a later prompt that shares a
+prefix (the next turn of a chat, a fixed system prompt, cached on its own) starts from it. What is ours: per-request samplers with their own random key (a seeded request gives the same tokens
 however many others share its batch), stop strings matched on the text rather than on tokens (a stop string
 need not start on a token boundary), OpenELM's streaming detokenizer, a bounded queue, and cancellation.
 With a draft model, requests are served one at a time by `generate.stream_generate` (speculative decoding does

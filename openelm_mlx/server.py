@@ -528,6 +528,11 @@ def check_settings(s: ServerConfig) -> None:
             raise GenerateError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(s, name)}")
     if s.max_queue < 0 or not 0 <= s.port < 65536:
         raise GenerateError(f"--max-queue must be >= 0 and --port in 0..65535 (got {s.max_queue}, {s.port})")
+    if s.temp < 0 or not 0 < s.top_p <= 1 or not 0 <= s.min_p <= 1 or s.top_k < 0:
+        raise GenerateError(f"sampling defaults out of range: --temp {s.temp} (>= 0), --top-p {s.top_p} (0..1], "
+                            f"--min-p {s.min_p} [0..1], --top-k {s.top_k} (>= 0)")
+    if s.repetition_penalty is not None and s.repetition_penalty <= 0:
+        raise GenerateError(f"--repetition-penalty must be > 0, got {s.repetition_penalty}")
 
 
 def start(s: ServerConfig) -> tuple[Service, socket.socket]:

@@ -278,10 +278,25 @@ def test_dropped_stream_frees_its_slot(server):
     assert raw(server, "GET", "/health")[1]["in_flight"] == 1
     conn.sock.close()
     conn.close()
+    wait_idle(server)
+
+    # a plain (non-streamed) request whose client goes away frees its slot too
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({"prompt": PROMPT, "max_tokens": 2000}),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     deadline = time.time() + 10
-    while raw(server, "GET", "/health")[1]["in_flight"] and time.time() < deadline:
+    while raw(server, "GET", "/health")[1]["in_flight"] == 0 and time.time() < deadline:
+        time.sleep(0.02)
+    conn.sock.close()
+    conn.close()
+    wait_idle(server)
+
+
+def wait_idle(port):
+    deadline = time.time() + 10
+    while raw(port, "GET", "/health")[1]["in_flight"] and time.time() < deadline:
         time.sleep(0.1)
-    assert raw(server, "GET", "/health")[1]["in_flight"] == 0
+    assert raw(port, "GET", "/health")[1]["in_flight"] == 0
 
 
 def test_queue_bound_answers_429(server):
