@@ -290,7 +290,8 @@ def check_sampling(s) -> None:
     check(s.repetition_penalty is None or s.repetition_penalty > 0, "repetition_penalty", s.repetition_penalty,
           "must be above 0 (1 is off)")
     check(s.repetition_context_size >= 1, "repetition_context_size", s.repetition_context_size, "must be at least 1")
-    check(s.seed is None or 0 <= s.seed < 2**63, "seed", s.seed, "must be a non-negative integer")
+    seed = getattr(s, "seed", None)
+    check(seed is None or 0 <= seed < 2**63, "seed", seed, "must be a non-negative integer")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,8 @@ def test_pure_modules_import_neither_framework(module):
 @pytest.mark.parametrize("module", ["openelm_mlx.model", "openelm_mlx.checkpoint", "openelm_mlx.tokenizer",
                                     "openelm_mlx.textfiles", "openelm_mlx.adapters", "openelm_mlx.tuner",
                                     "openelm_mlx.lora", "openelm_mlx.fuse", "openelm_mlx.generate",
-                                    "openelm_mlx.perplexity", "openelm_mlx.convert"])
+                                    "openelm_mlx.perplexity", "openelm_mlx.convert", "openelm_mlx.engine",
+                                    "openelm_mlx.server", "openelm_mlx.chat"])
 def test_mlx_side_does_not_import_torch(module):
     loaded = modules_after_import(f"import {module}")
     assert "torch" not in loaded
@@ -40,7 +41,8 @@ def test_data_preparation_and_streaming_do_not_import_mlx(module):
 # ------------------------------------------------------------------------------------------ architecture rules
 
 PACKAGE = Path(__file__).resolve().parents[1] / "openelm_mlx"
-CLIS = ["convert", "generate", "lora", "fuse", "train", "perplexity", "evaluate", "info", "demo", "prepare_data"]
+CLIS = ["convert", "generate", "lora", "fuse", "train", "perplexity", "evaluate", "info", "demo", "prepare_data",
+        "server", "chat"]
 
 
 def package_imports() -> dict[str, set]:
