@@ -10,7 +10,12 @@ within float32 rounding (tested). The speed costs transient float32 weights. On 
 few-row products run instead in csrc/qgemv.c (built with the system C compiler on first use; 4 and 8 bits, groups
 of 32, 64 or 128): it unpacks the packed words in registers, ~11 G weights/s on one core from memory (14 from
 cache) against ~1 G for MLX's kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms), and splits the rows of
-products from QGEMV_THREAD_WEIGHTS weights on over OpenMP threads (18 G weights/s on 2 cores). It evaluates its
+products from QGEMV_THREAD_WEIGHTS weights on over OpenMP threads (18 G weights/s on 2 cores). By default it
+quantizes each row of x once to int8 per weight group and multiplies with integer dot products (AVX2
+maddubs/madd, or VNNI dpbusd where the CPU has AVX-VNNI or AVX512-VNNI, picked at run time), as llama.cpp's
+ggml-cpu does for its Q4_0/Q8_0 weights: faster (README), at the price of rounding x to 7 bits
++ sign per group (error bound and tests: tests/test_qgemv_int8.py); `OPENELM_MLX_QGEMV=float` keeps the float
+kernel, `=avx2` (or `avxvnni`, `avx512vnni`) forces a variant. It evaluates its
 input, so it runs outside mx.compile (inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel.
 In training, the tuner's eager CPU step runs under `eager_autodiff` so the forward holds no de-quantized weight; a
 compiled step (the MLX head, OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps
@@ -37,7 +42,8 @@ from .blas import OFF_VALUES
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
 ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's kernels (less memory, much slower)
-QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: few-row products keep MLX's quantized_matmul instead of csrc/qgemv.c
+QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: MLX's quantized_matmul; float: qgemv.c's float kernel; or a variant
+QGEMV_VARIANTS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 4}  # csrc/qgemv.c's integer kernels (its VAR_* values)
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
 _qgemv_threads_ok = True  # False in a forked child: libgomp's thread pool does not survive fork (one thread works)
@@ -140,7 +146,29 @@ def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
         return None, "this CPU lacks AVX2/FMA (or is not x86-64)"
     lib.openelm_qgemv.restype = ctypes.c_int
     lib.openelm_qgemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+    lib.openelm_qgemv_int8.restype = ctypes.c_int
+    lib.openelm_qgemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
     return lib, ""
+
+
+def qgemv_variants() -> tuple[str, ...]:
+    """The integer kernels of csrc/qgemv.c this CPU can run, by name (empty when qgemv is not usable)."""
+    lib = qgemv_library()[0]
+    mask = lib.openelm_qgemv_int8_variants() if lib is not None else 0
+    return tuple(name for name, bit in QGEMV_VARIANTS.items() if mask & bit)
+
+
+def qgemv_kernel() -> str:
+    """Which csrc/qgemv.c kernel few-row products use: "float" (OPENELM_MLX_QGEMV=float: unpacked weights times
+    float x, exact to float32 rounding), or an integer kernel (int8 activations): the variant named by the
+    variable when the CPU has it, else the best one (AVX-VNNI, AVX512-VNNI, then AVX2)."""
+    setting = os.environ.get(QGEMV_ENV_VAR, "").strip().lower()
+    have = qgemv_variants()
+    if setting == "float" or not have:
+        return "float"
+    if setting in have:
+        return setting
+    return next(v for v in ("avxvnni", "avx512vnni", "avx2") if v in have)
 
 
 def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
@@ -153,21 +181,30 @@ def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
             and x.shape[-1] % (256 // bits) == 0 and qgemv_library()[0] is not None)
 
 
-def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """x @ dequantize(w).T by csrc/qgemv.c (evaluates x; a ValueError inside mx.compile or vmap)."""
+def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+           kernel: Optional[str] = None, threads: Optional[int] = None) -> mx.array:
+    """x @ dequantize(w).T by csrc/qgemv.c (evaluates x; a ValueError inside mx.compile or vmap). kernel: "float"
+    or a name in QGEMV_VARIANTS (default qgemv_kernel()); threads: default by size (QGEMV_THREAD_WEIGHTS)."""
     lib = qgemv_library()[0]
+    kernel = kernel or qgemv_kernel()
     xs = np.ascontiguousarray(np.asarray(x, dtype=np.float32)).reshape(-1, x.shape[-1])
     arrays = [np.asarray(a) for a in (w, scales, biases)]  # MLX arrays are row-contiguous: views, no copies
     if not all(a.flags.c_contiguous for a in arrays):
         arrays = [np.ascontiguousarray(a) for a in arrays]
     n, k = w.shape[0], xs.shape[1]
     y = np.empty((xs.shape[0], n), np.float32)
-    threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS and _qgemv_threads_ok else 1
+    if threads is None:
+        threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS else 1
+    threads = threads if _qgemv_threads_ok else 1
     pointers = [a.ctypes.data for a in (*arrays, xs, y)]
-    status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
+    if kernel == "float":
+        status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
+    else:
+        status = lib.openelm_qgemv_int8(*pointers, xs.shape[0], n, k, group_size, bits, threads,
+                                        QGEMV_VARIANTS[kernel])
     if status != 0:
-        raise RuntimeError(f"csrc/qgemv.c refused a {bits}-bit ({n}, {k}) product, group {group_size} (status "
-                           f"{status}); qgemv_applies should have kept it on MLX's kernel")
+        raise RuntimeError(f"csrc/qgemv.c ({kernel}) refused a {bits}-bit ({n}, {k}) product, group {group_size} "
+                           f"(status {status}); qgemv_applies should have kept it on MLX's kernel")
     return mx.array(y.reshape(*x.shape[:-1], n))
 
 

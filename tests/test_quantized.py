@@ -37,7 +37,11 @@ def quantized_pair(bits: int, seed: int = 0) -> tuple[Model, Model]:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("length", [1, DEQUANTIZE_MIN_ROWS, 40])
-def test_blas_path_equals_quantized_matmul(bits, length):
+def test_blas_path_equals_quantized_matmul(bits, length, monkeypatch):
+    from openelm_mlx import quantized
+
+    # one row runs in csrc/qgemv.c: its float kernel here (the int8 ones round x: tests/test_qgemv_int8.py)
+    monkeypatch.setenv(quantized.QGEMV_ENV_VAR, "float")
     kernels, blas = quantized_pair(bits)
     tokens = mx.random.randint(3, 1000, (2, length))
     want, got = kernels(tokens), blas(tokens)
@@ -126,7 +130,7 @@ def test_qgemv_equals_quantized_matmul_and_a_float64_product(bits, group, rows):
     w = mx.random.normal((200, 384)) * 0.05  # 200 rows, k = 384: several 8-word chunks and groups
     wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
     x = mx.random.normal((rows, 384))
-    got = np.array(_qgemv(x, wq, scales, biases, group, bits))
+    got = np.array(_qgemv(x, wq, scales, biases, group, bits, kernel="float"))
     want = np.array(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group, bits=bits))
     exact = np.array(x).astype(np.float64) @ np.array(
         mx.dequantize(wq, scales, biases, group_size=group, bits=bits)).astype(np.float64).T
@@ -148,10 +152,11 @@ def test_qgemv_split_over_threads_equals_one_thread(monkeypatch):
     assert one.shape == (1, 1, 301)
 
 
-def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
-    from openelm_mlx.quantized import qgemv_applies, quantized_linear
+def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise(monkeypatch):
+    from openelm_mlx.quantized import QGEMV_ENV_VAR, qgemv_applies, quantized_linear
 
     qgemv_or_skip()
+    monkeypatch.setenv(QGEMV_ENV_VAR, "float")  # exact to float32 rounding, as MLX's kernel
     mx.random.seed(10)
     x = mx.random.normal((1, 256))
     for bits, group, dtype, applies in [(4, 64, mx.float32, True), (8, 32, mx.float32, True),
@@ -172,10 +177,11 @@ def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
                                np.array(quantized_linear(layer, x)), atol=2e-5)
 
 
-def test_qgemv_gradient_equals_the_quantized_kernels():
-    from openelm_mlx.quantized import quantized_linear
+def test_qgemv_gradient_equals_the_quantized_kernels(monkeypatch):
+    from openelm_mlx.quantized import QGEMV_ENV_VAR, quantized_linear
 
     qgemv_or_skip()
+    monkeypatch.setenv(QGEMV_ENV_VAR, "float")  # the float kernel, so that the loss (and its gradient) match
     mx.random.seed(11)
     layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
     use_blas_for_quantized(layer)
@@ -211,7 +217,7 @@ def test_qgemv_in_a_forked_child_runs_on_one_thread():
     mx.random.seed(12)
     wq, scales, biases = mx.quantize(mx.random.normal((2048, 256)), group_size=64, bits=4)  # >= 2^18 weights
     x = mx.random.normal((1, 256))
-    want = np.array(quantized._qgemv(x, wq, scales, biases, 64, 4))  # the parent's threaded call starts the pool
+    want = np.array(quantized._qgemv(x, wq, scales, biases, 64, 4, kernel="float"))  # starts the thread pool
     lib = quantized.qgemv_library()[0]
     arrays = [np.asarray(a) for a in (wq, scales, biases, x)]
     pid = os.fork()

@@ -10,7 +10,8 @@
  *     y[r] = sum_g scale[r, g] * (q[r, g] . x[g]) + sum_g bias[r, g] * sum(x[g]).
  * Output rows are split over `threads` OpenMP threads (a persistent pool: starting threads per call cost more than
  * they saved on small weights); built without OpenMP, the same loop runs on one thread.
- * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library). */
+ * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library).
+ * Below it, openelm_qgemv_int8: the same product with int8 activations and integer dot products (the default). */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -111,10 +112,214 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
     return 0;
 }
 
+/* ---- Integer dot products: the activation row quantized once to int8 (what llama.cpp's ggml-cpu does) ----
+ *
+ * The float kernel above spends ~6 instructions per 8 weights converting and multiplying: it is compute-bound well
+ * below the memory bound. Here each row of x is quantized once per call, per weight group g, to
+ *     xq = rint(x * 127 / max|x_g|) in [-127, 127],  dx_g = max|x_g| / 127,
+ * and a group's q . x becomes dx_g * (q . xq), an exact int32 dot product of the unsigned weights with int8
+ * activations: AVX2 maddubs + madd (32 products in two instructions), or one VNNI dpbusd. Per group then
+ *     y += s_g * (dx_g * (q . xq) + off_g) + b_g * xsum_g,   off_g = c * (xsum_g - dx_g * sum(xq_g)),  c = 2^(bits-1),
+ * which is q . x = (q - c) . x + c * sum(x) with (q - c) . x ~ dx_g * (q - c) . xq: the rounding error of x meets
+ * the centred weights |q - c| <= c, half of what q itself would give. The error of y is at most
+ *     sum_g |s_g| * dx_g / 2 * sum_j |q_j - c|    (plus float32 rounding),
+ * the bound the tests check against a float64 product. The int32 lanes are the same in every variant (each lane
+ * sums 4 consecutive weight bytes), and the float steps after them are shared code, so the variants give
+ * bit-identical results (tested), as do 1 and N threads (each output row is computed by one thread).
+ * Activation layout: at 8 bits the natural order; at 4 bits each 32-byte chunk of a weight row (64 elements:
+ * byte b holds element 2b in its low nibble, 2b+1 in its high one) meets 32 even then 32 odd elements of x. */
+
+enum { VAR_AVX2 = 1, VAR_AVXVNNI = 2, VAR_AVX512VNNI = 4 };
+
+/* Bit mask of the integer kernels this CPU can run (VAR_*). */
+EXPORT int openelm_qgemv_int8_variants(void) {
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    int v = VAR_AVX2;
+    if (__builtin_cpu_supports("avxvnni")) v |= VAR_AVXVNNI;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) v |= VAR_AVX512VNNI;
+    return v;
+}
+
+typedef struct {
+    const uint32_t *w;
+    const float *scales, *biases;
+    const int8_t *xq;   /* m x k, laid out as above */
+    const int32_t *xl;  /* m x k/4: 128 * (sum of each 4 consecutive xq), for the 8-bit AVX2 kernel */
+    const float *dx, *off, *xsum;  /* m x ng each */
+    float *y;
+    int m, n, k, group_size, bits, r0, r1;
+} ijob_t;
+
+/* The float steps after the integer dot products, one compiled copy for every variant (so they round alike):
+ * the 8 lanes of acc in a fixed order, plus the offset and bias terms of every group. */
+__attribute__((target("avx2,fma"), noinline)) static float finish_row(const float *acc, const float *sr,
+                                                                      const float *br, const float *off,
+                                                                      const float *xsum, int ng) {
+    float t = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (int g = 0; g < ng; g++) t += sr[g] * off[g] + br[g] * xsum[g];
+    return t;
+}
+
+/* One weight row against every row of x: DOT4(v, xc) / DOT8(v, xc, xl, acc) add a 32-byte chunk's int32 lane
+ * sums into acc. Groups of 32 at 4 bits take half a chunk each (lanes 0-3, 4-7), so they get a two-valued scale. */
+#define DEFINE_INT8_ROWS(NAME, TARGET, DOT4, DOT8)                                                              \
+    __attribute__((target(TARGET))) static void NAME(const ijob_t *j) {                                       \
+        const int ng = j->k / j->group_size, words = j->k * j->bits / 32;                                        \
+        const int cpg = j->bits == 4 ? j->group_size / 64 : j->group_size / 32; /* chunks per group */          \
+        for (int r = j->r0; r < j->r1; r++) {                                                                    \
+            const uint32_t *wr = j->w + (size_t)r * words;                                                       \
+            const float *sr = j->scales + (size_t)r * ng, *br = j->biases + (size_t)r * ng;                       \
+            for (int i = 0; i < j->m; i++) {                                                                     \
+                const int8_t *xq = j->xq + (size_t)i * j->k;                                                     \
+                const int32_t *xl = j->xl + (size_t)i * (j->k / 4);                                              \
+                const float *dx = j->dx + (size_t)i * ng;                                                        \
+                __m256 acc = _mm256_setzero_ps();                                                                \
+                if (j->bits == 4 && j->group_size == 32) {                                                       \
+                    for (int c = 0; c < ng / 2; c++) {                                                           \
+                        __m256i iv = _mm256_setzero_si256();                                                     \
+                        iv = DOT4(iv, _mm256_loadu_si256((const __m256i *)(wr + 8 * c)), xq + 64 * c);           \
+                        const __m256 sd = _mm256_set_m128(_mm_set1_ps(sr[2 * c + 1] * dx[2 * c + 1]),            \
+                                                          _mm_set1_ps(sr[2 * c] * dx[2 * c]));                   \
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), sd, acc);                                  \
+                    }                                                                                            \
+                } else {                                                                                         \
+                    for (int g = 0; g < ng; g++) {                                                               \
+                        __m256i iv = _mm256_setzero_si256();                                                     \
+                        for (int c = g * cpg; c < (g + 1) * cpg; c++) {                                          \
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 8 * c));                 \
+                            iv = j->bits == 4 ? DOT4(iv, v, xq + 64 * c) : DOT8(iv, v, xq + 32 * c, xl + 8 * c); \
+                        }                                                                                        \
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), _mm256_set1_ps(sr[g] * dx[g]), acc);      \
+                    }                                                                                            \
+                }                                                                                                \
+                float lanes[8];                                                                                  \
+                _mm256_storeu_ps(lanes, acc);                                                                    \
+                j->y[(size_t)i * j->n + r] = finish_row(lanes, sr, br, j->off + (size_t)i * ng,                  \
+                                                        j->xsum + (size_t)i * ng, ng);                           \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+/* AVX2: maddubs multiplies unsigned by signed bytes into saturating int16 pairs. 4-bit weights (<= 15) cannot
+ * saturate (2 * 15 * 127, and the two halves' sum, stay below 2^15); 8-bit ones (<= 255) could, so they go in
+ * centred, q - 128 in [-128, 127], with its sign moved onto x (|q - 128| * sign(x, q - 128): pairs <= 2 * 128 *
+ * 127), and xl adds back 128 * sum(xq) lane by lane, which gives q . xq exactly. */
+__attribute__((target("avx2,fma"))) static inline __m256i dot4_avx2(__m256i acc, __m256i v, const int8_t *xc) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256i dot8_avx2(__m256i acc, __m256i v, const int8_t *xc,
+                                                                     const int32_t *xl) {
+    const __m256i qc = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(qc),
+                                           _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xc), qc));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)xl));
+}
+
+/* VNNI: dpbusd sums 4 unsigned-by-signed byte products into each int32 lane without saturation. */
+#define DEFINE_VNNI_DOTS(SUFFIX, TARGET, DPBUSD)                                                                \
+    __attribute__((target(TARGET))) static inline __m256i dot4_##SUFFIX(__m256i acc, __m256i v,               \
+                                                                        const int8_t *xc) {                     \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                               \
+        acc = DPBUSD(acc, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i *)xc));                     \
+        return DPBUSD(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),                                        \
+                      _mm256_loadu_si256((const __m256i *)(xc + 32)));                                           \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline __m256i dot8_##SUFFIX(__m256i acc, __m256i v,               \
+                                                                        const int8_t *xc, const int32_t *xl) {  \
+        (void)xl;                                                                                                \
+        return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
+    }
+
+DEFINE_VNNI_DOTS(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+DEFINE_VNNI_DOTS(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
+DEFINE_INT8_ROWS(rows_int8_avx2, "avx2,fma", dot4_avx2, dot8_avx2)
+DEFINE_INT8_ROWS(rows_int8_avxvnni, "avx2,fma,avxvnni", dot4_avxvnni, dot8_avxvnni)
+DEFINE_INT8_ROWS(rows_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot4_avx512vnni, dot8_avx512vnni)
+
+/* Quantize row x (k floats) into xq (laid out for `bits`), dx, off, xsum per group, and xl. */
+static void quantize_row(const float *x, int k, int group_size, int bits, int8_t *xq, int32_t *xl, float *dx,
+                         float *off, float *xsum) {
+    const float c = (float)(1 << (bits - 1));
+    for (int g = 0; g < k / group_size; g++) {
+        const float *xg = x + (size_t)g * group_size;
+        float amax = 0.0f, s = 0.0f;
+        for (int t = 0; t < group_size; t++) {
+            const float a = xg[t] < 0 ? -xg[t] : xg[t];
+            amax = a > amax ? a : amax;
+            s += xg[t];
+        }
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sq = 0;
+        for (int t = 0; t < group_size; t++) {
+            const int e = g * group_size + t;
+            const int q = _mm_cvtss_si32(_mm_set_ss(xg[t] * id)); /* round to nearest even */
+            /* at 4 bits element e of its 64-element chunk goes to slot e/2 (even) or 32 + e/2 (odd) */
+            const int slot = bits == 8 ? e : (e & ~63) + ((e & 1) << 5) + ((e & 63) >> 1);
+            xq[slot] = (int8_t)q;
+            sq += q;
+        }
+        dx[g] = amax / 127.0f;
+        xsum[g] = s;
+        off[g] = c * (s - dx[g] * (float)sq);
+    }
+    if (bits == 8)
+        for (int t = 0; t < k / 4; t++)
+            xl[t] = 128 * (xq[4 * t] + xq[4 * t + 1] + xq[4 * t + 2] + xq[4 * t + 3]);
+}
+
+/* y (m x n) = x (m x k) @ dequantize(w).T with int8 activations (see above), split over `threads` threads by
+ * output rows. variant: 0 picks the best this CPU has (AVX-VNNI, AVX512-VNNI, AVX2), else one VAR_* value.
+ * Returns 0; 1 for a shape or parameter it does not handle (as openelm_qgemv); 2 allocation failure; 3 a CPU
+ * without AVX2/FMA or without the requested variant. */
+EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x,
+                              float *y, int m, int n, int k, int group_size, int bits, int threads, int variant) {
+    const int have = openelm_qgemv_int8_variants();
+    if (variant == 0)
+        variant = have & VAR_AVXVNNI ? VAR_AVXVNNI : have & VAR_AVX512VNNI ? VAR_AVX512VNNI : VAR_AVX2;
+    if (!(have & variant) || (variant & (variant - 1))) return 3;
+    if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128)) return 1;
+    const int chunk = 256 / bits, ng = k / group_size;
+    if (m < 1 || n < 1 || k % chunk || k % group_size) return 1;
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    const size_t xq_bytes = ((size_t)m * k + 63) & ~(size_t)63;
+    char *buf = aligned_alloc(64, xq_bytes + sizeof(int32_t) * (size_t)m * (k / 4) + 3 * sizeof(float) * m * ng);
+    if (!buf) return 2;
+    int8_t *xq = (int8_t *)buf;
+    int32_t *xl = (int32_t *)(buf + xq_bytes);
+    float *dx = (float *)(xl + (size_t)m * (k / 4)), *off = dx + (size_t)m * ng, *xsum = off + (size_t)m * ng;
+    for (int i = 0; i < m; i++)
+        quantize_row(x + (size_t)i * k, k, group_size, bits, xq + (size_t)i * k, xl + (size_t)i * (k / 4),
+                     dx + (size_t)i * ng, off + (size_t)i * ng, xsum + (size_t)i * ng);
+    void (*rows_fn)(const ijob_t *) = variant == VAR_AVXVNNI      ? rows_int8_avxvnni
+                                      : variant == VAR_AVX512VNNI ? rows_int8_avx512vnni
+                                                                  : rows_int8_avx2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int t = 0; t < threads; t++) {
+        const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits,
+                            (int)((long)n * t / threads), (int)((long)n * (t + 1) / threads)};
+        rows_fn(&job);
+    }
+    free(buf);
+    return 0;
+}
+
 #else /* not x86-64: the Python side keeps MLX's kernels */
 EXPORT int openelm_qgemv_supported(void) { return 0; }
 EXPORT int openelm_qgemv(const void *w, const float *s, const float *b, const float *x, float *y, int m, int n,
                          int k, int group_size, int bits, int threads) {
+    return 3;
+}
+EXPORT int openelm_qgemv_int8_variants(void) { return 0; }
+EXPORT int openelm_qgemv_int8(const void *w, const float *s, const float *b, const float *x, float *y, int m,
+                              int n, int k, int group_size, int bits, int threads, int variant) {
     return 3;
 }
 #endif
