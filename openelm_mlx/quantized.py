@@ -10,7 +10,8 @@ within float32 rounding (tested). The speed costs transient float32 weights. On 
 few-row products run instead in csrc/qgemv.c (built with the system C compiler on first use; 4 and 8 bits, groups
 of 32, 64 or 128): it unpacks the packed words in registers, ~11 G weights/s on one core from memory (14 from
 cache) against ~1 G for MLX's kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms), and splits the rows of
-products from QGEMV_THREAD_WEIGHTS weights on over OpenMP threads (18 G weights/s on 2 cores). By default it
+products from QGEMV_THREAD_WEIGHTS weights on over a thread pool of its own that a busy core cannot stall (its
+helpers take blocks of rows as they get a core; bounded spinning, then sleep; it works in a forked child). By default it
 quantizes each row of x once to int8 per weight group and multiplies with integer dot products (AVX2
 maddubs/madd, or VNNI dpbusd where the CPU has AVX-VNNI or AVX512-VNNI, picked at run time), as llama.cpp's
 ggml-cpu does for its Q4_0/Q8_0 weights: faster (README), at the price of rounding x to 7 bits
@@ -46,15 +47,6 @@ QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: MLX's quantized_matmul; float: qge
 QGEMV_VARIANTS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 4}  # csrc/qgemv.c's integer kernels (its VAR_* values)
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
-_qgemv_threads_ok = True  # False in a forked child: libgomp's thread pool does not survive fork (one thread works)
-
-
-def _after_fork_in_child() -> None:
-    global _qgemv_threads_ok
-    _qgemv_threads_ok = False
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
@@ -136,9 +128,7 @@ def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
         return None, f"{QGEMV_ENV_VAR}={os.environ[QGEMV_ENV_VAR]}"
     from .blas import build_c_library
 
-    path, problem = build_c_library(QGEMV_SOURCE, ("-fopenmp",))
-    if path is None:  # a compiler without OpenMP: the same kernel on one thread
-        path, problem = build_c_library(QGEMV_SOURCE)
+    path, problem = build_c_library(QGEMV_SOURCE, ("-pthread",))
     if path is None:
         return None, problem
     lib = ctypes.CDLL(path)
@@ -195,7 +185,6 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     y = np.empty((xs.shape[0], n), np.float32)
     if threads is None:
         threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS else 1
-    threads = threads if _qgemv_threads_ok else 1
     pointers = [a.ctypes.data for a in (*arrays, xs, y)]
     if kernel == "float":
         status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)

@@ -208,24 +208,30 @@ def test_qgemv_can_be_turned_off(monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_qgemv_in_a_forked_child_runs_on_one_thread():
-    # libgomp's pool does not survive fork (a child's threaded call hung, measured): the child uses one thread.
-    # (MLX itself cannot evaluate in such a child either, so the child calls the kernel on numpy arrays.)
+def test_qgemv_threads_work_in_a_forked_child():
+    # The pool's helper threads do not survive fork (libgomp's pool, used before, hung a child's threaded call):
+    # the child's caller starts new helpers, and does every unit itself until they run.
+    # (MLX itself cannot evaluate in such a child, so the child calls the kernels on numpy arrays.)
     from openelm_mlx import quantized
 
     qgemv_or_skip()
     mx.random.seed(12)
     wq, scales, biases = mx.quantize(mx.random.normal((2048, 256)), group_size=64, bits=4)  # >= 2^18 weights
     x = mx.random.normal((1, 256))
-    want = np.array(quantized._qgemv(x, wq, scales, biases, 64, 4, kernel="float"))  # starts the thread pool
+    want = {kernel: np.array(quantized._qgemv(x, wq, scales, biases, 64, 4, kernel=kernel, threads=2))
+            for kernel in ("float", quantized.qgemv_kernel())}  # the parent's threaded calls start the pool
     lib = quantized.qgemv_library()[0]
     arrays = [np.asarray(a) for a in (wq, scales, biases, x)]
     pid = os.fork()
     if pid == 0:  # child: no pytest, no MLX evaluation; exit code tells the parent
-        y = np.empty((1, 2048), np.float32)
-        threads = 2 if quantized._qgemv_threads_ok else 1
-        status = lib.openelm_qgemv(*[a.ctypes.data for a in arrays], y.ctypes.data, 1, 2048, 256, 64, 4, threads)
-        os._exit(0 if status == 0 and threads == 1 and np.array_equal(y, want) else 3)
+        ok = True
+        for kernel, y_want in want.items():
+            y = np.empty((1, 2048), np.float32)
+            args = [a.ctypes.data for a in (*arrays, y)] + [1, 2048, 256, 64, 4, 2]
+            status = (lib.openelm_qgemv(*args) if kernel == "float"
+                      else lib.openelm_qgemv_int8(*args, quantized.QGEMV_VARIANTS[kernel]))
+            ok = ok and status == 0 and np.array_equal(y, y_want)
+        os._exit(0 if ok else 3)
     import time
 
     deadline = time.monotonic() + 30

@@ -8,8 +8,8 @@
  * a row in word j / (32 / bits) at bit (j % (32 / bits)) * bits; scales and biases are (n, k / group_size) and
  * dequantize(w)[r, j] = q * scale + bias of j's group. Then
  *     y[r] = sum_g scale[r, g] * (q[r, g] . x[g]) + sum_g bias[r, g] * sum(x[g]).
- * Output rows are split over `threads` OpenMP threads (a persistent pool: starting threads per call cost more than
- * they saved on small weights); built without OpenMP, the same loop runs on one thread.
+ * Output rows are split over `threads` threads of the pool below (blocks of rows taken one at a time, so a thread
+ * that another process keeps off its core holds up at most the block it took).
  * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library).
  * Below it, openelm_qgemv_int8: the same product with int8 activations and integer dot products (the default). */
 #include <stdint.h>
@@ -19,6 +19,126 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+/* ---- The thread pool ----
+ * OpenMP's static split (and llama.cpp's spinning pool) waits for every thread's share: when another process holds
+ * a core, a share's thread runs a scheduler time slice later, and the call with it (decode collapsed to a fraction
+ * of its one-thread speed on a busy machine). Here the caller publishes a job of `total` units (blocks of rows),
+ * works on it itself, and helpers that are awake take units one at a time (a compare-and-swap on one word holding
+ * the job's generation and next unit): a helper that never got a core takes nothing, and the caller waits only
+ * for units being computed. Helpers spin a bounded SPIN_NS for the next job (decode's calls come every ~0.1 ms),
+ * then sleep on a condition variable; no thread spins without bound. A forked child has no helpers: its caller
+ * does every unit (still correct). */
+
+#define SPIN_NS 50000L  /* how long an idle helper polls for the next job before it sleeps */
+#define MAX_HELPERS 15
+#define CLOSED 0xFFFFFFFFu /* the unit index while a job's parameters are being written */
+
+typedef void (*unit_fn)(const void *ctx, int unit);
+
+static struct {
+    _Atomic unsigned long long word;  /* generation << 32 | next unit */
+    _Atomic unsigned gen;
+    _Atomic(unit_fn) fn;
+    _Atomic(const void *) ctx;
+    _Atomic int total, done, sleepers;
+    int helpers;  /* started; changed by the caller only */
+    pthread_mutex_t caller, mu;
+    pthread_cond_t cv;
+} pool = {.caller = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Take and run units of generation g until none is left. The parameters read before a successful claim belong to
+ * generation g: a new job first closes the word (exchange), so a claim on g's word fails once they change. */
+static void work(unsigned g) {
+    for (;;) {
+        unsigned long long w = atomic_load(&pool.word);
+        const unsigned i = (unsigned)w;
+        if ((unsigned)(w >> 32) != g || i == CLOSED) return;
+        const unit_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+        const void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+        if ((int)i >= atomic_load_explicit(&pool.total, memory_order_relaxed)) return;
+        if (!atomic_compare_exchange_weak(&pool.word, &w, w + 1)) continue;
+        fn(ctx, (int)i);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *helper(void *arg) {
+    unsigned seen = (unsigned)(unsigned long)arg;
+    for (;;) {
+        unsigned g;
+        long start = 0;
+        for (int spins = 0; (g = atomic_load(&pool.gen)) == seen; spins++) {
+            if ((spins & 63) == 0) {
+                const long t = now_ns();
+                if (!start) start = t;
+                if (t - start < SPIN_NS) continue;
+                pthread_mutex_lock(&pool.mu);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.mu);
+                start = 0;
+            } else {
+                _mm_pause();
+            }
+        }
+        seen = g;
+        work(g);
+    }
+    return NULL;
+}
+
+static void forget_helpers_in_child(void) { pool.helpers = 0; }
+
+/* fn(ctx, unit) for unit in [0, total) over the caller and up to threads - 1 helpers; returns when all are done. */
+static void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
+    if (threads <= 1 || total <= 1) {
+        for (int i = 0; i < total; i++) fn(ctx, i);
+        return;
+    }
+    pthread_mutex_lock(&pool.caller);
+    static int atfork_set;
+    if (!atfork_set) atfork_set = !pthread_atfork(NULL, NULL, forget_helpers_in_child);
+    const unsigned g = atomic_load(&pool.gen) + 1;
+    atomic_exchange(&pool.word, ((unsigned long long)g << 32) | CLOSED);
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool.total, total, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store(&pool.word, (unsigned long long)g << 32);
+    while (pool.helpers < threads - 1 && pool.helpers < MAX_HELPERS) { /* started on first need */
+        pthread_t t;
+        if (pthread_create(&t, NULL, helper, (void *)(unsigned long)(g - 1))) break;
+        pthread_detach(t);
+        pool.helpers++;
+    }
+    atomic_store(&pool.gen, g);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    work(g);
+    for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < total; spins++) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield(); /* a unit's thread is off its core: let it have ours */
+    }
+    pthread_mutex_unlock(&pool.caller);
+}
+
+/* Rows per unit: about 64K weights (a few microseconds), so that units balance and a late thread holds up little. */
+static int unit_rows(int k) { return k >= 65536 ? 1 : 65536 / k; }
 
 /* 1 if this CPU has what the kernel needs. */
 EXPORT int openelm_qgemv_supported(void) {
@@ -75,6 +195,13 @@ __attribute__((target("avx2,fma"))) static void rows(const job_t *j) {
     }
 }
 
+static void float_unit(const void *ctx, int unit) {
+    job_t j = *(const job_t *)ctx;
+    j.r0 = unit * unit_rows(j.k);
+    j.r1 = j.r0 + unit_rows(j.k) < j.n ? j.r0 + unit_rows(j.k) : j.n;
+    rows(&j);
+}
+
 /* y (m x n) = x (m x k) @ dequantize(w).T, split over `threads` threads by output rows. Returns 0, or 1 for a shape
  * or parameter the kernel does not handle (bits 4 or 8; group size 32, 64 or 128; k a multiple of the values in 8
  * words: 64 at 4 bits, 32 at 8), 2 for an allocation failure, 3 for an unsupported CPU. */
@@ -100,13 +227,8 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
             for (int t = 0; t < group_size; t++) s += xr[g * group_size + t];
             xsum[g] = s;
         }
-        float *yr = y + (size_t)row * n;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int t = 0; t < threads; t++) {
-            const job_t job = {w, scales, biases, xt, xsum, yr, n, k, group_size, bits,
-                               (int)((long)n * t / threads), (int)((long)n * (t + 1) / threads)};
-            rows(&job);
-        }
+        const job_t job = {w, scales, biases, xt, xsum, y + (size_t)row * n, n, k, group_size, bits, 0, 0};
+        run_parallel(float_unit, &job, (n + unit_rows(k) - 1) / unit_rows(k), threads);
     }
     free(xt);
     return 0;
@@ -141,7 +263,7 @@ EXPORT int openelm_qgemv_int8_variants(void) {
     return v;
 }
 
-typedef struct {
+typedef struct ijob {
     const uint32_t *w;
     const float *scales, *biases;
     const int8_t *xq;   /* m x k, laid out as above */
@@ -149,6 +271,7 @@ typedef struct {
     const float *dx, *off, *xsum;  /* m x ng each */
     float *y;
     int m, n, k, group_size, bits, r0, r1;
+    void (*rows_fn)(const struct ijob *);
 } ijob_t;
 
 /* The float steps after the integer dot products, one compiled copy for every variant (so they round alike):
@@ -243,6 +366,13 @@ DEFINE_INT8_ROWS(rows_int8_avx2, "avx2,fma", dot4_avx2, dot8_avx2)
 DEFINE_INT8_ROWS(rows_int8_avxvnni, "avx2,fma,avxvnni", dot4_avxvnni, dot8_avxvnni)
 DEFINE_INT8_ROWS(rows_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot4_avx512vnni, dot8_avx512vnni)
 
+static void int8_unit(const void *ctx, int unit) {
+    ijob_t j = *(const ijob_t *)ctx;
+    j.r0 = unit * unit_rows(j.k);
+    j.r1 = j.r0 + unit_rows(j.k) < j.n ? j.r0 + unit_rows(j.k) : j.n;
+    j.rows_fn(&j);
+}
+
 /* Quantize row x (k floats) into xq (laid out for `bits`), dx, off, xsum per group, and xl. */
 static void quantize_row(const float *x, int k, int group_size, int bits, int8_t *xq, int32_t *xl, float *dx,
                          float *off, float *xsum) {
@@ -301,12 +431,8 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
     void (*rows_fn)(const ijob_t *) = variant == VAR_AVXVNNI      ? rows_int8_avxvnni
                                       : variant == VAR_AVX512VNNI ? rows_int8_avx512vnni
                                                                   : rows_int8_avx2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; t++) {
-        const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits,
-                            (int)((long)n * t / threads), (int)((long)n * (t + 1) / threads)};
-        rows_fn(&job);
-    }
+    const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn};
+    run_parallel(int8_unit, &job, (n + unit_rows(k) - 1) / unit_rows(k), threads);
     free(buf);
     return 0;
 }
