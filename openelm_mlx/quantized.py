@@ -47,6 +47,7 @@ QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: MLX's quantized_matmul; float: qge
 QGEMV_VARIANTS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 4}  # csrc/qgemv.c's integer kernels (its VAR_* values)
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
+INT8_PREFILL = False  # many-row products (prefill) in qgemv.c's tiled integer kernel too (see int8_prefill_applies)
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
@@ -197,11 +198,20 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     return mx.array(y.reshape(*x.shape[:-1], n))
 
 
+def int8_prefill_applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether a many-row product (prefill) runs in csrc/qgemv.c's tiled integer kernel instead of de-quantize +
+    BLAS: only with INT8_PREFILL set, an integer kernel chosen, 8 bits or 4-bit groups of 64/128, and outside
+    eager_autodiff (training keeps the exact float path)."""
+    return (INT8_PREFILL and not _detach_outputs.get() and (layer.bits == 8 or layer.group_size >= 64)
+            and qgemv_applies(layer, x) and qgemv_kernel() != "float")
+
+
 def quantized_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """`x @ W.T` for a quantized layer (nn.QuantizedLinear or a tied nn.QuantizedEmbedding), by the faster CPU path."""
     rows = x.size // x.shape[-1]
     biases = layer.get("biases")
-    if rows < DEQUANTIZE_MIN_ROWS and qgemv_applies(layer, x):
+    if (rows < DEQUANTIZE_MIN_ROWS and qgemv_applies(layer, x)) or (rows >= DEQUANTIZE_MIN_ROWS
+                                                                     and int8_prefill_applies(layer, x)):
         try:
             fn = _dequantized_matmul(layer.group_size, layer.bits, layer.mode, kernel="qgemv")
             return fn(x, layer["weight"], layer["scales"], biases)

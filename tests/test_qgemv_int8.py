@@ -60,11 +60,11 @@ def quantized_weight(n: int, k: int, group: int, bits: int, seed: int):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 4, 11])  # from 4 rows on: the tiled (prefill) kernel, 4-bit groups >= 64
 def test_int8_kernels_equal_their_emulation_and_the_float64_product_within_the_bound(variants, bits, group, rows):
     wq, scales, biases = quantized_weight(200, 384, group, bits, seed=bits * group + rows)
     x = mx.random.normal((rows, 384))
-    x = x * mx.array([1.0, 0.0, 30.0][:rows])[:, None]  # an all-zero row (no step) and a large one
+    x = x * mx.array(([1.0, 0.0, 30.0] * 4)[:rows])[:, None]  # all-zero rows (no step) and large ones
     xs = np.array(x)
     exact = xs.astype(np.float64) @ np.array(
         mx.dequantize(wq, scales, biases, group_size=group, bits=bits)).astype(np.float64).T
@@ -78,15 +78,16 @@ def test_int8_kernels_equal_their_emulation_and_the_float64_product_within_the_b
     assert np.all(np.abs(got - emulated) <= 1e-6 * scale + 1e-7)  # float32 rounding of the float steps
     assert np.all(np.abs(got - exact) <= bound + 1e-6 * scale + 1e-7)
     if rows > 1:
-        assert np.all(got[1] == 0)  # x = 0: no step to divide by, y exactly 0
+        assert np.all(got[1::3] == 0)  # x = 0: no step to divide by, y exactly 0
     for name, y in results.items():  # every CPU variant: the same bits
         assert np.array_equal(y, got), name
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_int8_kernels_split_over_threads_equal_one_thread(variants, bits):
+@pytest.mark.parametrize("rows", [2, 7])  # 7: the tiled kernel
+def test_int8_kernels_split_over_threads_equal_one_thread(variants, bits, rows):
     wq, scales, biases = quantized_weight(301, 512, 64, bits, seed=5)  # 301 rows: an uneven split
-    x = mx.random.normal((2, 512))
+    x = mx.random.normal((rows, 512))
     for variant in variants:
         one = np.array(quantized._qgemv(x, wq, scales, biases, 64, bits, kernel=variant, threads=1))
         for threads in (2, 3):
@@ -144,3 +145,19 @@ def test_whole_model_decode_with_int8_activations(variants, bits, group, monkeyp
     assert 1e-4 < rel(got, want) < 5e-2  # 1e-4: the integer kernels did run (the float kernel is ~2e-6)
     if bits == 4:
         assert rel(got, want) < rel(want, full) / 5
+
+
+def test_int8_prefill_is_opt_in_and_off_in_training(variants, monkeypatch):
+    layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
+    quantized.use_blas_for_quantized(layer)
+    x = mx.random.normal((2, 5, 256))  # 10 rows: a prefill
+    exact = np.array(x @ mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4).T)
+    tiled = np.array(quantized._qgemv(x, layer.weight, layer.scales, layer.biases, 64, 4))
+    assert np.abs(tiled - exact).max() > 1e-4  # the int8 rounding shows
+    np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)  # default: BLAS
+    monkeypatch.setattr(quantized, "INT8_PREFILL", True)
+    assert np.array_equal(np.array(quantized.quantized_linear(layer, x)), tiled)
+    with quantized.eager_autodiff():  # a training step: the exact path
+        np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)
+    monkeypatch.setenv(quantized.QGEMV_ENV_VAR, "float")
+    np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)

@@ -252,6 +252,7 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
  * byte b holds element 2b in its low nibble, 2b+1 in its high one) meets 32 even then 32 odd elements of x. */
 
 enum { VAR_AVX2 = 1, VAR_AVXVNNI = 2, VAR_AVX512VNNI = 4 };
+#define PREFILL_MIN_ROWS 4 /* from this many rows of x on, the tiled kernel below */
 
 /* Bit mask of the integer kernels this CPU can run (VAR_*). */
 EXPORT int openelm_qgemv_int8_variants(void) {
@@ -272,6 +273,8 @@ typedef struct ijob {
     float *y;
     int m, n, k, group_size, bits, r0, r1;
     void (*rows_fn)(const struct ijob *);
+    void (*tiles_fn)(const struct ijob *, const float *);
+    const float *offt, *xsumt;  /* ng x m: off and xsum transposed, for the tiles */
 } ijob_t;
 
 /* The float steps after the integer dot products, one compiled copy for every variant (so they round alike):
@@ -360,11 +363,177 @@ __attribute__((target("avx2,fma"))) static inline __m256i dot8_avx2(__m256i acc,
         return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
     }
 
+/* The tiled kernels unpack each weight chunk once (prep: into a, b) for all the rows of x it meets (dotp). */
+__attribute__((target("avx2,fma"))) static inline void prep4_avx2(__m256i v, __m256i *a, __m256i *b) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    *a = _mm256_and_si256(v, m4);
+    *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+__attribute__((target("avx2,fma"))) static inline __m256i dot4p_avx2(__m256i acc, __m256i lo, __m256i hi,
+                                                                      const int8_t *xc, const int32_t *xl) {
+    (void)xl;
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+__attribute__((target("avx2,fma"))) static inline void prep8_avx2(__m256i v, __m256i *a, __m256i *b) {
+    *b = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+    *a = _mm256_abs_epi8(*b);
+}
+__attribute__((target("avx2,fma"))) static inline __m256i dot8p_avx2(__m256i acc, __m256i aq, __m256i qc,
+                                                                      const int8_t *xc, const int32_t *xl) {
+    const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xc), qc));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)xl));
+}
+
+#define DEFINE_VNNI_PREPARED(SUFFIX, TARGET, DPBUSD)                                                            \
+    __attribute__((target(TARGET))) static inline void prep4_##SUFFIX(__m256i v, __m256i *a, __m256i *b) {     \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                               \
+        *a = _mm256_and_si256(v, m4);                                                                            \
+        *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                                      \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline __m256i dot4p_##SUFFIX(__m256i acc, __m256i lo, __m256i hi,  \
+                                                                         const int8_t *xc, const int32_t *xl) { \
+        (void)xl;                                                                                                \
+        acc = DPBUSD(acc, lo, _mm256_loadu_si256((const __m256i *)xc));                                          \
+        return DPBUSD(acc, hi, _mm256_loadu_si256((const __m256i *)(xc + 32)));                                  \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline void prep8_##SUFFIX(__m256i v, __m256i *a, __m256i *b) {     \
+        *a = v;                                                                                                  \
+        *b = v;                                                                                                  \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline __m256i dot8p_##SUFFIX(__m256i acc, __m256i v, __m256i unused, \
+                                                                         const int8_t *xc, const int32_t *xl) { \
+        (void)unused;                                                                                            \
+        (void)xl;                                                                                                \
+        return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
+    }
+
+DEFINE_VNNI_PREPARED(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+DEFINE_VNNI_PREPARED(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
 DEFINE_VNNI_DOTS(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
 DEFINE_VNNI_DOTS(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
 DEFINE_INT8_ROWS(rows_int8_avx2, "avx2,fma", dot4_avx2, dot8_avx2)
 DEFINE_INT8_ROWS(rows_int8_avxvnni, "avx2,fma,avxvnni", dot4_avxvnni, dot8_avxvnni)
 DEFINE_INT8_ROWS(rows_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot4_avx512vnni, dot8_avx512vnni)
+
+/* ---- Many rows of x (prefill): tiles of TR weight rows x TC rows of x ----
+ * Each weight chunk loaded is used against TC rows of x, and each x chunk against TR weight rows; a group's int32
+ * sums become floats once per group (scale s * dx, then float32 accumulation as above). The offset and bias terms,
+ * sum_g s * off + b * xsum for every (weight row, x row), are a small float product done separately per unit
+ * (vectorized over the rows of x, whose off and xsum are stored transposed). 4 bits need groups of 64 or 128 here
+ * (a 32-group takes half a chunk); Python keeps the other cases on de-quantize + BLAS. */
+#ifndef TILE_R_VEX
+#define TILE_R_VEX 2
+#define TILE_C_VEX 3
+#define TILE_R_EVEX 4
+#define TILE_C_EVEX 3
+#endif
+#define PREFILL_UNIT_ROWS 16 /* weight rows per unit (a multiple of every tile's rows) */
+
+/* e[r * m + c] = sum_g s[r, g] * off[g, c] + b[r, g] * xsum[g, c] for rows r of one unit (off, xsum: ng x m).
+ * One compiled copy for every variant. */
+__attribute__((target("avx2,fma"), noinline)) static void unit_offsets(const float *sr, const float *br, int rows,
+                                                                       int ng, const float *offt,
+                                                                       const float *xsumt, int m, float *e) {
+    for (int r = 0; r < rows; r++) {
+        float *er = e + (size_t)r * m;
+        for (int c = 0; c < m; c++) er[c] = 0.0f;
+        for (int g = 0; g < ng; g++) {
+            const float s = sr[(size_t)r * ng + g], b = br[(size_t)r * ng + g];
+            const float *o = offt + (size_t)g * m, *x = xsumt + (size_t)g * m;
+            for (int c = 0; c < m; c++) er[c] += s * o[c] + b * x[c];
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"), noinline)) static float hsum_lanes(const float *a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+#define DEFINE_INT8_TILES(NAME, TARGET, SUFFIX, TR, TC)                                                         \
+    __attribute__((target(TARGET))) static void NAME(const ijob_t *j, const float *e) {                        \
+        const int ng = j->k / j->group_size, words = j->k * j->bits / 32, m = j->m;                             \
+        const int cpg = j->bits == 4 ? j->group_size / 64 : j->group_size / 32;                                 \
+        const int xstride = j->bits == 4 ? 64 : 32; /* x bytes per chunk */                                     \
+        for (int r0 = j->r0; r0 < j->r1; r0 += TR) {                                                            \
+            const uint32_t *wr[TR];                                                                             \
+            const float *sr[TR];                                                                                \
+            for (int r = 0; r < TR; r++) { /* rows past the end repeat the last one; their sums are dropped */ \
+                const int row = r0 + r < j->r1 ? r0 + r : j->r1 - 1;                                            \
+                wr[r] = j->w + (size_t)row * words;                                                             \
+                sr[r] = j->scales + (size_t)row * ng;                                                           \
+            }                                                                                                   \
+            for (int c0 = 0; c0 < m; c0 += TC) {                                                                \
+                const int8_t *xr[TC];                                                                           \
+                const int32_t *xlr[TC];                                                                         \
+                const float *dxr[TC];                                                                           \
+                for (int c = 0; c < TC; c++) {                                                                  \
+                    const int i = c0 + c < m ? c0 + c : m - 1;                                                  \
+                    xr[c] = j->xq + (size_t)i * j->k;                                                           \
+                    xlr[c] = j->xl + (size_t)i * (j->k / 4);                                                    \
+                    dxr[c] = j->dx + (size_t)i * ng;                                                            \
+                }                                                                                               \
+                __m256 acc[TR][TC];                                                                             \
+                for (int r = 0; r < TR; r++)                                                                    \
+                    for (int c = 0; c < TC; c++) acc[r][c] = _mm256_setzero_ps();                               \
+                for (int g = 0; g < ng; g++) {                                                                  \
+                    __m256i iv[TR][TC];                                                                         \
+                    for (int r = 0; r < TR; r++)                                                                \
+                        for (int c = 0; c < TC; c++) iv[r][c] = _mm256_setzero_si256();                         \
+                    for (int ch = g * cpg; ch < (g + 1) * cpg; ch++) {                                          \
+                        for (int r = 0; r < TR; r++) {                                                          \
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(wr[r] + 8 * ch));            \
+                            __m256i a, b;                                                                       \
+                            if (j->bits == 4) {                                                                 \
+                                prep4_##SUFFIX(v, &a, &b);                                                      \
+                                for (int c = 0; c < TC; c++)                                                    \
+                                    iv[r][c] = dot4p_##SUFFIX(iv[r][c], a, b, xr[c] + xstride * ch, NULL);      \
+                            } else {                                                                            \
+                                prep8_##SUFFIX(v, &a, &b);                                                      \
+                                for (int c = 0; c < TC; c++)                                                    \
+                                    iv[r][c] = dot8p_##SUFFIX(iv[r][c], a, b, xr[c] + xstride * ch,             \
+                                                              xlr[c] + 8 * ch);                                 \
+                            }                                                                                   \
+                        }                                                                                       \
+                    }                                                                                           \
+                    for (int r = 0; r < TR; r++)                                                                \
+                        for (int c = 0; c < TC; c++)                                                            \
+                            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv[r][c]),                           \
+                                                        _mm256_set1_ps(sr[r][g] * dxr[c][g]), acc[r][c]);       \
+                }                                                                                               \
+                for (int r = 0; r < TR && r0 + r < j->r1; r++)                                                  \
+                    for (int c = 0; c < TC && c0 + c < m; c++) {                                                \
+                        float lanes[8];                                                                         \
+                        _mm256_storeu_ps(lanes, acc[r][c]);                                                     \
+                        j->y[(size_t)(c0 + c) * j->n + r0 + r] =                                                \
+                            hsum_lanes(lanes) + e[(size_t)(r0 + r - j->r0) * m + c0 + c];                       \
+                    }                                                                                           \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+/* Tile shapes: VEX code has 16 vector registers, EVEX (AVX-512VL) 32. */
+DEFINE_INT8_TILES(tiles_int8_avx2, "avx2,fma", avx2, TILE_R_VEX, TILE_C_VEX)
+DEFINE_INT8_TILES(tiles_int8_avxvnni, "avx2,fma,avxvnni", avxvnni, TILE_R_VEX, TILE_C_VEX)
+DEFINE_INT8_TILES(tiles_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", avx512vnni, TILE_R_EVEX, TILE_C_EVEX)
+
+static void int8_tile_unit(const void *ctx, int unit) {
+    ijob_t j = *(const ijob_t *)ctx;
+    const int ng = j.k / j.group_size;
+    j.r0 = unit * PREFILL_UNIT_ROWS;
+    j.r1 = j.r0 + PREFILL_UNIT_ROWS < j.n ? j.r0 + PREFILL_UNIT_ROWS : j.n;
+    float *e = malloc(sizeof(float) * (size_t)PREFILL_UNIT_ROWS * j.m);
+    if (!e) { /* no scratch: this unit's rows one x row at a time (same values up to float rounding) */
+        j.rows_fn(&j);
+        return;
+    }
+    unit_offsets(j.scales + (size_t)j.r0 * ng, j.biases + (size_t)j.r0 * ng, j.r1 - j.r0, ng, j.offt, j.xsumt,
+                 j.m, e);
+    j.tiles_fn(&j, e);
+    free(e);
+}
 
 static void int8_unit(const void *ctx, int unit) {
     ijob_t j = *(const ijob_t *)ctx;
@@ -431,8 +600,29 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
     void (*rows_fn)(const ijob_t *) = variant == VAR_AVXVNNI      ? rows_int8_avxvnni
                                       : variant == VAR_AVX512VNNI ? rows_int8_avx512vnni
                                                                   : rows_int8_avx2;
-    const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn};
-    run_parallel(int8_unit, &job, (n + unit_rows(k) - 1) / unit_rows(k), threads);
+    if (m >= PREFILL_MIN_ROWS && (bits == 8 || group_size >= 64)) {
+        float *t = malloc(sizeof(float) * 2 * (size_t)m * ng);
+        if (!t) {
+            free(buf);
+            return 2;
+        }
+        for (int i = 0; i < m; i++)
+            for (int g = 0; g < ng; g++) {
+                t[(size_t)g * m + i] = off[(size_t)i * ng + g];
+                t[(size_t)(ng + g) * m + i] = xsum[(size_t)i * ng + g];
+            }
+        void (*tiles_fn)(const ijob_t *, const float *) = variant == VAR_AVXVNNI      ? tiles_int8_avxvnni
+                                                          : variant == VAR_AVX512VNNI ? tiles_int8_avx512vnni
+                                                                                      : tiles_int8_avx2;
+        const ijob_t job = {w,  scales, biases, xq, xl,      dx, off, xsum, y, m, n, k, group_size, bits, 0, 0,
+                            rows_fn, tiles_fn, t, t + (size_t)m * ng};
+        run_parallel(int8_tile_unit, &job, (n + PREFILL_UNIT_ROWS - 1) / PREFILL_UNIT_ROWS, threads);
+        free(t);
+    } else {
+        const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn,
+                            NULL, NULL, NULL};
+        run_parallel(int8_unit, &job, (n + unit_rows(k) - 1) / unit_rows(k), threads);
+    }
     free(buf);
     return 0;
 }
