@@ -11,7 +11,9 @@
  * Output rows are split over `threads` threads of the pool below (blocks of rows taken one at a time, so a thread
  * that another process keeps off its core holds up at most the block it took).
  * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library).
- * Below it, openelm_qgemv_int8: the same product with int8 activations and integer dot products (the default). */
+ * Below it, openelm_qgemv_int8: the same product with int8 activations and integer dot products (the default),
+ * following the scheme of llama.cpp's ggml-cpu Q4_0/Q8_0 dot products (written anew for MLX's affine format), with
+ * a tiled form for many rows of x (prefill; opt-in from Python). */
 #include <stdint.h>
 #include <stdlib.h>
 
