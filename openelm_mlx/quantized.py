@@ -8,16 +8,16 @@ single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. Th
 de-quantizes again instead of differentiating through a kept float32 copy. Results equal `quantized_matmul`'s
 within float32 rounding (tested). The speed costs transient float32 weights. On x86-64 CPUs with AVX2 and FMA, the
 few-row products run instead in csrc/qgemv.c (built with the system C compiler on first use; 4 and 8 bits, groups
-of 32, 64 or 128): it unpacks the packed words in registers, ~11 G weights/s on one core from memory (14 from
-cache) against ~1 G for MLX's kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms), and splits the rows of
-products from QGEMV_THREAD_WEIGHTS weights on over a thread pool of its own that a busy core cannot stall (its
-helpers take blocks of rows as they get a core; bounded spinning, then sleep; it works in a forked child). By default it
-quantizes each row of x once to int8 per weight group and multiplies with integer dot products (AVX2
-maddubs/madd, or VNNI dpbusd where the CPU has AVX-VNNI or AVX512-VNNI, picked at run time), as llama.cpp's
-ggml-cpu does for its Q4_0/Q8_0 weights: faster (README), at the price of rounding x to 7 bits
-+ sign per group (error bound and tests: tests/test_qgemv_int8.py); `OPENELM_MLX_QGEMV=float` keeps the float
-kernel, `=avx2` (or `avxvnni`, `avx512vnni`) forces a variant. It evaluates its
-input, so it runs outside mx.compile (inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel.
+of 32, 64 or 128). By default it quantizes each row of x once to int8 per weight group and multiplies with integer
+dot products (AVX2 maddubs/madd, or VNNI dpbusd where the CPU has AVX-VNNI or AVX512-VNNI, picked at run time), the
+scheme of llama.cpp's ggml-cpu Q4_0/Q8_0 dot products, at the price of rounding x to 7 bits + sign per group (the
+error bound and its tests: tests/test_qgemv_int8.py); `OPENELM_MLX_QGEMV=float` keeps its float kernel (weights
+unpacked into float FMAs, exact to float32 rounding, about half the speed), `=avx2` (or `avxvnni`, `avx512vnni`)
+forces a variant. Products from QGEMV_THREAD_WEIGHTS weights on are split over a thread pool of its own that a
+busy core cannot stall (helpers take blocks of rows as they get a core; bounded spinning, then sleep; it works in a
+forked child). It evaluates its input, so it runs outside mx.compile (inside, the MLX kernel is used);
+`OPENELM_MLX_QGEMV=0` keeps MLX's kernel. Many-row products can use its tiled integer kernel too (INT8_PREFILL;
+off: slower than de-quantize + BLAS as measured, README).
 In training, the tuner's eager CPU step runs under `eager_autodiff` so the forward holds no de-quantized weight; a
 compiled step (the MLX head, OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps
 (QLoRA then peaked at 1.35x mlx-lm's memory on a 26M shape, benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0`
