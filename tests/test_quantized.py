@@ -222,7 +222,17 @@ def test_qgemv_threads_work_in_a_forked_child():
             for kernel in ("float", quantized.qgemv_kernel())}  # the parent's threaded calls start the pool
     lib = quantized.qgemv_library()[0]
     arrays = [np.asarray(a) for a in (wq, scales, biases, x)]
-    pid = os.fork()
+    import time
+
+    time.sleep(0.05)  # the parent's helpers now sleep on the pool's condition variable (after a 50 us poll)
+    import gc
+
+    mx.synchronize()  # no MLX work in flight, and no MLX array freed in the child (its locks may be a thread's)
+    gc.disable()
+    try:
+        pid = os.fork()
+    finally:
+        gc.enable()
     if pid == 0:  # child: no pytest, no MLX evaluation; exit code tells the parent
         ok = True
         for kernel, y_want in want.items():
@@ -232,8 +242,6 @@ def test_qgemv_threads_work_in_a_forked_child():
                       else lib.openelm_qgemv_int8(*args, quantized.QGEMV_VARIANTS[kernel]))
             ok = ok and status == 0 and np.array_equal(y, y_want)
         os._exit(0 if ok else 3)
-    import time
-
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -101,7 +101,27 @@ static void *helper(void *arg) {
     return NULL;
 }
 
-static void forget_helpers_in_child(void) { pool.helpers = 0; }
+/* fork: the prepare handler takes the pool's locks, so no other thread holds them at the fork; the child has none
+ * of the helpers and a copy of their waits on the condition variable, so it starts over with fresh ones. */
+static void lock_pool_for_fork(void) {
+    pthread_mutex_lock(&pool.caller);
+    pthread_mutex_lock(&pool.mu);
+}
+static void unlock_pool_in_parent(void) {
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.caller);
+}
+static void reset_pool_in_child(void) {
+    pool.helpers = 0;
+    atomic_store(&pool.sleepers, 0);
+    pthread_mutex_init(&pool.caller, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+}
+
+static void register_fork_handlers(void) {
+    pthread_atfork(lock_pool_for_fork, unlock_pool_in_parent, reset_pool_in_child);
+}
 
 /* fn(ctx, unit) for unit in [0, total) over the caller and up to threads - 1 helpers; returns when all are done. */
 static void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
@@ -109,9 +129,9 @@ static void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
         for (int i = 0; i < total; i++) fn(ctx, i);
         return;
     }
+    static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+    pthread_once(&atfork_once, register_fork_handlers);
     pthread_mutex_lock(&pool.caller);
-    static int atfork_set;
-    if (!atfork_set) atfork_set = !pthread_atfork(NULL, NULL, forget_helpers_in_child);
     const unsigned g = atomic_load(&pool.gen) + 1;
     atomic_exchange(&pool.word, ((unsigned long long)g << 32) | CLOSED);
     atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
