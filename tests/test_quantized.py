@@ -3,7 +3,9 @@ MLX's quantized_matmul within float32 rounding, forward and backward (QLoRA), an
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -222,17 +224,10 @@ def test_qgemv_threads_work_in_a_forked_child():
             for kernel in ("float", quantized.qgemv_kernel())}  # the parent's threaded calls start the pool
     lib = quantized.qgemv_library()[0]
     arrays = [np.asarray(a) for a in (wq, scales, biases, x)]
-    import time
-
     time.sleep(0.05)  # the parent's helpers now sleep on the pool's condition variable (after a 50 us poll)
-    import gc
-
     mx.synchronize()  # no MLX work in flight, and no MLX array freed in the child (its locks may be a thread's)
-    gc.disable()
-    try:
-        pid = os.fork()
-    finally:
-        gc.enable()
+    gc.disable()  # in the child for good; the parent turns it back on below
+    pid = os.fork()
     if pid == 0:  # child: no pytest, no MLX evaluation; exit code tells the parent
         ok = True
         for kernel, y_want in want.items():
@@ -242,6 +237,7 @@ def test_qgemv_threads_work_in_a_forked_child():
                       else lib.openelm_qgemv_int8(*args, quantized.QGEMV_VARIANTS[kernel]))
             ok = ok and status == 0 and np.array_equal(y, y_want)
         os._exit(0 if ok else 3)
+    gc.enable()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
