@@ -42,10 +42,10 @@ def matmul_gflops(*, size: int, dtype: str, repeats: int = 3) -> float:
 
 def qgemv_line() -> str:
     """Whether quantized decode uses csrc/qgemv.c (see `openelm_mlx.cpu.quantized`), and why not."""
-    from .cpu.quantized import qgemv_library
+    from .cpu.quantized import qgemv_kernel, qgemv_library
 
     lib, why = qgemv_library()
-    return ("quantized decode: csrc/qgemv.c (AVX2/FMA, 4/8 bits)" if lib is not None
+    return (f"quantized decode: csrc/qgemv.c ({qgemv_kernel()} kernel, 4/8 bits)" if lib is not None
             else f"quantized decode: MLX's quantized_matmul ({why})")
 
 

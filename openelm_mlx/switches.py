@@ -23,9 +23,10 @@ class SwitchError(ValueError):
 @dataclass(frozen=True)
 class Switch:
     name: str  # the environment variable
-    kind: str  # "flag" (on/off) or "path"
+    kind: str  # "flag" (on/off), "choice" (one of `choices`; on/off words too) or "path"
     default: Union[bool, str, None]
     doc: str
+    choices: tuple = ()
 
 
 SWITCHES = {s.name: s for s in (
@@ -45,8 +46,11 @@ SWITCHES = {s.name: s for s in (
            "LoRA on the CPU computes the tied output head and its loss in numpy (cpu/head.py)"),
     Switch("OPENELM_MLX_QUANTIZED_BLAS", "flag", True,
            "quantized layers on the CPU de-quantize + BLAS for multi-row products (cpu/quantized.py)"),
-    Switch("OPENELM_MLX_QGEMV", "flag", True,
-           "few-row quantized products on x86-64 run the C kernel csrc/qgemv.c (cpu/quantized.py)"),
+    Switch("OPENELM_MLX_QGEMV", "choice", "on",
+           "few-row quantized products on x86-64 run csrc/qgemv.c (cpu/quantized.py): on (int8 activations, the "
+           "best integer kernel this CPU has), float (its exact float kernel), avx2 / avxvnni / avx512vnni (force "
+           "a variant) or off (MLX's kernel)",
+           choices=("on", "off", "float", "avx2", "avxvnni", "avx512vnni")),
 )}
 
 _values: Optional[dict] = None
@@ -62,6 +66,11 @@ def _parse(switch: Switch, raw: Optional[str]):
             return "none"
         return text or switch.default
     word = raw.strip().lower()
+    if switch.kind == "choice":
+        word = "off" if word in OFF_WORDS else "on" if word in ON_WORDS else word
+        if word not in switch.choices:
+            raise SwitchError(f"{switch.name}={raw!r}: use one of {', '.join(switch.choices)}")
+        return word
     if word in OFF_WORDS:
         return False
     if word in ON_WORDS:

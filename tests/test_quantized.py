@@ -1,9 +1,11 @@
-"""The CPU path for quantized layers (openelm_mlx.quantized): de-quantize + BLAS for multi-row products must equal
+"""The CPU path for quantized layers (openelm_mlx.cpu.quantized): de-quantize + BLAS for multi-row products must equal
 MLX's quantized_matmul within float32 rounding, forward and backward (QLoRA), and loading switches it on."""
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,7 +44,11 @@ def quantized_pair(bits: int, seed: int = 0) -> tuple[Model, Model]:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("length", [1, DEQUANTIZE_MIN_ROWS, 40])
-def test_blas_path_equals_quantized_matmul(bits, length):
+def test_blas_path_equals_quantized_matmul(bits, length, monkeypatch):
+    from openelm_mlx.cpu import quantized
+
+    # one row runs in csrc/qgemv.c: its float kernel here (the int8 ones round x: tests/test_qgemv_int8.py)
+    monkeypatch.setitem(switches._overrides, quantized.QGEMV_ENV_VAR, "float")
     kernels, blas = quantized_pair(bits)
     tokens = mx.random.randint(3, 1000, (2, length))
     want, got = kernels(tokens), blas(tokens)
@@ -133,7 +139,7 @@ def test_qgemv_equals_quantized_matmul_and_a_float64_product(bits, group, rows):
     w = mx.random.normal((200, 384)) * 0.05  # 200 rows, k = 384: several 8-word chunks and groups
     wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
     x = mx.random.normal((rows, 384))
-    got = np.array(_qgemv(x, wq, scales, biases, group, bits))
+    got = np.array(_qgemv(x, wq, scales, biases, group, bits, kernel="float"))
     want = np.array(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group, bits=bits))
     exact = np.array(x).astype(np.float64) @ np.array(
         mx.dequantize(wq, scales, biases, group_size=group, bits=bits)).astype(np.float64).T
@@ -155,10 +161,11 @@ def test_qgemv_split_over_threads_equals_one_thread(monkeypatch):
     assert one.shape == (1, 1, 301)
 
 
-def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
-    from openelm_mlx.cpu.quantized import qgemv_applies, quantized_linear
+def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise(monkeypatch):
+    from openelm_mlx.cpu.quantized import QGEMV_ENV_VAR, qgemv_applies, quantized_linear
 
     qgemv_or_skip()
+    monkeypatch.setitem(switches._overrides, QGEMV_ENV_VAR, "float")  # exact to float32 rounding, as MLX's kernel
     mx.random.seed(10)
     x = mx.random.normal((1, 256))
     for bits, group, dtype, applies in [(4, 64, mx.float32, True), (8, 32, mx.float32, True),
@@ -179,10 +186,12 @@ def test_qgemv_only_where_it_applies_and_mlx_kernels_otherwise():
                                np.array(quantized_linear(layer, x)), atol=2e-5)
 
 
-def test_qgemv_gradient_equals_the_quantized_kernels():
-    from openelm_mlx.cpu.quantized import quantized_linear
+def test_qgemv_gradient_equals_the_quantized_kernels(monkeypatch):
+    from openelm_mlx.cpu.quantized import QGEMV_ENV_VAR, quantized_linear
 
     qgemv_or_skip()
+    # the float kernel, so that the loss (and its gradient) match
+    monkeypatch.setitem(switches._overrides, QGEMV_ENV_VAR, "float")
     mx.random.seed(11)
     layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
     use_blas_for_quantized(layer)
@@ -197,7 +206,7 @@ def test_qgemv_gradient_equals_the_quantized_kernels():
 def test_qgemv_can_be_turned_off():
     from openelm_mlx.cpu import quantized
 
-    with switches.override(QGEMV=False):
+    with switches.override(QGEMV="off"):
         lib, why = quantized.qgemv_library()
         assert lib is None and quantized.QGEMV_ENV_VAR in why
         layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
@@ -205,26 +214,34 @@ def test_qgemv_can_be_turned_off():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_qgemv_in_a_forked_child_runs_on_one_thread():
-    # libgomp's pool does not survive fork (a child's threaded call hung, measured): the child uses one thread.
-    # (MLX itself cannot evaluate in such a child either, so the child calls the kernel on numpy arrays.)
+def test_qgemv_threads_work_in_a_forked_child():
+    # The pool's helper threads do not survive fork (libgomp's pool, used before, hung a child's threaded call):
+    # the child's caller starts new helpers, and does every unit itself until they run.
+    # (MLX itself cannot evaluate in such a child, so the child calls the kernels on numpy arrays.)
     from openelm_mlx.cpu import quantized
 
     qgemv_or_skip()
     mx.random.seed(12)
     wq, scales, biases = mx.quantize(mx.random.normal((2048, 256)), group_size=64, bits=4)  # >= 2^18 weights
     x = mx.random.normal((1, 256))
-    want = np.array(quantized._qgemv(x, wq, scales, biases, 64, 4))  # the parent's threaded call starts the pool
+    want = {kernel: np.array(quantized._qgemv(x, wq, scales, biases, 64, 4, kernel=kernel, threads=2))
+            for kernel in ("float", quantized.qgemv_kernel())}  # the parent's threaded calls start the pool
     lib = quantized.qgemv_library()[0]
     arrays = [np.asarray(a) for a in (wq, scales, biases, x)]
+    time.sleep(0.05)  # the parent's helpers now sleep on the pool's condition variable (after a 50 us poll)
+    mx.synchronize()  # no MLX work in flight, and no MLX array freed in the child (its locks may be a thread's)
+    gc.disable()  # in the child for good; the parent turns it back on below
     pid = os.fork()
     if pid == 0:  # child: no pytest, no MLX evaluation; exit code tells the parent
-        y = np.empty((1, 2048), np.float32)
-        threads = 2 if quantized._qgemv_threads_ok else 1
-        status = lib.openelm_qgemv(*[a.ctypes.data for a in arrays], y.ctypes.data, 1, 2048, 256, 64, 4, threads)
-        os._exit(0 if status == 0 and threads == 1 and np.array_equal(y, want) else 3)
-    import time
-
+        ok = True
+        for kernel, y_want in want.items():
+            y = np.empty((1, 2048), np.float32)
+            args = [a.ctypes.data for a in (*arrays, y)] + [1, 2048, 256, 64, 4, 2]
+            status = (lib.openelm_qgemv(*args) if kernel == "float"
+                      else lib.openelm_qgemv_int8(*args, quantized.QGEMV_VARIANTS[kernel]))
+            ok = ok and status == 0 and np.array_equal(y, y_want)
+        os._exit(0 if ok else 3)
+    gc.enable()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -1,21 +1,20 @@
-"""Quantized layers for MLX's CPU backend: multi-row products go through BLAS on the de-quantized weight.
+"""Quantized layers for MLX's CPU backend, where `quantized_matmul` is a scalar loop.
 
-MLX's CPU `quantized_matmul` is a scalar loop: with float32 scales, a 5120x1280 4-bit weight times 512 rows took
-2.96 s, where de-quantizing it (15 ms) and multiplying in float32 through the optimized BLAS took 52 ms (57x;
-8-bit alike; mlx 0.32, 2 cores). For one row (decode) the quantized kernel stays faster (5.8 ms vs 15 ms), so
-`quantized_matmul` keeps that case, split by output rows over one CPU stream per core (up to 4): it is
-single-threaded, and two halves on two streams took 3.1 ms instead of 6.4 ms. The backward pass (QLoRA)
-de-quantizes again instead of differentiating through a kept float32 copy. Results equal `quantized_matmul`'s
-within float32 rounding (tested). The speed costs transient float32 weights. On x86-64 CPUs with AVX2 and FMA, the
-few-row products run instead in csrc/qgemv.c (built with the system C compiler on first use; 4 and 8 bits, groups
-of 32, 64 or 128): it unpacks the packed words in registers, ~11 G weights/s on one core from memory (14 from
-cache) against ~1 G for MLX's kernel (a 5120x1280 4-bit weight: 0.46 ms vs 6.4 ms), and splits the rows of
-products from QGEMV_THREAD_WEIGHTS weights on over OpenMP threads (18 G weights/s on 2 cores). It evaluates its
-input, so it runs outside mx.compile (inside, the MLX kernel is used); `OPENELM_MLX_QGEMV=0` keeps MLX's kernel.
-In training, the tuner's eager CPU step runs under `eager_autodiff` so the forward holds no de-quantized weight; a
-compiled step (the MLX head, OPENELM_MLX_NUMPY_HEAD=0) keeps the backward's de-quantized weights between steps
-(QLoRA then peaked at 1.35x mlx-lm's memory on a 26M shape, benchmarks/lora.py). `OPENELM_MLX_QUANTIZED_BLAS=0`
-keeps MLX's own kernels.
+- Many-row products (prefill, training) de-quantize the weight and multiply through the optimized BLAS; the
+  backward pass (QLoRA) de-quantizes again instead of differentiating through a kept float32 copy, and under
+  `eager_autodiff` (the tuner's eager step) the forward keeps no de-quantized weight alive.
+- Few-row products (decode) run csrc/qgemv.c on x86-64 (built with the system C compiler on first use; 4 and 8
+  bits, groups of 32/64/128). By default it rounds each row of x once to int8 per weight group and multiplies with
+  integer dot products (AVX2 maddubs/madd, or VNNI dpbusd where the CPU has AVX-VNNI / AVX512-VNNI, picked at run
+  time), the scheme of llama.cpp's ggml-cpu Q4_0/Q8_0 dot products; its error bound is tested in
+  tests/test_qgemv_int8.py. OPENELM_MLX_QGEMV=float keeps its float kernel (exact to float32 rounding), a variant
+  name forces that variant, off keeps MLX's kernel. Large products are split over a thread pool of its own that a
+  busy core cannot stall (bounded spinning, then sleep; it works in a forked child). It evaluates its input, so
+  inside mx.compile MLX's kernel runs instead. Elsewhere one-row products stay on `quantized_matmul`, split by
+  output rows over one CPU stream per core.
+
+Results equal `quantized_matmul`'s (float kernel: within float32 rounding). Figures: docs/cpu-backend.md and the
+README's benchmark tables.
 """
 
 from __future__ import annotations
@@ -38,18 +37,11 @@ from . import active
 DEQUANTIZE_MIN_ROWS = 4  # from this many rows on, de-quantize + BLAS beats quantized_matmul on the CPU (measured)
 MAX_STREAMS = 4  # CPU streams (threads) one few-row quantized product is split over
 ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's kernels (less memory, much slower)
-QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: few-row products keep MLX's quantized_matmul instead of csrc/qgemv.c
+QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: MLX's quantized_matmul; float: qgemv.c's float kernel; or a variant
+QGEMV_VARIANTS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 4}  # csrc/qgemv.c's integer kernels (its VAR_* values)
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
-_qgemv_threads_ok = True  # False in a forked child: libgomp's thread pool does not survive fork (one thread works)
-
-
-def _after_fork_in_child() -> None:
-    global _qgemv_threads_ok
-    _qgemv_threads_ok = False
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+INT8_PREFILL = False  # many-row products (prefill) in qgemv.c's tiled integer kernel too (see int8_prefill_applies)
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
@@ -126,7 +118,7 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "bl
 
 def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
     """csrc/qgemv.c loaded, or (None, why not): switched off, no C compiler, or a CPU without AVX2/FMA."""
-    if not switches.get(QGEMV_ENV_VAR):
+    if switches.get(QGEMV_ENV_VAR) == "off":
         return None, f"turned off by {QGEMV_ENV_VAR}"
     return _qgemv_build()
 
@@ -135,9 +127,7 @@ def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
 def _qgemv_build() -> tuple[Optional[ctypes.CDLL], str]:
     from .blas import build_c_library
 
-    path, problem = build_c_library(QGEMV_SOURCE, ("-fopenmp",))
-    if path is None:  # a compiler without OpenMP: the same kernel on one thread
-        path, problem = build_c_library(QGEMV_SOURCE)
+    path, problem = build_c_library(QGEMV_SOURCE, ("-pthread",))
     if path is None:
         return None, problem
     lib = ctypes.CDLL(path)
@@ -145,7 +135,29 @@ def _qgemv_build() -> tuple[Optional[ctypes.CDLL], str]:
         return None, "this CPU lacks AVX2/FMA (or is not x86-64)"
     lib.openelm_qgemv.restype = ctypes.c_int
     lib.openelm_qgemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+    lib.openelm_qgemv_int8.restype = ctypes.c_int
+    lib.openelm_qgemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
     return lib, ""
+
+
+def qgemv_variants() -> tuple[str, ...]:
+    """The integer kernels of csrc/qgemv.c this CPU can run, by name (empty when qgemv is not usable)."""
+    lib = qgemv_library()[0]
+    mask = lib.openelm_qgemv_int8_variants() if lib is not None else 0
+    return tuple(name for name, bit in QGEMV_VARIANTS.items() if mask & bit)
+
+
+def qgemv_kernel() -> str:
+    """Which csrc/qgemv.c kernel few-row products use: "float" (OPENELM_MLX_QGEMV=float: unpacked weights times
+    float x, exact to float32 rounding), or an integer kernel (int8 activations): the variant named by the
+    variable when the CPU has it, else the best one (AVX-VNNI, AVX512-VNNI, then AVX2)."""
+    setting = switches.get(QGEMV_ENV_VAR)
+    have = qgemv_variants()
+    if setting == "float" or not have:
+        return "float"
+    if setting in have:
+        return setting
+    return next(v for v in ("avxvnni", "avx512vnni", "avx2") if v in have)
 
 
 def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
@@ -158,29 +170,46 @@ def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
             and x.shape[-1] % (256 // bits) == 0 and qgemv_library()[0] is not None)
 
 
-def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> mx.array:
-    """x @ dequantize(w).T by csrc/qgemv.c (evaluates x; a ValueError inside mx.compile or vmap)."""
+def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+           kernel: Optional[str] = None, threads: Optional[int] = None) -> mx.array:
+    """x @ dequantize(w).T by csrc/qgemv.c (evaluates x; a ValueError inside mx.compile or vmap). kernel: "float"
+    or a name in QGEMV_VARIANTS (default qgemv_kernel()); threads: default by size (QGEMV_THREAD_WEIGHTS)."""
     lib = qgemv_library()[0]
+    kernel = kernel or qgemv_kernel()
     xs = np.ascontiguousarray(np.asarray(x, dtype=np.float32)).reshape(-1, x.shape[-1])
     arrays = [np.asarray(a) for a in (w, scales, biases)]  # MLX arrays are row-contiguous: views, no copies
     if not all(a.flags.c_contiguous for a in arrays):
         arrays = [np.ascontiguousarray(a) for a in arrays]
     n, k = w.shape[0], xs.shape[1]
     y = np.empty((xs.shape[0], n), np.float32)
-    threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS and _qgemv_threads_ok else 1
+    if threads is None:
+        threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS else 1
     pointers = [a.ctypes.data for a in (*arrays, xs, y)]
-    status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
+    if kernel == "float":
+        status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
+    else:
+        status = lib.openelm_qgemv_int8(*pointers, xs.shape[0], n, k, group_size, bits, threads,
+                                        QGEMV_VARIANTS[kernel])
     if status != 0:
-        raise RuntimeError(f"csrc/qgemv.c refused a {bits}-bit ({n}, {k}) product, group {group_size} (status "
-                           f"{status}); qgemv_applies should have kept it on MLX's kernel")
+        raise RuntimeError(f"csrc/qgemv.c ({kernel}) refused a {bits}-bit ({n}, {k}) product, group {group_size} "
+                           f"(status {status}); qgemv_applies should have kept it on MLX's kernel")
     return mx.array(y.reshape(*x.shape[:-1], n))
+
+
+def int8_prefill_applies(layer: nn.Module, x: mx.array) -> bool:
+    """Whether a many-row product (prefill) runs in csrc/qgemv.c's tiled integer kernel instead of de-quantize +
+    BLAS: only with INT8_PREFILL set, an integer kernel chosen, 8 bits or 4-bit groups of 64/128, and outside
+    eager_autodiff (training keeps the exact float path)."""
+    return (INT8_PREFILL and not _detach_outputs.get() and (layer.bits == 8 or layer.group_size >= 64)
+            and qgemv_applies(layer, x) and qgemv_kernel() != "float")
 
 
 def quantized_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """`x @ W.T` for a quantized layer (nn.QuantizedLinear or a tied nn.QuantizedEmbedding), by the faster CPU path."""
     rows = x.size // x.shape[-1]
     biases = layer.get("biases")
-    if rows < DEQUANTIZE_MIN_ROWS and qgemv_applies(layer, x):
+    if (rows < DEQUANTIZE_MIN_ROWS and qgemv_applies(layer, x)) or (rows >= DEQUANTIZE_MIN_ROWS
+                                                                     and int8_prefill_applies(layer, x)):
         try:
             fn = _dequantized_matmul(layer.group_size, layer.bits, layer.mode, kernel="qgemv")
             return fn(x, layer["weight"], layer["scales"], biases)

@@ -8,9 +8,12 @@
  * a row in word j / (32 / bits) at bit (j % (32 / bits)) * bits; scales and biases are (n, k / group_size) and
  * dequantize(w)[r, j] = q * scale + bias of j's group. Then
  *     y[r] = sum_g scale[r, g] * (q[r, g] . x[g]) + sum_g bias[r, g] * sum(x[g]).
- * Output rows are split over `threads` OpenMP threads (a persistent pool: starting threads per call cost more than
- * they saved on small weights); built without OpenMP, the same loop runs on one thread.
- * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library). */
+ * Output rows are split over `threads` threads of the pool below (blocks of rows taken one at a time, so a thread
+ * that another process keeps off its core holds up at most the block it took).
+ * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library).
+ * Below it, openelm_qgemv_int8: the same product with int8 activations and integer dot products (the default),
+ * following the scheme of llama.cpp's ggml-cpu Q4_0/Q8_0 dot products (written anew for MLX's affine format), with
+ * a tiled form for many rows of x (prefill; opt-in from Python). */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -18,6 +21,146 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+
+/* ---- The thread pool ----
+ * OpenMP's static split (and llama.cpp's spinning pool) waits for every thread's share: when another process holds
+ * a core, a share's thread runs a scheduler time slice later, and the call with it (decode collapsed to a fraction
+ * of its one-thread speed on a busy machine). Here the caller publishes a job of `total` units (blocks of rows),
+ * works on it itself, and helpers that are awake take units one at a time (a compare-and-swap on one word holding
+ * the job's generation and next unit): a helper that never got a core takes nothing, and the caller waits only
+ * for units being computed. Helpers spin a bounded SPIN_NS for the next job (decode's calls come every ~0.1 ms),
+ * then sleep on a condition variable; no thread spins without bound. A forked child has no helpers: its caller
+ * does every unit (still correct). */
+
+#define SPIN_NS 50000L  /* how long an idle helper polls for the next job before it sleeps */
+#define MAX_HELPERS 15
+#define CLOSED 0xFFFFFFFFu /* the unit index while a job's parameters are being written */
+
+typedef void (*unit_fn)(const void *ctx, int unit);
+
+static struct {
+    _Atomic unsigned long long word;  /* generation << 32 | next unit */
+    _Atomic unsigned gen;
+    _Atomic(unit_fn) fn;
+    _Atomic(const void *) ctx;
+    _Atomic int total, done, sleepers;
+    int helpers;  /* started; changed by the caller only */
+    pthread_mutex_t caller, mu;
+    pthread_cond_t cv;
+} pool = {.caller = PTHREAD_MUTEX_INITIALIZER, .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Take and run units of generation g until none is left. The parameters read before a successful claim belong to
+ * generation g: a new job first closes the word (exchange), so a claim on g's word fails once they change. */
+static void work(unsigned g) {
+    for (;;) {
+        unsigned long long w = atomic_load(&pool.word);
+        const unsigned i = (unsigned)w;
+        if ((unsigned)(w >> 32) != g || i == CLOSED) return;
+        const unit_fn fn = atomic_load_explicit(&pool.fn, memory_order_relaxed);
+        const void *ctx = atomic_load_explicit(&pool.ctx, memory_order_relaxed);
+        if ((int)i >= atomic_load_explicit(&pool.total, memory_order_relaxed)) return;
+        if (!atomic_compare_exchange_weak(&pool.word, &w, w + 1)) continue;
+        fn(ctx, (int)i);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
+    }
+}
+
+static void *helper(void *arg) {
+    unsigned seen = (unsigned)(unsigned long)arg;
+    for (;;) {
+        unsigned g;
+        long start = 0;
+        for (int spins = 0; (g = atomic_load(&pool.gen)) == seen; spins++) {
+            if ((spins & 63) == 0) {
+                const long t = now_ns();
+                if (!start) start = t;
+                if (t - start < SPIN_NS) continue;
+                pthread_mutex_lock(&pool.mu);
+                atomic_fetch_add(&pool.sleepers, 1);
+                while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.mu);
+                start = 0;
+            } else {
+                _mm_pause();
+            }
+        }
+        seen = g;
+        work(g);
+    }
+    return NULL;
+}
+
+/* fork: the prepare handler takes the pool's locks, so no other thread holds them at the fork; the child has none
+ * of the helpers and a copy of their waits on the condition variable, so it starts over with fresh ones. */
+static void lock_pool_for_fork(void) {
+    pthread_mutex_lock(&pool.caller);
+    pthread_mutex_lock(&pool.mu);
+}
+static void unlock_pool_in_parent(void) {
+    pthread_mutex_unlock(&pool.mu);
+    pthread_mutex_unlock(&pool.caller);
+}
+static void reset_pool_in_child(void) {
+    pool.helpers = 0;
+    atomic_store(&pool.sleepers, 0);
+    pthread_mutex_init(&pool.caller, NULL);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+}
+
+static void register_fork_handlers(void) {
+    pthread_atfork(lock_pool_for_fork, unlock_pool_in_parent, reset_pool_in_child);
+}
+
+/* fn(ctx, unit) for unit in [0, total) over the caller and up to threads - 1 helpers; returns when all are done. */
+static void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
+    if (threads <= 1 || total <= 1) {
+        for (int i = 0; i < total; i++) fn(ctx, i);
+        return;
+    }
+    static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+    pthread_once(&atfork_once, register_fork_handlers);
+    pthread_mutex_lock(&pool.caller);
+    const unsigned g = atomic_load(&pool.gen) + 1;
+    atomic_exchange(&pool.word, ((unsigned long long)g << 32) | CLOSED);
+    atomic_store_explicit(&pool.fn, fn, memory_order_relaxed);
+    atomic_store_explicit(&pool.ctx, ctx, memory_order_relaxed);
+    atomic_store_explicit(&pool.total, total, memory_order_relaxed);
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    atomic_store(&pool.word, (unsigned long long)g << 32);
+    while (pool.helpers < threads - 1 && pool.helpers < MAX_HELPERS) { /* started on first need */
+        pthread_t t;
+        if (pthread_create(&t, NULL, helper, (void *)(unsigned long)(g - 1))) break;
+        pthread_detach(t);
+        pool.helpers++;
+    }
+    atomic_store(&pool.gen, g);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    work(g);
+    for (int spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < total; spins++) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield(); /* a unit's thread is off its core: let it have ours */
+    }
+    pthread_mutex_unlock(&pool.caller);
+}
+
+/* Rows per unit: about 64K weights (a few microseconds), so that units balance and a late thread holds up little. */
+static int unit_rows(int k) { return k >= 65536 ? 1 : 65536 / k; }
 
 /* 1 if this CPU has what the kernel needs. */
 EXPORT int openelm_qgemv_supported(void) {
@@ -74,6 +217,13 @@ __attribute__((target("avx2,fma"))) static void rows(const job_t *j) {
     }
 }
 
+static void float_unit(const void *ctx, int unit) {
+    job_t j = *(const job_t *)ctx;
+    j.r0 = unit * unit_rows(j.k);
+    j.r1 = j.r0 + unit_rows(j.k) < j.n ? j.r0 + unit_rows(j.k) : j.n;
+    rows(&j);
+}
+
 /* y (m x n) = x (m x k) @ dequantize(w).T, split over `threads` threads by output rows. Returns 0, or 1 for a shape
  * or parameter the kernel does not handle (bits 4 or 8; group size 32, 64 or 128; k a multiple of the values in 8
  * words: 64 at 4 bits, 32 at 8), 2 for an allocation failure, 3 for an unsupported CPU. */
@@ -99,15 +249,403 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
             for (int t = 0; t < group_size; t++) s += xr[g * group_size + t];
             xsum[g] = s;
         }
-        float *yr = y + (size_t)row * n;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int t = 0; t < threads; t++) {
-            const job_t job = {w, scales, biases, xt, xsum, yr, n, k, group_size, bits,
-                               (int)((long)n * t / threads), (int)((long)n * (t + 1) / threads)};
-            rows(&job);
-        }
+        const job_t job = {w, scales, biases, xt, xsum, y + (size_t)row * n, n, k, group_size, bits, 0, 0};
+        run_parallel(float_unit, &job, (n + unit_rows(k) - 1) / unit_rows(k), threads);
     }
     free(xt);
+    return 0;
+}
+
+/* ---- Integer dot products: the activation row quantized once to int8 (what llama.cpp's ggml-cpu does) ----
+ *
+ * The float kernel above spends ~6 instructions per 8 weights converting and multiplying: it is compute-bound well
+ * below the memory bound. Here each row of x is quantized once per call, per weight group g, to
+ *     xq = rint(x * 127 / max|x_g|) in [-127, 127],  dx_g = max|x_g| / 127,
+ * and a group's q . x becomes dx_g * (q . xq), an exact int32 dot product of the unsigned weights with int8
+ * activations: AVX2 maddubs + madd (32 products in two instructions), or one VNNI dpbusd. Per group then
+ *     y += s_g * (dx_g * (q . xq) + off_g) + b_g * xsum_g,   off_g = c * (xsum_g - dx_g * sum(xq_g)),  c = 2^(bits-1),
+ * which is q . x = (q - c) . x + c * sum(x) with (q - c) . x ~ dx_g * (q - c) . xq: the rounding error of x meets
+ * the centred weights |q - c| <= c, half of what q itself would give. The error of y is at most
+ *     sum_g |s_g| * dx_g / 2 * sum_j |q_j - c|    (plus float32 rounding),
+ * the bound the tests check against a float64 product. The int32 lanes are the same in every variant (each lane
+ * sums 4 consecutive weight bytes), and the float steps after them are shared code, so the variants give
+ * bit-identical results (tested), as do 1 and N threads (each output row is computed by one thread).
+ * Activation layout: at 8 bits the natural order; at 4 bits each 32-byte chunk of a weight row (64 elements:
+ * byte b holds element 2b in its low nibble, 2b+1 in its high one) meets 32 even then 32 odd elements of x. */
+
+enum { VAR_AVX2 = 1, VAR_AVXVNNI = 2, VAR_AVX512VNNI = 4 };
+#define PREFILL_MIN_ROWS 4 /* from this many rows of x on, the tiled kernel below */
+
+/* Bit mask of the integer kernels this CPU can run (VAR_*). */
+EXPORT int openelm_qgemv_int8_variants(void) {
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return 0;
+    int v = VAR_AVX2;
+    if (__builtin_cpu_supports("avxvnni")) v |= VAR_AVXVNNI;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) v |= VAR_AVX512VNNI;
+    return v;
+}
+
+typedef struct ijob {
+    const uint32_t *w;
+    const float *scales, *biases;
+    const int8_t *xq;   /* m x k, laid out as above */
+    const int32_t *xl;  /* m x k/4: 128 * (sum of each 4 consecutive xq), for the 8-bit AVX2 kernel */
+    const float *dx, *off, *xsum;  /* m x ng each */
+    float *y;
+    int m, n, k, group_size, bits, r0, r1;
+    void (*rows_fn)(const struct ijob *);
+    void (*tiles_fn)(const struct ijob *, const float *);
+    const float *offt, *xsumt;  /* ng x m: off and xsum transposed, for the tiles */
+} ijob_t;
+
+/* The float steps after the integer dot products, one compiled copy for every variant (so they round alike):
+ * the 8 lanes of acc in a fixed order, plus the offset and bias terms of every group. */
+__attribute__((target("avx2,fma"), noinline)) static float finish_row(const float *acc, const float *sr,
+                                                                      const float *br, const float *off,
+                                                                      const float *xsum, int ng) {
+    float t = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (int g = 0; g < ng; g++) t += sr[g] * off[g] + br[g] * xsum[g];
+    return t;
+}
+
+/* One weight row against every row of x: DOT4(v, xc) / DOT8(v, xc, xl, acc) add a 32-byte chunk's int32 lane
+ * sums into acc. Groups of 32 at 4 bits take half a chunk each (lanes 0-3, 4-7), so they get a two-valued scale. */
+#define DEFINE_INT8_ROWS(NAME, TARGET, DOT4, DOT8)                                                              \
+    __attribute__((target(TARGET))) static void NAME(const ijob_t *j) {                                       \
+        const int ng = j->k / j->group_size, words = j->k * j->bits / 32;                                        \
+        const int cpg = j->bits == 4 ? j->group_size / 64 : j->group_size / 32; /* chunks per group */          \
+        for (int r = j->r0; r < j->r1; r++) {                                                                    \
+            const uint32_t *wr = j->w + (size_t)r * words;                                                       \
+            const float *sr = j->scales + (size_t)r * ng, *br = j->biases + (size_t)r * ng;                       \
+            for (int i = 0; i < j->m; i++) {                                                                     \
+                const int8_t *xq = j->xq + (size_t)i * j->k;                                                     \
+                const int32_t *xl = j->xl + (size_t)i * (j->k / 4);                                              \
+                const float *dx = j->dx + (size_t)i * ng;                                                        \
+                __m256 acc = _mm256_setzero_ps();                                                                \
+                if (j->bits == 4 && j->group_size == 32) {                                                       \
+                    for (int c = 0; c < ng / 2; c++) {                                                           \
+                        __m256i iv = _mm256_setzero_si256();                                                     \
+                        iv = DOT4(iv, _mm256_loadu_si256((const __m256i *)(wr + 8 * c)), xq + 64 * c);           \
+                        const __m256 sd = _mm256_set_m128(_mm_set1_ps(sr[2 * c + 1] * dx[2 * c + 1]),            \
+                                                          _mm_set1_ps(sr[2 * c] * dx[2 * c]));                   \
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), sd, acc);                                  \
+                    }                                                                                            \
+                } else {                                                                                         \
+                    for (int g = 0; g < ng; g++) {                                                               \
+                        __m256i iv = _mm256_setzero_si256();                                                     \
+                        for (int c = g * cpg; c < (g + 1) * cpg; c++) {                                          \
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 8 * c));                 \
+                            iv = j->bits == 4 ? DOT4(iv, v, xq + 64 * c) : DOT8(iv, v, xq + 32 * c, xl + 8 * c); \
+                        }                                                                                        \
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), _mm256_set1_ps(sr[g] * dx[g]), acc);      \
+                    }                                                                                            \
+                }                                                                                                \
+                float lanes[8];                                                                                  \
+                _mm256_storeu_ps(lanes, acc);                                                                    \
+                j->y[(size_t)i * j->n + r] = finish_row(lanes, sr, br, j->off + (size_t)i * ng,                  \
+                                                        j->xsum + (size_t)i * ng, ng);                           \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+/* AVX2: maddubs multiplies unsigned by signed bytes into saturating int16 pairs. 4-bit weights (<= 15) cannot
+ * saturate (2 * 15 * 127, and the two halves' sum, stay below 2^15); 8-bit ones (<= 255) could, so they go in
+ * centred, q - 128 in [-128, 127], with its sign moved onto x (|q - 128| * sign(x, q - 128): pairs <= 2 * 128 *
+ * 127), and xl adds back 128 * sum(xq) lane by lane, which gives q . xq exactly. */
+__attribute__((target("avx2,fma"))) static inline __m256i dot4_avx2(__m256i acc, __m256i v, const int8_t *xc) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256i dot8_avx2(__m256i acc, __m256i v, const int8_t *xc,
+                                                                     const int32_t *xl) {
+    const __m256i qc = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+    const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(qc),
+                                           _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xc), qc));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)xl));
+}
+
+/* VNNI: dpbusd sums 4 unsigned-by-signed byte products into each int32 lane without saturation. */
+#define DEFINE_VNNI_DOTS(SUFFIX, TARGET, DPBUSD)                                                                \
+    __attribute__((target(TARGET))) static inline __m256i dot4_##SUFFIX(__m256i acc, __m256i v,               \
+                                                                        const int8_t *xc) {                     \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                               \
+        acc = DPBUSD(acc, _mm256_and_si256(v, m4), _mm256_loadu_si256((const __m256i *)xc));                     \
+        return DPBUSD(acc, _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),                                        \
+                      _mm256_loadu_si256((const __m256i *)(xc + 32)));                                           \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline __m256i dot8_##SUFFIX(__m256i acc, __m256i v,               \
+                                                                        const int8_t *xc, const int32_t *xl) {  \
+        (void)xl;                                                                                                \
+        return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
+    }
+
+/* The tiled kernels unpack each weight chunk once (prep: into a, b) for all the rows of x it meets (dotp). */
+__attribute__((target("avx2,fma"))) static inline void prep4_avx2(__m256i v, __m256i *a, __m256i *b) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    *a = _mm256_and_si256(v, m4);
+    *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+}
+__attribute__((target("avx2,fma"))) static inline __m256i dot4p_avx2(__m256i acc, __m256i lo, __m256i hi,
+                                                                      const int8_t *xc, const int32_t *xl) {
+    (void)xl;
+    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
+                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+__attribute__((target("avx2,fma"))) static inline void prep8_avx2(__m256i v, __m256i *a, __m256i *b) {
+    *b = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+    *a = _mm256_abs_epi8(*b);
+}
+__attribute__((target("avx2,fma"))) static inline __m256i dot8p_avx2(__m256i acc, __m256i aq, __m256i qc,
+                                                                      const int8_t *xc, const int32_t *xl) {
+    const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xc), qc));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)xl));
+}
+
+#define DEFINE_VNNI_PREPARED(SUFFIX, TARGET, DPBUSD)                                                            \
+    __attribute__((target(TARGET))) static inline void prep4_##SUFFIX(__m256i v, __m256i *a, __m256i *b) {     \
+        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                               \
+        *a = _mm256_and_si256(v, m4);                                                                            \
+        *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                                      \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline __m256i dot4p_##SUFFIX(__m256i acc, __m256i lo, __m256i hi,  \
+                                                                         const int8_t *xc, const int32_t *xl) { \
+        (void)xl;                                                                                                \
+        acc = DPBUSD(acc, lo, _mm256_loadu_si256((const __m256i *)xc));                                          \
+        return DPBUSD(acc, hi, _mm256_loadu_si256((const __m256i *)(xc + 32)));                                  \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline void prep8_##SUFFIX(__m256i v, __m256i *a, __m256i *b) {     \
+        *a = v;                                                                                                  \
+        *b = v;                                                                                                  \
+    }                                                                                                            \
+    __attribute__((target(TARGET))) static inline __m256i dot8p_##SUFFIX(__m256i acc, __m256i v, __m256i unused, \
+                                                                         const int8_t *xc, const int32_t *xl) { \
+        (void)unused;                                                                                            \
+        (void)xl;                                                                                                \
+        return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
+    }
+
+DEFINE_VNNI_PREPARED(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+DEFINE_VNNI_PREPARED(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
+DEFINE_VNNI_DOTS(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
+DEFINE_VNNI_DOTS(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
+DEFINE_INT8_ROWS(rows_int8_avx2, "avx2,fma", dot4_avx2, dot8_avx2)
+DEFINE_INT8_ROWS(rows_int8_avxvnni, "avx2,fma,avxvnni", dot4_avxvnni, dot8_avxvnni)
+DEFINE_INT8_ROWS(rows_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot4_avx512vnni, dot8_avx512vnni)
+
+/* ---- Many rows of x (prefill): tiles of TR weight rows x TC rows of x ----
+ * Each weight chunk loaded is used against TC rows of x, and each x chunk against TR weight rows; a group's int32
+ * sums become floats once per group (scale s * dx, then float32 accumulation as above). The offset and bias terms,
+ * sum_g s * off + b * xsum for every (weight row, x row), are a small float product done separately per unit
+ * (vectorized over the rows of x, whose off and xsum are stored transposed). 4 bits need groups of 64 or 128 here
+ * (a 32-group takes half a chunk); Python keeps the other cases on de-quantize + BLAS. */
+#ifndef TILE_R_VEX
+#define TILE_R_VEX 2
+#define TILE_C_VEX 3
+#define TILE_R_EVEX 4
+#define TILE_C_EVEX 3
+#endif
+#define PREFILL_UNIT_ROWS 16 /* weight rows per unit (a multiple of every tile's rows) */
+
+/* e[r * m + c] = sum_g s[r, g] * off[g, c] + b[r, g] * xsum[g, c] for rows r of one unit (off, xsum: ng x m).
+ * One compiled copy for every variant. */
+__attribute__((target("avx2,fma"), noinline)) static void unit_offsets(const float *sr, const float *br, int rows,
+                                                                       int ng, const float *offt,
+                                                                       const float *xsumt, int m, float *e) {
+    for (int r = 0; r < rows; r++) {
+        float *er = e + (size_t)r * m;
+        for (int c = 0; c < m; c++) er[c] = 0.0f;
+        for (int g = 0; g < ng; g++) {
+            const float s = sr[(size_t)r * ng + g], b = br[(size_t)r * ng + g];
+            const float *o = offt + (size_t)g * m, *x = xsumt + (size_t)g * m;
+            for (int c = 0; c < m; c++) er[c] += s * o[c] + b * x[c];
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"), noinline)) static float hsum_lanes(const float *a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+#define DEFINE_INT8_TILES(NAME, TARGET, SUFFIX, TR, TC)                                                         \
+    __attribute__((target(TARGET))) static void NAME(const ijob_t *j, const float *e) {                        \
+        const int ng = j->k / j->group_size, words = j->k * j->bits / 32, m = j->m;                             \
+        const int cpg = j->bits == 4 ? j->group_size / 64 : j->group_size / 32;                                 \
+        const int xstride = j->bits == 4 ? 64 : 32; /* x bytes per chunk */                                     \
+        for (int r0 = j->r0; r0 < j->r1; r0 += TR) {                                                            \
+            const uint32_t *wr[TR];                                                                             \
+            const float *sr[TR];                                                                                \
+            for (int r = 0; r < TR; r++) { /* rows past the end repeat the last one; their sums are dropped */ \
+                const int row = r0 + r < j->r1 ? r0 + r : j->r1 - 1;                                            \
+                wr[r] = j->w + (size_t)row * words;                                                             \
+                sr[r] = j->scales + (size_t)row * ng;                                                           \
+            }                                                                                                   \
+            for (int c0 = 0; c0 < m; c0 += TC) {                                                                \
+                const int8_t *xr[TC];                                                                           \
+                const int32_t *xlr[TC];                                                                         \
+                const float *dxr[TC];                                                                           \
+                for (int c = 0; c < TC; c++) {                                                                  \
+                    const int i = c0 + c < m ? c0 + c : m - 1;                                                  \
+                    xr[c] = j->xq + (size_t)i * j->k;                                                           \
+                    xlr[c] = j->xl + (size_t)i * (j->k / 4);                                                    \
+                    dxr[c] = j->dx + (size_t)i * ng;                                                            \
+                }                                                                                               \
+                __m256 acc[TR][TC];                                                                             \
+                for (int r = 0; r < TR; r++)                                                                    \
+                    for (int c = 0; c < TC; c++) acc[r][c] = _mm256_setzero_ps();                               \
+                for (int g = 0; g < ng; g++) {                                                                  \
+                    __m256i iv[TR][TC];                                                                         \
+                    for (int r = 0; r < TR; r++)                                                                \
+                        for (int c = 0; c < TC; c++) iv[r][c] = _mm256_setzero_si256();                         \
+                    for (int ch = g * cpg; ch < (g + 1) * cpg; ch++) {                                          \
+                        for (int r = 0; r < TR; r++) {                                                          \
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(wr[r] + 8 * ch));            \
+                            __m256i a, b;                                                                       \
+                            if (j->bits == 4) {                                                                 \
+                                prep4_##SUFFIX(v, &a, &b);                                                      \
+                                for (int c = 0; c < TC; c++)                                                    \
+                                    iv[r][c] = dot4p_##SUFFIX(iv[r][c], a, b, xr[c] + xstride * ch, NULL);      \
+                            } else {                                                                            \
+                                prep8_##SUFFIX(v, &a, &b);                                                      \
+                                for (int c = 0; c < TC; c++)                                                    \
+                                    iv[r][c] = dot8p_##SUFFIX(iv[r][c], a, b, xr[c] + xstride * ch,             \
+                                                              xlr[c] + 8 * ch);                                 \
+                            }                                                                                   \
+                        }                                                                                       \
+                    }                                                                                           \
+                    for (int r = 0; r < TR; r++)                                                                \
+                        for (int c = 0; c < TC; c++)                                                            \
+                            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv[r][c]),                           \
+                                                        _mm256_set1_ps(sr[r][g] * dxr[c][g]), acc[r][c]);       \
+                }                                                                                               \
+                for (int r = 0; r < TR && r0 + r < j->r1; r++)                                                  \
+                    for (int c = 0; c < TC && c0 + c < m; c++) {                                                \
+                        float lanes[8];                                                                         \
+                        _mm256_storeu_ps(lanes, acc[r][c]);                                                     \
+                        j->y[(size_t)(c0 + c) * j->n + r0 + r] =                                                \
+                            hsum_lanes(lanes) + e[(size_t)(r0 + r - j->r0) * m + c0 + c];                       \
+                    }                                                                                           \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+/* Tile shapes: VEX code has 16 vector registers, EVEX (AVX-512VL) 32. */
+DEFINE_INT8_TILES(tiles_int8_avx2, "avx2,fma", avx2, TILE_R_VEX, TILE_C_VEX)
+DEFINE_INT8_TILES(tiles_int8_avxvnni, "avx2,fma,avxvnni", avxvnni, TILE_R_VEX, TILE_C_VEX)
+DEFINE_INT8_TILES(tiles_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", avx512vnni, TILE_R_EVEX, TILE_C_EVEX)
+
+static void int8_tile_unit(const void *ctx, int unit) {
+    ijob_t j = *(const ijob_t *)ctx;
+    const int ng = j.k / j.group_size;
+    j.r0 = unit * PREFILL_UNIT_ROWS;
+    j.r1 = j.r0 + PREFILL_UNIT_ROWS < j.n ? j.r0 + PREFILL_UNIT_ROWS : j.n;
+    float *e = malloc(sizeof(float) * (size_t)PREFILL_UNIT_ROWS * j.m);
+    if (!e) { /* no scratch: this unit's rows one x row at a time (same values up to float rounding) */
+        j.rows_fn(&j);
+        return;
+    }
+    unit_offsets(j.scales + (size_t)j.r0 * ng, j.biases + (size_t)j.r0 * ng, j.r1 - j.r0, ng, j.offt, j.xsumt,
+                 j.m, e);
+    j.tiles_fn(&j, e);
+    free(e);
+}
+
+static void int8_unit(const void *ctx, int unit) {
+    ijob_t j = *(const ijob_t *)ctx;
+    j.r0 = unit * unit_rows(j.k);
+    j.r1 = j.r0 + unit_rows(j.k) < j.n ? j.r0 + unit_rows(j.k) : j.n;
+    j.rows_fn(&j);
+}
+
+/* Quantize row x (k floats) into xq (laid out for `bits`), dx, off, xsum per group, and xl. */
+static void quantize_row(const float *x, int k, int group_size, int bits, int8_t *xq, int32_t *xl, float *dx,
+                         float *off, float *xsum) {
+    const float c = (float)(1 << (bits - 1));
+    for (int g = 0; g < k / group_size; g++) {
+        const float *xg = x + (size_t)g * group_size;
+        float amax = 0.0f, s = 0.0f;
+        for (int t = 0; t < group_size; t++) {
+            const float a = xg[t] < 0 ? -xg[t] : xg[t];
+            amax = a > amax ? a : amax;
+            s += xg[t];
+        }
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sq = 0;
+        for (int t = 0; t < group_size; t++) {
+            const int e = g * group_size + t;
+            const int q = _mm_cvtss_si32(_mm_set_ss(xg[t] * id)); /* round to nearest even */
+            /* at 4 bits element e of its 64-element chunk goes to slot e/2 (even) or 32 + e/2 (odd) */
+            const int slot = bits == 8 ? e : (e & ~63) + ((e & 1) << 5) + ((e & 63) >> 1);
+            xq[slot] = (int8_t)q;
+            sq += q;
+        }
+        dx[g] = amax / 127.0f;
+        xsum[g] = s;
+        off[g] = c * (s - dx[g] * (float)sq);
+    }
+    if (bits == 8)
+        for (int t = 0; t < k / 4; t++)
+            xl[t] = 128 * (xq[4 * t] + xq[4 * t + 1] + xq[4 * t + 2] + xq[4 * t + 3]);
+}
+
+/* y (m x n) = x (m x k) @ dequantize(w).T with int8 activations (see above), split over `threads` threads by
+ * output rows. variant: 0 picks the best this CPU has (AVX-VNNI, AVX512-VNNI, AVX2), else one VAR_* value.
+ * Returns 0; 1 for a shape or parameter it does not handle (as openelm_qgemv); 2 allocation failure; 3 a CPU
+ * without AVX2/FMA or without the requested variant. */
+EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x,
+                              float *y, int m, int n, int k, int group_size, int bits, int threads, int variant) {
+    const int have = openelm_qgemv_int8_variants();
+    if (variant == 0)
+        variant = have & VAR_AVXVNNI ? VAR_AVXVNNI : have & VAR_AVX512VNNI ? VAR_AVX512VNNI : VAR_AVX2;
+    if (!(have & variant) || (variant & (variant - 1))) return 3;
+    if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128)) return 1;
+    const int chunk = 256 / bits, ng = k / group_size;
+    if (m < 1 || n < 1 || k % chunk || k % group_size) return 1;
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    const size_t xq_bytes = ((size_t)m * k + 63) & ~(size_t)63;
+    char *buf = aligned_alloc(64, xq_bytes + sizeof(int32_t) * (size_t)m * (k / 4) + 3 * sizeof(float) * m * ng);
+    if (!buf) return 2;
+    int8_t *xq = (int8_t *)buf;
+    int32_t *xl = (int32_t *)(buf + xq_bytes);
+    float *dx = (float *)(xl + (size_t)m * (k / 4)), *off = dx + (size_t)m * ng, *xsum = off + (size_t)m * ng;
+    for (int i = 0; i < m; i++)
+        quantize_row(x + (size_t)i * k, k, group_size, bits, xq + (size_t)i * k, xl + (size_t)i * (k / 4),
+                     dx + (size_t)i * ng, off + (size_t)i * ng, xsum + (size_t)i * ng);
+    void (*rows_fn)(const ijob_t *) = variant == VAR_AVXVNNI      ? rows_int8_avxvnni
+                                      : variant == VAR_AVX512VNNI ? rows_int8_avx512vnni
+                                                                  : rows_int8_avx2;
+    if (m >= PREFILL_MIN_ROWS && (bits == 8 || group_size >= 64)) {
+        float *t = malloc(sizeof(float) * 2 * (size_t)m * ng);
+        if (!t) {
+            free(buf);
+            return 2;
+        }
+        for (int i = 0; i < m; i++)
+            for (int g = 0; g < ng; g++) {
+                t[(size_t)g * m + i] = off[(size_t)i * ng + g];
+                t[(size_t)(ng + g) * m + i] = xsum[(size_t)i * ng + g];
+            }
+        void (*tiles_fn)(const ijob_t *, const float *) = variant == VAR_AVXVNNI      ? tiles_int8_avxvnni
+                                                          : variant == VAR_AVX512VNNI ? tiles_int8_avx512vnni
+                                                                                      : tiles_int8_avx2;
+        const ijob_t job = {w,  scales, biases, xq, xl,      dx, off, xsum, y, m, n, k, group_size, bits, 0, 0,
+                            rows_fn, tiles_fn, t, t + (size_t)m * ng};
+        run_parallel(int8_tile_unit, &job, (n + PREFILL_UNIT_ROWS - 1) / PREFILL_UNIT_ROWS, threads);
+        free(t);
+    } else {
+        const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn,
+                            NULL, NULL, NULL};
+        run_parallel(int8_unit, &job, (n + unit_rows(k) - 1) / unit_rows(k), threads);
+    }
+    free(buf);
     return 0;
 }
 
@@ -115,6 +653,11 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
 EXPORT int openelm_qgemv_supported(void) { return 0; }
 EXPORT int openelm_qgemv(const void *w, const float *s, const float *b, const float *x, float *y, int m, int n,
                          int k, int group_size, int bits, int threads) {
+    return 3;
+}
+EXPORT int openelm_qgemv_int8_variants(void) { return 0; }
+EXPORT int openelm_qgemv_int8(const void *w, const float *s, const float *b, const float *x, float *y, int m,
+                              int n, int k, int group_size, int bits, int threads, int variant) {
     return 3;
 }
 #endif
