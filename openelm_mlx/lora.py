@@ -97,7 +97,7 @@ class LoraConfig:
 
 
 def lora(**settings):
-    """Fine-tune with the given `LoraConfig` settings; returns the `TrainResult` (None when only testing)."""
+    """Fine-tune with the given `LoraConfig` settings; returns the `FineTuneResult` (None when only testing)."""
     import mlx.core as mx
     import numpy as np
 

@@ -359,7 +359,7 @@ class TrainArgs:
 
 
 @dataclass
-class TrainResult:
+class FineTuneResult:
     iteration: int
     train_loss: float
     val_loss: Optional[float]
@@ -497,7 +497,7 @@ class Meter:
             f"Peak mem {peak_memory_gb():.3f} GB")
         self.window = dict.fromkeys(self.window, 0)
 
-    def finish(self, result: "TrainResult") -> None:
+    def finish(self, result: "FineTuneResult") -> None:
         t = self.totals["time"] or float("nan")
         result.trained_tokens, result.useful_tokens = self.totals["trained"], self.totals["useful"]
         result.tokens_per_sec = self.totals["trained"] / t
@@ -508,7 +508,7 @@ class Meter:
 
 
 def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[Dataset], args: TrainArgs, *,
-          save: Callable[[int], None], start_iteration: int = 0) -> TrainResult:
+          save: Callable[[int], None], start_iteration: int = 0) -> FineTuneResult:
     """Train the model's trainable parameters for iterations `start_iteration + 1 .. args.iters`.
 
     `save(iteration)` writes the adapter; it is called every `save_every` steps, at the end, on SIGINT, and,
@@ -524,7 +524,7 @@ def train(model: nn.Module, optimizer, train_set: Dataset, valid_set: Optional[D
     for _ in range(start_iteration):  # replay the data order up to where a resumed run left off
         next(batches)
     reset_peak_memory()
-    result = TrainResult(iteration=start_iteration, train_loss=float("nan"), val_loss=None)
+    result = FineTuneResult(iteration=start_iteration, train_loss=float("nan"), val_loss=None)
     meter = Meter()
 
     def validate(it):
