@@ -18,6 +18,8 @@ import mlx.core as mx
 
 from . import cli
 from .generate import (
+    SamplingSettings,
+    add_sampling_flags,
     check_sampling,
     load,
     make_cache,
@@ -32,18 +34,12 @@ HELP = "Commands: /reset (forget the conversation), /system TEXT (set the system
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(SamplingSettings):
     model: str = "mlx_model"
     adapter_path: Optional[str] = None
     system_prompt: Optional[str] = None
     max_tokens: int = 256
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
     seed: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    repetition_context_size: int = 20
     dtype: Optional[str] = None
     verbose: bool = False
 
@@ -128,14 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-path", help="LoRA adapters from python -m openelm_mlx.lora")
     p.add_argument("--system-prompt", help="system message at the start of the conversation")
     p.add_argument("-m", "--max-tokens", type=int, help="max tokens per reply (default: 256)")
-    p.add_argument("--temp", type=float, help="sampling temperature; 0 is greedy (default: 0)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default: 1.0, off)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (default: off)")
-    p.add_argument("--min-p", type=float, help="min-p sampling threshold (default: 0, off)")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
-    p.add_argument("--repetition-penalty", type=float,
-                   help="penalise recent tokens; Apple's OpenELM examples use 1.2 (default: off)")
-    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty sees (default: 20)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: as python -m openelm_mlx.generate)")
     p.add_argument("--verbose", action="store_true", help="speed lines on stderr after each reply")

@@ -236,18 +236,36 @@ def batch_generate(model: Model, tokenizer: Tokenizer, prompts: Sequence[Prompt]
 
 
 @dataclass
-class GenerateConfig:
-    """CLI defaults; a YAML file (-c/--config, these keys) overrides them, flags override both."""
+class SamplingSettings:
+    """The sampling settings of every entry point (generate, chat, the server's request defaults): mlx-lm's
+    samplers and repetition penalty."""
 
-    model: str = "mlx_model"
-    prompt: Optional[str] = None
-    max_tokens: int = 256
     temp: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: Optional[float] = None
     repetition_context_size: int = 20
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 is off")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 is off")
+    p.add_argument("--min-p", type=float, help="min-p sampling threshold; 0 is off")
+    p.add_argument("--repetition-penalty", type=float,
+                   help="penalise tokens seen in the last --repetition-context-size tokens; Apple's OpenELM "
+                        "examples use 1.2 (default: off)")
+    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty looks back on")
+
+
+@dataclass
+class GenerateConfig(SamplingSettings):
+    """CLI defaults; a YAML file (-c/--config, these keys) overrides them, flags override both."""
+
+    model: str = "mlx_model"
+    prompt: Optional[str] = None
+    max_tokens: int = 256
     seed: Optional[int] = None
     chat: Optional[bool] = None  # None: on for Instruct models (see `is_instruct`)
     system_prompt: Optional[str] = None
@@ -302,14 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: float32 on a CPU with an optimized BLAS, where half-precision "
                         "matmuls are slower; else the checkpoint's)")
     p.add_argument("-m", "--max-tokens", type=int, help="maximum number of tokens to generate")
-    p.add_argument("--temp", type=float, help="sampling temperature; 0 is greedy")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold; 1 is off")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens; 0 is off")
-    p.add_argument("--min-p", type=float, help="min-p sampling threshold; 0 is off")
-    p.add_argument("--repetition-penalty", type=float,
-                   help="penalise tokens seen in the last --repetition-context-size tokens; Apple's OpenELM "
-                        "examples use 1.2 (default: off)")
-    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty looks back on")
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction,
                    help="wrap the prompt in the OpenELM-Instruct chat template (default: on for Instruct models)")

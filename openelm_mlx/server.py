@@ -24,13 +24,21 @@ from typing import Any, Literal, Optional, Union
 
 from . import cli
 from .engine import Engine, EngineError, Event, Overloaded, SamplingParams, Ticket
-from .generate import GenerateError, check_sampling, is_instruct, load, resolve_model_path
+from .generate import (
+    GenerateError,
+    SamplingSettings,
+    add_sampling_flags,
+    check_sampling,
+    is_instruct,
+    load,
+    resolve_model_path,
+)
 
 ROLES = ("system", "developer", "user", "assistant")
 
 
 @dataclass
-class ServerConfig:
+class ServerConfig(SamplingSettings):
     """Server defaults; `-c/--config` YAML overrides them, flags override both. Sampling values are the
     defaults of requests that do not set their own."""
 
@@ -43,12 +51,6 @@ class ServerConfig:
     api_key: Optional[str] = None
     chat_template: Optional[str] = None  # "openelm" or "plain"; None: openelm for Instruct models
     max_tokens: int = 512
-    temp: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: Optional[float] = None
-    repetition_context_size: int = 20
     max_batch: int = 16
     max_queue: int = 64
     prompt_cache_size: int = 10
@@ -513,13 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "openelm for Instruct models, else plain)")
     p.add_argument("-m", "--max-tokens", type=int,
                    help="max tokens for requests that do not say (default: 512, within the context)")
-    p.add_argument("--temp", type=float, help="default temperature (default: 0, greedy)")
-    p.add_argument("--top-p", type=float, help="default nucleus threshold (default: 1.0, off)")
-    p.add_argument("--top-k", type=int, help="default top-k (default: 0, off)")
-    p.add_argument("--min-p", type=float, help="default min-p (default: 0, off)")
-    p.add_argument("--repetition-penalty", type=float,
-                   help="default repetition penalty (Apple's OpenELM examples use 1.2; default: off)")
-    p.add_argument("--repetition-context-size", type=int, help="tokens the penalty sees (default: 20)")
+    add_sampling_flags(p)  # the defaults of requests that do not set their own
     p.add_argument("--max-batch", type=int, help="requests decoded together (default: 16)")
     p.add_argument("--max-queue", type=int,
                    help="requests waiting beyond the batch before new ones get 429 (default: 64)")

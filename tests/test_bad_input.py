@@ -435,11 +435,12 @@ def test_disk_full_in_the_trainer_export_is_an_os_error(full_disk):
 
 def test_every_cli_error_is_an_openelm_error():
     """The error classes a user can cause all derive from the one base (so every main handles them)."""
-    from openelm_mlx import adapters, cli, convert, errors, export, generate, recipes, textfiles, tokenizer, tuner
+    from openelm_mlx import adapters, cli, convert, errors, export, recipes, textfiles, tokenizer, tuner
+    from openelm_mlx.generate import GenerateError
     from openelm_mlx.reference import train
 
     classes = [adapters.AdapterError, cli.SettingsError, convert.ConvertError, textfiles.DataError, errors.NonFiniteError,
-               errors.OutputExistsError, export.ExportError, generate.GenerateError, recipes.RecipeError,
+               errors.OutputExistsError, export.ExportError, GenerateError, recipes.RecipeError,
                tokenizer.TokenizerError, train.TrainingError, WeightsError,
                config_mod.ConfigError]
     assert all(issubclass(c, OpenELMError) for c in classes)
