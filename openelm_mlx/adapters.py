@@ -80,8 +80,9 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def read_adapter_weights(file: str | Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of an adapter safetensors file; a truncated, junk or non-finite file is refused."""
+def read_adapter_weights(file: str | Path, floats_only: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of an adapter (or, with `floats_only=False`, optimizer-state) safetensors file; a
+    truncated, junk or non-finite file is refused."""
     import mlx.core as mx
 
     from .weights import WeightsError, check_finite, check_safetensors_file
@@ -94,7 +95,7 @@ def read_adapter_weights(file: str | Path) -> tuple[dict, dict]:
         raise AdapterError(str(e)) from None
     except Exception as e:  # mlx raises RuntimeError/ValueError with little context
         raise AdapterError(f"{file}: cannot read it as safetensors ({e}); is it truncated or corrupt?") from None
-    bad = [k for k, v in weights.items() if not mx.issubdtype(v.dtype, mx.floating)]
+    bad = [k for k, v in weights.items() if floats_only and not mx.issubdtype(v.dtype, mx.floating)]
     if bad:
         raise AdapterError(f"{file}: adapter tensors must be floating point; {', '.join(bad[:4])} are not")
     check_finite(weights, str(file), action="refusing to load it")

@@ -335,12 +335,6 @@ class ConvertSettings:
     def __post_init__(self):
         cli.check(bool(self.hf_path), "hf_path", self.hf_path, "required: a hub id or a local HF-layout directory")
         cli.check(bool(self.mlx_path), "mlx_path", self.mlx_path, "must name an output directory")
-        if self.dtype is not None:
-            cli.check_choice("dtype", self.dtype, DTYPES)
-        cli.check_choice("q_bits", self.q_bits, Q_BITS)
-        cli.check_choice("q_group_size", self.q_group_size, Q_GROUP_SIZES)
-        if self.quant_recipe is not None:
-            cli.check_choice("quant_recipe", self.quant_recipe, list(QUANT_RECIPES))
         cli.check(0 < self.max_shard_size_gb <= 1024, "max_shard_size_gb", self.max_shard_size_gb,
                   "must be above 0 (and at most 1024)")
 

@@ -72,7 +72,7 @@ def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
         f"CPU backend layer: {'active' if cpu.active() else 'off (a GPU or macOS)'}",
         blas.describe(),
         qgemv_line(),
-        f"compute dtype by default: {cpu_dtype.preferred('decode') or 'the checkpoint dtype'}",
+        f"compute dtype by default: {cpu_dtype.preferred() or 'the checkpoint dtype'}",
         *switches.describe(),
     ]
     if benchmark:

@@ -246,12 +246,10 @@ def report(result, start: int, out_file: Path) -> None:
 def resume_from(model, optimizer, path: Path) -> int:
     """Load adapter weights (and, when saved beside them for the same iteration, the optimizer state);
     returns the iteration they were saved at."""
-    import mlx.core as mx
     from mlx.utils import tree_unflatten
 
-    from .adapters import AdapterError, load_adapter_weights
+    from .adapters import load_adapter_weights, read_adapter_weights
     from .tuner import log
-    from .weights import check_finite, check_safetensors_file
 
     if not path.is_file():
         raise AdapterError(f"--resume-adapter-file {path}: no such file")
@@ -263,10 +261,8 @@ def resume_from(model, optimizer, path: Path) -> int:
     opt_file = path.parent / OPTIMIZER_FILE
     if opt_file.is_file():
         try:
-            check_safetensors_file(opt_file)
-            state, opt_meta = mx.load(str(opt_file), return_metadata=True)
-            check_finite({k: v for k, v in state.items() if mx.issubdtype(v.dtype, mx.floating)}, str(opt_file))
-        except Exception as e:  # a broken optimizer file costs the moments, not the run
+            state, opt_meta = read_adapter_weights(opt_file, floats_only=False)
+        except AdapterError as e:  # a broken optimizer file costs the moments, not the run
             log(f"[WARNING] ignoring {opt_file}: {e}")
         else:
             if opt_meta.get("iteration") == str(iteration):

@@ -18,9 +18,9 @@ from mlx.utils import tree_flatten
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def preferred(task: str) -> Optional[str]:
-    """The fastest compute dtype for `task` on this machine, or None where the checkpoint's dtype is kept
-    (a GPU, or macOS)."""
+def preferred() -> Optional[str]:
+    """The fastest compute dtype on this machine (the same for every task), or None where the checkpoint's dtype
+    is kept (a GPU, or macOS)."""
     from . import active, blas
 
     if not active():
@@ -34,7 +34,7 @@ def apply(model: nn.Module, dtype: Optional[str], task: str) -> Optional[str]:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if dtype is None:
-        dtype = preferred(task)
+        dtype = preferred()
         floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
         if dtype != "float32" or all(d == mx.float32 for d in floats):
             if task in ("prefill", "decode") and _upcast_quantized(model):
