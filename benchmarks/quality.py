@@ -17,13 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
-import numpy as np
-from mlx.utils import tree_map
+import openelm_mlx  # noqa: F401  first: it loads the optimized CPU BLAS (where available) before mlx
 
-import openelm_mlx  # noqa: F401  (first: loads the optimized BLAS before mlx on Linux)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+
 from openelm_mlx.checkpoint import load_model, save_model
 from openelm_mlx.config import get_preset
 from openelm_mlx.model import Model
