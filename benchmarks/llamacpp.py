@@ -62,6 +62,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
 def build_models(work: Path, preset: str, tokenizer: str, llama: Path, precisions: list[str]) -> dict:
     """{precision: (our MLX dir, llama.cpp GGUF)} for the same random weights."""
     import openelm_mlx  # noqa: F401  first: the optimized BLAS before mlx
+
+    # isort: split
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -110,7 +112,9 @@ def build_models(work: Path, preset: str, tokenizer: str, llama: Path, precision
 
 def ours_child(path: str, threads: int, prompt_tokens: int, gen_tokens: int, tokenizer: str) -> None:
     """In a child process: load, warm up, time one generation; print a JSON line."""
-    import openelm_mlx  # noqa: F401
+    import openelm_mlx  # noqa: F401  first: the optimized BLAS before mlx
+
+    # isort: split
     import mlx.core as mx
     import numpy as np
 
