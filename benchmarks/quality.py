@@ -19,6 +19,7 @@ Bits per weight: every stored byte (packed weights, scales and biases, norms; fo
 bytes) x 8 / the model's parameters. Prints a markdown table to stdout.
 
     python benchmarks/quality.py [--iters 150] [--out benchmarks/out/quality] [--reuse] [--llama-cpp-dir DIR]
+                                 [--sensitivity]
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def llamacpp_variants(float_dir: Path, out: Path, tokenizer_src: Path, llama: Pa
     return rows
 
 
-def released_size_bits(group_size: int) -> str:
+def released_size_bits() -> str:
     """Bits per weight at the four released sizes, from their tensor shapes (exact: bytes per block of each format).
 
     The tiny benchmark model is 79% tied embedding, the released ones 3-15%, so their figures differ. Ours: float16
@@ -153,25 +154,55 @@ def released_size_bits(group_size: int) -> str:
     from openelm_mlx.quantization import recipe_bits
     from openelm_mlx.weights import expected_shapes
 
-    lines = [f"| size | ours q4 default (openelm_4_8, group {group_size}) | ours q4 uniform | llama.cpp Q4_0 | "
-             f"ours q8 | llama.cpp Q8_0 |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| size | ours q4 default (group 64) | ours q4 default, `--q-group-size 128` | ours q4 uniform | "
+             "llama.cpp Q4_0 | llama.cpp Q8_0 |", "|---|---:|---:|---:|---:|---:|"]
     for preset in ("OpenELM-270M", "OpenELM-450M", "OpenELM-1_1B", "OpenELM-3B"):
         cfg = get_preset(preset)
         shapes = {k: int(np.prod(v)) for k, v in expected_shapes(cfg).items()}
         plan = recipe_bits("openelm_4_8", cfg)
         matrices = {k: n for k, n in shapes.items() if k.removesuffix(".weight") in plan}
-        norms = sum(shapes.values()) - sum(matrices.values())
+        total, norms = sum(shapes.values()), sum(shapes.values()) - sum(matrices.values())
         emb = shapes["transformer.token_embeddings.weight"]
 
-        def ours(bits_of):
-            return (sum(n * (bits_of(k) + 2 * 16 / group_size) for k, n in matrices.items()) + 16 * norms) / (
-                norms + sum(matrices.values()))
+        def ours(bits_of, group):
+            return (sum(n * (bits_of(k) + 2 * 16 / group) for k, n in matrices.items()) + 16 * norms) / total
 
+        default = lambda k: plan[k.removesuffix(".weight")]  # noqa: E731
         head_q4_0 = 6.5625 if cfg.model_dim % 256 == 0 else 8.5
-        q4_0 = ((sum(matrices.values()) - emb) * 4.5 + emb * head_q4_0 + 32 * norms) / sum(shapes.values())
-        q8_0 = (sum(matrices.values()) * 8.5 + 32 * norms) / sum(shapes.values())
-        lines.append(f"| {preset} | {ours(lambda k: plan[k.removesuffix('.weight')]):.2f} | {ours(lambda k: 4):.2f} | "
-                     f"{q4_0:.2f} | {ours(lambda k: 8):.2f} | {q8_0:.2f} |")
+        q4_0 = ((sum(matrices.values()) - emb) * 4.5 + emb * head_q4_0 + 32 * norms) / total
+        q8_0 = (sum(matrices.values()) * 8.5 + 32 * norms) / total
+        lines.append(f"| {preset} | {ours(default, 64):.2f} | {ours(default, 128):.2f} | {ours(lambda k: 4, 64):.2f} "
+                     f"| {q4_0:.2f} | {q8_0:.2f} |")
+    return "\n".join(lines)
+
+
+def sensitivity(float_dir: Path, tok: Tokenizer, held: list[int], sequence_length: int, group_size: int) -> str:
+    """Perplexity change when one part alone is quantized to 4 bits (float16 source, the rest float): the evidence
+    behind the openelm_4_8 recipe."""
+
+    cfg = load_model(float_dir)[1]
+    parts = {"tied embedding/head": ["transformer.token_embeddings"]}
+    for i in range(cfg.num_transformer_layers):
+        parts[f"layer {i}"] = [f"transformer.layers.{i}."]
+    for proj in ("qkv_proj", "out_proj", "proj_1", "proj_2"):
+        parts[f"every {proj}"] = [f".{proj}"]
+    parts["everything but the embedding"] = ["transformer.layers."]
+
+    def ppl(prefixes):
+        model, _ = load_model(float_dir)
+        model.set_dtype(mx.float16)
+        nn.quantize(model, group_size=group_size, bits=4,
+                    class_predicate=lambda path, m: hasattr(m, "to_quantized") and any(p in path for p in prefixes))
+        cpu.prepare(model, "prefill", "float32")
+        return perplexity(model, tok, held, sequence_length, batch_size=8)[0]
+
+    base = ppl([])
+    lines = [f"| 4-bit alone (group {group_size}) | perplexity | change vs float16 |", "|---|---:|---:|",
+             f"| nothing (float16) | {base:.3f} | +0.00% |"]
+    for name, prefixes in parts.items():
+        p = ppl(prefixes)
+        log(f"sensitivity: {name}: {p:.3f}")
+        lines.append(f"| {name} | {p:.3f} | {100 * (p / base - 1):+.2f}% |")
     return "\n".join(lines)
 
 
@@ -207,6 +238,8 @@ def main(argv=None) -> None:
     p.add_argument("--reuse", action="store_true", help="skip training if OUT/float32 exists")
     p.add_argument("--llama-cpp-dir", help="a llama.cpp checkout (convert_hf_to_gguf.py, gguf-py, "
                                            "build/bin/llama-quantize): adds its f32 / Q8_0 / Q4_0 rows")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="also quantize each part alone to 4 bits (embedding, each layer, each projection type)")
     args = p.parse_args(argv)
     llama = Path(args.llama_cpp_dir).resolve() if args.llama_cpp_dir else None
     if llama is not None:
@@ -241,7 +274,10 @@ def main(argv=None) -> None:
           f"unigram baseline {math.exp(unigram_nll(tok, train_text, held)):.1f}")
     print(format_table(rows))
     print("\nBits per weight at the released sizes (from their tensor shapes):\n")
-    print(released_size_bits(args.q_group_size))
+    print(released_size_bits())
+    if args.sensitivity:
+        print("\nWhich part loses what at 4 bits:\n")
+        print(sensitivity(float_dir, tok, held, args.sequence_length, args.q_group_size))
 
 
 def unigram_nll(tok: Tokenizer, train_text: str, held: list[int]) -> float:
