@@ -34,6 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing (the child processes too)
+
+from llamacpp_files import export_hf, hf_to_gguf, quantize_gguf  # noqa: E402  (this directory)
+
 DEFAULT_TOKENIZER = ROOT.parent / "shared" / "data" / "llama2-tokenizer.model"
 PRECISIONS = {"f32": None, "f16": None, "q8": "Q8_0", "q4": "Q4_0"}  # ours -> llama-quantize type
 GREEDY_PROMPT = "Once upon a time"
@@ -59,6 +62,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
 def build_models(work: Path, preset: str, tokenizer: str, llama: Path, precisions: list[str]) -> dict:
     """{precision: (our MLX dir, llama.cpp GGUF)} for the same random weights."""
     import openelm_mlx  # noqa: F401  first: the optimized BLAS before mlx
+
+    # isort: split
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -76,24 +81,19 @@ def build_models(work: Path, preset: str, tokenizer: str, llama: Path, precision
         del model
     hf = work / "hf"
     if not hf.exists():
-        subprocess.run([sys.executable, str(ROOT / "convert" / "mlx_to_hf.py"), "--mlx-path", str(master),
-                        "--hf-path", str(hf)], check=True, stdout=subprocess.DEVNULL)
-    env = {**os.environ, "PYTHONPATH": str(llama / "gguf-py")}
+        export_hf(master, hf)
     out = {}
     for precision in precisions:
         gguf = work / f"{precision}.gguf"
         if not gguf.exists():
             log(f"llama.cpp: writing {gguf.name} ...")
             if PRECISIONS[precision] is None:
-                subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(hf), "--outtype",
-                                precision, "--outfile", str(gguf)], check=True, env=env, capture_output=True)
+                hf_to_gguf(llama, hf, gguf, precision)
             else:
                 f32 = work / "f32.gguf"
                 if not f32.exists():
-                    subprocess.run([sys.executable, str(llama / "convert_hf_to_gguf.py"), str(hf), "--outtype",
-                                    "f32", "--outfile", str(f32)], check=True, env=env, capture_output=True)
-                subprocess.run([str(llama / "build" / "bin" / "llama-quantize"), str(f32), str(gguf),
-                                PRECISIONS[precision]], check=True, capture_output=True)
+                    hf_to_gguf(llama, hf, f32, "f32")
+                quantize_gguf(llama, f32, gguf, PRECISIONS[precision])
         ours = master if precision == "f32" else work / f"mlx-{precision}"
         if not ours.exists():
             model = load_model(master)[0]
@@ -112,7 +112,9 @@ def build_models(work: Path, preset: str, tokenizer: str, llama: Path, precision
 
 def ours_child(path: str, threads: int, prompt_tokens: int, gen_tokens: int, tokenizer: str) -> None:
     """In a child process: load, warm up, time one generation; print a JSON line."""
-    import openelm_mlx  # noqa: F401
+    import openelm_mlx  # noqa: F401  first: the optimized BLAS before mlx
+
+    # isort: split
     import mlx.core as mx
     import numpy as np
 

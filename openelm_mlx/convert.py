@@ -36,7 +36,7 @@ from .config import OpenELMConfig, load_config
 from .errors import NonFiniteError, OpenELMError, nonfinite_message
 from .files import atomic_dir, check_replaceable
 from .model import Model
-from .quantization import QUANT_RECIPES, bits_per_weight, quantize_model
+from .quantization import QUANT_RECIPES, UNIFORM, bits_per_weight, quantize_model, resolve_recipe
 from .tokenizer import Tokenizer, TokenizerError, find_tokenizer_file
 from .weights import check_finite, check_weights, nonfinite_counts
 
@@ -189,8 +189,8 @@ def _check_options(dtype, quantize, q_bits, q_group_size, quant_recipe):
             raise ConvertError(f"--q-bits {q_bits}: choose one of {Q_BITS}")
         if q_group_size not in Q_GROUP_SIZES:
             raise ConvertError(f"--q-group-size {q_group_size}: choose one of {Q_GROUP_SIZES}")
-        if quant_recipe is not None and quant_recipe not in QUANT_RECIPES:
-            raise ConvertError(f"--quant-recipe {quant_recipe}: choose one of {', '.join(QUANT_RECIPES)}")
+        if quant_recipe is not None and quant_recipe not in (UNIFORM, *QUANT_RECIPES):
+            raise ConvertError(f"--quant-recipe {quant_recipe}: choose one of {', '.join((UNIFORM, *QUANT_RECIPES))}")
 
 
 def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenizer: Optional[str | Path] = None,
@@ -200,7 +200,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
             chat_template: Optional[bool] = None, verbose: bool = True) -> ConvertResult:
     """Convert `hf_path` (hub id or directory) into the MLX model directory `mlx_path`, atomically.
 
-    `quant_recipe` (implies `quantize`) picks a mixed-bit recipe from `quantization.QUANT_RECIPES`.
+    `quant_recipe` (implies `quantize`) picks a mixed-bit recipe from `quantization.QUANT_RECIPES`, or "uniform";
+    without it, `q_bits` 4 gives the OpenELM-aware default (`quantization.DEFAULT_RECIPES`), other widths uniform.
     `chat_template` writes the OpenELM-Instruct template into the tokenizer config (default: when the source
     name contains "instruct"). With `verify`, the PyTorch reference is run on the source weights and the
     written model must match it (unquantized outputs only; quantized ones are reported).
@@ -210,6 +211,7 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
     check_replaceable(out, force)  # checked first so a refused run downloads nothing
     _check_options(dtype, quantize, q_bits, q_group_size, quant_recipe)
     quantize = quantize or quant_recipe is not None
+    recipe = resolve_recipe(q_bits, quant_recipe) if quantize else None
 
     source = resolve_source(hf_path, revision, allow_pickle)
     cfg = load_config(source)
@@ -239,8 +241,8 @@ def convert(hf_path: str | Path, mlx_path: str | Path = "mlx_model", *, tokenize
     del cast
     quantization = None
     if quantize:
-        quantization = quantize_model(model, q_bits, q_group_size, quant_recipe)
-        _log(verbose, f"quantizing: {quant_recipe or f'{q_bits}-bit'}, group size {q_group_size}")
+        quantization = quantize_model(model, q_bits, q_group_size, recipe)
+        _log(verbose, f"quantizing: {recipe or f'uniform {q_bits}-bit'}, group size {q_group_size}")
     bpw = bits_per_weight(model)
     if chat_template is None:
         chat_template = "instruct" in str(hf_path).lower()
@@ -348,12 +350,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        f"source's own, else {DEFAULT_TOKENIZER_REPO})")
     p.add_argument("--dtype", choices=DTYPES,
                    help="dtype of the weights (default: bfloat16 for 3B-sized models, else float16)")
-    p.add_argument("-q", "--quantize", action="store_true", help="quantize the linear layers and the embedding")
-    p.add_argument("--q-bits", type=int, choices=Q_BITS, help="bits per weight")
+    p.add_argument("-q", "--quantize", action="store_true",
+                   help="quantize the linear layers and the embedding (4 bits: the openelm_4_8 recipe)")
+    p.add_argument("--q-bits", type=int, choices=Q_BITS,
+                   help="bits per weight (default 4: the openelm_4_8 recipe; other widths are uniform)")
     p.add_argument("--q-group-size", type=int, choices=Q_GROUP_SIZES, help="quantization group size")
-    p.add_argument("--quant-recipe", choices=list(QUANT_RECIPES),
-                   help="mixed-bit recipe LOW_HIGH: tied embedding/head, first and last layers and every third "
-                        "layer's qkv_proj/proj_2 at HIGH bits (implies -q; --q-bits is ignored)")
+    p.add_argument("--quant-recipe", choices=[UNIFORM, *QUANT_RECIPES],
+                   help="uniform: every layer at --q-bits; openelm_4_8 (the default of 4 bits): tied embedding/head "
+                        "and the first N/8 layers at 8 bits, the rest at 4; mixed_LOW_HIGH: tied embedding/head, "
+                        "first and last layers and every third layer's qkv_proj/proj_2 at HIGH bits (implies -q; "
+                        "--q-bits is ignored except by uniform)")
     p.add_argument("--verify", action="store_true",
                    help="run the PyTorch reference on the source weights and compare logits on a probe prompt")
     p.add_argument("--force", action="store_true",

@@ -124,12 +124,16 @@ def precision_of(model_dir: str | Path, model=None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Markdown table of perplexity rows; the first row is the baseline for the change column."""
+    """Markdown table of perplexity rows; the first row is the baseline for the change column. Rows that all give
+    "bits_per_weight" get a column for it."""
     base = rows[0]["perplexity"]
-    lines = ["| model | precision | perplexity | change vs first |", "|---|---|---:|---:|"]
+    bpw = all("bits_per_weight" in r for r in rows)
+    lines = ["| model | precision |" + (" bits/weight |" if bpw else "") + " perplexity | change vs first |",
+             "|---|---|" + ("---:|" if bpw else "") + "---:|---:|"]
     for r in rows:
         change = 100.0 * (r["perplexity"] / base - 1.0)
-        lines.append(f"| {r['name']} | {r['precision']} | {r['perplexity']:.3f} | {change:+.2f}% |")
+        size = f" {r['bits_per_weight']:.2f} |" if bpw else ""
+        lines.append(f"| {r['name']} | {r['precision']} |{size} {r['perplexity']:.3f} | {change:+.2f}% |")
     return "\n".join(lines)
 
 

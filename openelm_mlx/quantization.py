@@ -74,17 +74,32 @@ def unpacked_shapes(weights: dict, quantization: Optional[dict]) -> dict:
     return shapes
 
 
-# Mixed recipes: (low bits, high bits). The OpenELM-aware rule is in `recipe_bits`.
-QUANT_RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6),
-                 "mixed_4_8": (4, 8)}
+# Mixed recipes: (low bits, high bits). The rules are in `recipe_bits`.
+QUANT_RECIPES = {"openelm_4_8": (4, 8), "mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6),
+                 "mixed_4_6": (4, 6), "mixed_4_8": (4, 8)}
+# What `-q` gives without `--quant-recipe`, per --q-bits (other widths: uniform); "uniform" asks for uniform.
+DEFAULT_RECIPES = {4: "openelm_4_8"}
+UNIFORM = "uniform"
+
+
+def resolve_recipe(bits: int, recipe: Optional[str]) -> Optional[str]:
+    """The recipe `-q --q-bits bits [--quant-recipe recipe]` means: None for uniform quantization."""
+    if recipe == UNIFORM:
+        return None
+    return recipe if recipe is not None else DEFAULT_RECIPES.get(bits)
 
 
 def recipe_bits(recipe: str, cfg: OpenELMConfig) -> dict[str, int]:
     """Bits per quantizable layer path for a mixed recipe.
 
-    High bits go to (1) the tied embedding, which is also the output head; (2) every projection of the first and
-    last max(1, N/8) layers; (3) in between, every third layer's `qkv_proj` (it holds V) and `proj_2` (the down
-    projection), as llama.cpp's Q4_K_M does for v/down. Everything else gets low bits.
+    `openelm_4_8` (the 4-bit default): 8 bits for the tied embedding, which is also the output head (llama.cpp's
+    Q4_0 keeps it at 6), and for every projection of the first max(1, N/8) layers, the narrowest ones under
+    layer-wise scaling (so the cheapest: on the quality benchmark the first layer alone carried the whole 4-bit
+    loss of the layers); 4 bits elsewhere. Only 4 and 8 bits, which csrc/qgemv.c runs on the CPU.
+
+    `mixed_*`: high bits go to (1) the tied embedding; (2) every projection of the first and last max(1, N/8)
+    layers; (3) in between, every third layer's `qkv_proj` (it holds V) and `proj_2` (the down projection), as
+    llama.cpp's Q4_K_M does for v/down. Everything else gets low bits.
     """
     if recipe not in QUANT_RECIPES:
         raise ValueError(f"unknown quantization recipe {recipe!r}; choose one of {', '.join(QUANT_RECIPES)}")
@@ -92,9 +107,10 @@ def recipe_bits(recipe: str, cfg: OpenELMConfig) -> dict[str, int]:
     n = cfg.num_transformer_layers
     edge = max(1, n // 8)
     bits = {"transformer.token_embeddings": high}
+    first_only = recipe == "openelm_4_8"
     for i in range(n):
-        edge_layer = i < edge or i >= n - edge
-        every_third = (i - edge) % 3 == 2
+        edge_layer = i < edge or (not first_only and i >= n - edge)
+        every_third = not first_only and (i - edge) % 3 == 2
         for name in ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2"):
             sensitive = edge_layer or (every_third and name in ("attn.qkv_proj", "ffn.proj_2"))
             bits[f"transformer.layers.{i}.{name}"] = high if sensitive else low

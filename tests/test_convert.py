@@ -136,7 +136,8 @@ def test_verify_detects_wrong_weights(source, tmp_path, ref):
 def test_quantized_outputs_load_here_and_in_mlx_lm(source, tmp_path, kind):
     from mlx_lm import load as mlx_lm_load
 
-    opts = {"q4": dict(quantize=True, q_bits=4), "q8": dict(quantize=True, q_bits=8, q_group_size=32),
+    opts = {"q4": dict(quantize=True, q_bits=4, quant_recipe="uniform"),
+            "q8": dict(quantize=True, q_bits=8, q_group_size=32),
             "mixed_3_6": dict(quant_recipe="mixed_3_6")}[kind]
     # float32 scales: the CPU backend's half-precision quantized matmul is very slow.
     result = convert(source, tmp_path / "q", dtype="float32", verbose=False, **opts)
