@@ -1,6 +1,5 @@
 """Pretraining data: sources, clear errors, Apple's chunking and packing of the samples, the validation split."""
 
-
 import numpy as np
 import pytest
 

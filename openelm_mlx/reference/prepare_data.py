@@ -16,6 +16,7 @@ handling, in corenet's order (commit 1aa3acd of apple/corenet):
 The defaults are `projects/openelm/pretraining_configs/openelm_*.yaml` (`min_tokens_per_text: 256`,
 `min_characters_per_text: 200`, `enable_nfc_normalization: true`); each kept piece is one item (a 1-D token
 array), and the trainer makes it one sample (cut at seq_len + 1 tokens and padded, as `_tokenize_text` does).
+`--seq-len N` instead cuts each piece into samples of N + 1 tokens (`Samples`; `--pack`: across pieces).
 
 The parallel tokenization and the chunked shard format are litdata's (`litdata.optimize`, the engine LitGPT
 pre-trains with), which also writes to object stores (`--out s3://bucket/dataset`, `gs://...`). Work is split
@@ -23,6 +24,10 @@ into units (a source, or every n-th document of a large one); node `--node-rank`
 num_nodes-th unit, writes `nodes/node-R-of-N/{train,val}` and `node.json`, and whichever node finishes last
 writes `manifest.json`, which makes the dataset complete (readers refuse a directory without it). A held-out
 validation split is chosen by a hash of each piece's text, so it does not depend on the number of workers.
+One worker runs in this process with litdata's own writer (the same chunks, no worker start-up).
+
+The trainer's raw `--data` goes through the same code (`prepare_source`): each source is prepared into the run
+directory, keyed by its files' identity and the settings, and streamed like any prepared dataset.
 """
 
 from __future__ import annotations
@@ -692,8 +697,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of them, hf:ID[:CONFIG][?split=...&text_field=...] datasets")
     p.add_argument("--tokenizer", help="SentencePiece tokenizer.model (Llama-2's for OpenELM)")
     p.add_argument("--out", help="dataset directory or s3:// / gs:// URL")
-    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores; give every node the same "
-                                               "value: it sets how the work is split)")
+    p.add_argument("--workers", type=int, help="tokenizing processes (default: all cores; 1 runs in this process; "
+                   "give every node the same value: it sets how the work is split)")
     p.add_argument("--min-chars", type=int, help="corenet min_characters_per_text")
     p.add_argument("--min-tokens", type=int, help="corenet min_tokens_per_text (BOS and EOS counted)")
     p.add_argument("--no-nfc", action="store_true", help="skip NFC normalisation (corenet normalises)")
