@@ -267,6 +267,16 @@ def test_a_non_finite_checkpoint_is_refused_on_resume(tmp_path):
         small_run(tmp_path, iters=4, resume="latest")
 
 
+def test_a_checkpoint_without_a_data_state_is_refused_on_resume(tmp_path):
+    small_run(tmp_path, iters=1)
+    path = tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["data_state"]  # as the older versions' checkpoints of raw --data runs
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"step-0000001: no data state .* start a new --out"):
+        small_run(tmp_path, iters=2, resume="latest")
+
+
 def test_bad_data_fails_before_training(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
     with pytest.raises(Exception, match=r"bad\.jsonl:2"):

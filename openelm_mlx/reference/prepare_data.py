@@ -248,10 +248,10 @@ class TokenizeUnit:
     and counts go to side files in `side_dir` (litdata passes back only the items)."""
 
     def __init__(self, sources, units, tokenizer_path: str, filters: Filters, samples: Samples, val_cut: int,
-                 side_dir: str, dtype: str):
+                 side_dir: str, dtype: str, threads: int = 1):
         self.sources, self.units, self.tokenizer_path = sources, units, tokenizer_path
         self.filters, self.samples, self.val_cut = filters, samples, val_cut
-        self.side_dir, self.dtype = side_dir, dtype
+        self.side_dir, self.dtype, self.threads = side_dir, dtype, threads
 
     def __call__(self, index: int) -> Iterator[np.ndarray]:
         try:
@@ -272,7 +272,7 @@ class TokenizeUnit:
         batch: list[str] = []
 
         def encode(texts):
-            for text, ids in zip(texts, tok.sp.encode(texts, num_threads=1)):  # one thread: one core a worker
+            for text, ids in zip(texts, tok.sp.encode(texts, num_threads=self.threads)):
                 n = len(ids) + 2  # corenet counts BOS and EOS
                 if n < f.min_tokens:
                     stats.dropped_tokens += 1
@@ -426,10 +426,13 @@ def _write_in_process(fn, inputs, output_dir: str, chunk_bytes: int, chunks: Opt
 def prepare(data: Sequence[str], tokenizer: str | Tokenizer, out: str, *, workers: int = os.cpu_count() or 1,
             filters: Filters = Filters(), samples: Samples = Samples(), val_fraction: float = 0.001,
             chunk_bytes: int = 64 << 20, chunks: Optional[int] = None, node_rank: int = 0, num_nodes: int = 1,
-            doc_separator: str = "<|endoftext|>", force: bool = False, progress: bool = True) -> dict:
+            doc_separator: str = "<|endoftext|>", force: bool = False, progress: bool = True,
+            threads: int = 1) -> dict:
     """Prepare this node's share of `data` under `out`; returns the manifest once every node is done, else
     this node's record. When `val_fraction` > 0 holds out no piece of a one-node dataset of two or more pieces,
-    the preparation runs again holding out the piece with the smallest hash (`held_out`'s rule)."""
+    the preparation runs again holding out the piece with the smallest hash (`held_out`'s rule). `threads`:
+    SentencePiece threads of each worker (1: one core a worker; the trainer's in-process preparation of a small
+    source uses them all)."""
     if not 0 <= node_rank < num_nodes:
         raise DataError(f"--node-rank {node_rank} must be in 0..{num_nodes - 1} (--num-nodes {num_nodes})")
     if not 0 <= val_fraction < 1:
@@ -464,7 +467,7 @@ def prepare(data: Sequence[str], tokenizer: str | Tokenizer, out: str, *, worker
     val_cut = validation_cut(val_fraction)
     while True:
         per_unit = _prepare_node(out, node, sources, units, mine, tok, filters, samples, val_cut, dtype, workers,
-                                 chunk_bytes, chunks, progress)
+                                 chunk_bytes, chunks, progress, threads)
         smallest = min((stats.pop("smallest_hash", 2 ** 64) for stats in per_unit), default=2 ** 64)
         kept = sum(stats["train_pieces"] + stats["val_pieces"] for stats in per_unit)
         if val_fraction == 0 or num_nodes > 1 or kept < 2 or any(stats["val_pieces"] for stats in per_unit) \
@@ -503,14 +506,14 @@ def _node_build_dir(out: str, node: str) -> str:
 
 
 def _prepare_node(out, node, sources, units, mine, tok, filters, samples, val_cut, dtype, workers, chunk_bytes,
-                  chunks, progress) -> list[dict]:
+                  chunks, progress, threads) -> list[dict]:
     """Tokenize this node's units into its build dir's train and val splits; returns each unit's counts."""
     build = _node_build_dir(out, node)
     if not is_remote(out):
         shutil.rmtree(build, ignore_errors=True)  # an interrupted run's (or the first try of the fallback split)
         Path(build).mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="openelm-prepare-") as side:
-        fn = TokenizeUnit(sources, units, str(tok.path), filters, samples, val_cut, side, dtype)
+        fn = TokenizeUnit(sources, units, str(tok.path), filters, samples, val_cut, side, dtype, threads)
         stop = threading.Event()
         bar = threading.Thread(target=_show_progress, args=(side, mine, stop, progress))
         bar.start()
@@ -642,7 +645,7 @@ def prepare_source(spec: str, tok: Tokenizer, out: str | Path, *, filters: Filte
     with atomic_dir(out, force=True) as tmp:
         manifest = prepare([spec], tok, str(tmp), workers=workers, filters=filters, samples=samples,
                            val_fraction=val_fraction, chunk_bytes=chunk_bytes, chunks=key["chunks"],
-                           doc_separator=doc_separator, progress=not small)
+                           doc_separator=doc_separator, progress=not small, threads=-1 if small else 1)
         (tmp / KEY).write_text(json.dumps(key, indent=1))
     return PreparedSource(manifest, False, small)
 

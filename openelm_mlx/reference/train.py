@@ -715,7 +715,10 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             self.step, self.position = int(state["step"]), int(state["position"])
-            self.data_state = json.loads(state["data_state"]) if "data_state" in state else None
+            if "data_state" not in state:  # written before raw --data was streamed: its sample order is gone
+                raise TrainingError(f"{ckpt}: no data state (a checkpoint of an older version, whose data order "
+                                    "cannot be resumed exactly); start a new --out")
+            self.data_state = json.loads(state["data_state"])
             if state["global_batch"] != self.G:
                 raise TrainingError(f"{ckpt}: the global batch was {state['global_batch']} samples; now batch_size "
                                     f"x grad_accum x processes = {self.G}")
