@@ -144,9 +144,9 @@ def test_bad_input_is_one_error_line_and_leaves_no_dataset(tmp_path, tokenizer, 
 
 
 def test_units_split_large_files_and_hashing_is_stable():
-    assert prep.is_validation("some text", 0.0) is False
-    picks = [prep.is_validation(f"doc {i}", 0.1) for i in range(5000)]
-    assert 0.08 < np.mean(picks) < 0.12 and picks == [prep.is_validation(f"doc {i}", 0.1) for i in range(5000)]
+    assert prep.validation_cut(0.0) == 0 and prep.piece_hash("some text") == prep.piece_hash("some text")
+    picks = [prep.piece_hash(f"doc {i}") < prep.validation_cut(0.1) for i in range(5000)]
+    assert 0.08 < np.mean(picks) < 0.12 and picks == prep.held_out([f"doc {i}" for i in range(5000)], 0.1)
     assert list(prep.split_words("a b c d e", 2)) == ["a b", "c d", "e"]
     assert list(prep.split_words("a b c", 0)) == ["a b c"]
 

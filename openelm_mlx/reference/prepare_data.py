@@ -129,10 +129,6 @@ def validation_cut(val_fraction: float) -> int:
     return int(val_fraction * 2 ** 64) if val_fraction > 0 else 0
 
 
-def is_validation(text: str, val_fraction: float) -> bool:
-    return piece_hash(text) < validation_cut(val_fraction)
-
-
 def held_out(texts: Sequence[str], val_fraction: float) -> list[bool]:
     """Which of all `texts` (every kept piece of a dataset) `prepare` holds out: those under the hash cut; when
     that is none of them, the piece with the smallest hash, if there are at least two (so a tiny corpus still
