@@ -77,7 +77,7 @@ def run_ablation(*, data: Sequence[str], out: str, seeds: Sequence[int], tokeniz
     if not tok_path.exists():
         print(f"[ablation] training a {vocab_size}-piece tokenizer -> {tok_path}", file=sys.stderr)
         data_lib.train_sentencepiece(sources, vocab_size, tok_path)
-    _write_heldout_text(sources, val_fraction, out_dir / "heldout.txt")
+    _write_heldout_text(data, val_fraction, out_dir / "heldout.txt")
 
     base = TrainConfig(data=list(data), tokenizer=str(tok_path), preset="OpenELM-tiny",
                        num_transformer_layers=num_layers, model_dim=model_dim, head_dim=head_dim,
@@ -132,13 +132,17 @@ def _finished(run_dir: Path, iters: int) -> bool:
     return bool(rows) and rows[-1]["step"] == iters and rows[-1].get("val_loss") is not None
 
 
-def _write_heldout_text(sources, val_fraction: float, path: Path) -> None:
-    """The trainer's validation documents (its split: the last fraction of documents) as one text file."""
+def _write_heldout_text(data: Sequence[str], val_fraction: float, path: Path) -> None:
+    """The trainer's validation documents (of each --data source, chosen by a hash of their text: `held_out`) as
+    one text file."""
     from openelm_mlx.reference import data as data_lib
+    from openelm_mlx.reference.prepare_data import held_out
 
-    docs = [doc for s in sources for doc in s.documents()]
-    _, val = data_lib.split_documents(len(docs), val_fraction)
-    path.write_text("\n\n".join(docs[i] for i in val) + "\n")
+    held = []
+    for spec in data:
+        docs = [doc for s in data_lib.resolve_sources([spec]) for doc in s.documents()]
+        held += [d for d, val in zip(docs, held_out(docs, val_fraction)) if val]
+    path.write_text("\n\n".join(held) + "\n")
 
 
 def _module_perplexity(model_dir: Path, text: Path, seq_len: int) -> Optional[float]:

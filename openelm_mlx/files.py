@@ -25,7 +25,8 @@ PROJECT_ENTRIES = (
     "model.safetensors.index.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "adapter_config.json", "adapters.safetensors", "optimizer.safetensors",
     "[0-9]*_adapters.safetensors", "trainer_state.pt", "train_config.json", "model.json", "metrics.jsonl",
-    "loss_curve.png", "checkpoints", "hf", "data", "tokens.bin", "offsets.npy", "meta.json",
+    "loss_curve.png", "checkpoints", "hf", "data", "data-cache", "source-*", "manifest.json", "nodes",
+    "source-key.json", "tokens.bin", "offsets.npy", "meta.json",  # the last three: older versions' token cache
     ".*.tmp-*", ".*.old-*",
 )
 

@@ -1,14 +1,11 @@
-"""Pretraining data: sources, clear errors, the token cache, Apple's chunking and packing, the split."""
-
-import json
-import os
+"""Pretraining data: sources, clear errors, Apple's chunking and packing of the samples, the validation split."""
 
 import numpy as np
 import pytest
 
 from conftest import shared_file
-from openelm_mlx.reference.data import (IGNORE_INDEX, DataError, SampleOrder, build_token_cache, collate, make_windows,
-                              resolve_sources, split_documents)
+from openelm_mlx.reference.data import DataError, resolve_sources
+from openelm_mlx.reference.prepare_data import Samples, held_out, piece_hash
 from openelm_mlx.tokenizer import Tokenizer
 
 
@@ -66,51 +63,32 @@ def test_unreadable_and_missing_files(tmp_path):
         resolve_sources([str(tmp_path / "x.csv")])
 
 
-def test_cache_holds_bos_text_eos_and_is_reused(tmp_path, tok):
-    (tmp_path / "a.txt").write_text("Once upon a time<|endoftext|>The end.")
-    cache = build_token_cache(resolve_sources([str(tmp_path / "a.txt")]), tok, tmp_path / "cache")
-    want = [tok.encode("Once upon a time", add_eos=True), tok.encode("The end.", add_eos=True)]
-    assert cache.num_docs == 2 and cache.tokens.dtype == np.uint16
-    assert [cache.tokens[a:b].tolist() for a, b in zip(cache.offsets[:-1], cache.offsets[1:])] == want
-    stamp = os.stat(tmp_path / "cache" / "tokens.bin").st_mtime_ns
-    build_token_cache(resolve_sources([str(tmp_path / "a.txt")]), tok, tmp_path / "cache")
-    assert os.stat(tmp_path / "cache" / "tokens.bin").st_mtime_ns == stamp  # unchanged data: reused
-    (tmp_path / "a.txt").write_text("Changed text")
-    cache = build_token_cache(resolve_sources([str(tmp_path / "a.txt")]), tok, tmp_path / "cache")
-    assert cache.tokens[:].tolist() == tok.encode("Changed text", add_eos=True)
-
-
-def test_apple_chunking_and_packing(tmp_path, tok):
-    long_doc = " ".join(["word"] * 30)
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "Hi"}) + "\n" + json.dumps({"text": long_doc}) + "\n")
-    cache = build_token_cache(resolve_sources([str(tmp_path / "a.jsonl")]), tok, tmp_path / "c")
-    short = tok.encode("Hi", add_eos=True)  # [BOS, ..., EOS]
-    n_long = len(tok.encode(long_doc, add_eos=True))
+def test_samples_windows_and_packing(tok):
+    """Apple's chunking, as the trainer prepares raw --data: a piece (BOS + text + EOS) is one padded sample when
+    short, else windows of seq_len + 1 tokens sharing a token; packing runs across pieces into full samples."""
+    short = np.asarray(tok.encode("Hi", add_eos=True))
+    long = np.asarray(tok.encode(" ".join(["word"] * 30), add_eos=True))
     seq = 8
-    windows = make_windows(cache, range(2), seq, pack=False)
-    # the short document is one padded sample; the long one is cut into windows of seq + 1 tokens
-    assert windows[0].tolist() == [0, len(short)]
-    assert all(w[1] <= seq + 1 for w in windows) and len(windows) == 1 + -(-(n_long - 1) // seq)
-    x, y = collate(cache, windows[:2], seq, pad_id=tok.eos_id)
-    assert x[0, :len(short) - 1].tolist() == short[:-1] and (x[0, len(short) - 1:] == tok.eos_id).all()
-    assert y[0, :len(short) - 1].tolist() == short[1:] and (y[0, len(short) - 1:] == IGNORE_INDEX).all()
-    assert x[1, 0] == tok.bos_id and (y[1] != IGNORE_INDEX).all()
-    # every token after a document's first is a label exactly once
-    labelled = sum(int((collate(cache, windows[i:i + 1], seq, 0)[1] != IGNORE_INDEX).sum())
-                   for i in range(len(windows)))
-    assert labelled == len(short) - 1 + n_long - 1
-    packed = make_windows(cache, range(2), seq, pack=True)
-    assert (packed[:, 1] == seq + 1).all() and packed[1, 0] == packed[0, 0] + seq  # crosses the boundary
+    make = Samples(seq).maker()
+    got = [w.tolist() for piece in (short, long) for w in make.add(piece)]
+    assert got[0] == short.tolist() and all(len(w) <= seq + 1 for w in got)
+    assert len(got) == 1 + -(-(len(long) - 1) // seq) and got[1][0] == tok.bos_id
+    # every token after a piece's first is a target exactly once
+    assert sum(len(w) - 1 for w in got) == len(short) - 1 + len(long) - 1
+    assert [t for w in got[1:] for t in w[:-1]] + [got[-1][-1]] == long.tolist()
+    packer = Samples(seq, pack=True).maker()
+    packed = [w.tolist() for piece in (short, long) for w in packer.add(piece)] + list(packer.tail())
+    stream = short.tolist() + long.tolist()
+    assert all(len(w) == seq + 1 for w in packed) and packed[0] == stream[:seq + 1]  # crosses the boundary
+    assert packed[1][0] == stream[seq] and len(packed) == (len(stream) - 1) // seq  # the short tail dropped
+    tiny = Samples(seq, pack=True).maker()
+    assert list(tiny.add(short)) == [] and [w.tolist() for w in tiny.tail()] == [short.tolist()]  # kept: no other
 
 
-def test_split_and_order(tmp_path):
-    assert split_documents(100, 0.05) == (range(95), range(95, 100))
-    assert split_documents(5, 0.01) == (range(4), range(4, 5))  # at least one held out
-    with pytest.raises(DataError, match="need at least 2"):
-        split_documents(1, 0.1, "one.txt")
-    order = SampleOrder(10, seed=3)
-    first_epoch = order.indices(0, 10)
-    assert sorted(first_epoch.tolist()) == list(range(10))
-    # any position is addressable on its own (what resume relies on)
-    assert SampleOrder(10, seed=3).indices(7, 6).tolist() == np.concatenate([first_epoch[7:],
-                                                                              order.indices(10, 3)]).tolist()
+def test_held_out_by_hash_with_at_least_one():
+    texts = [f"story {i}" for i in range(2000)]
+    picks = held_out(texts, 0.05)
+    assert 0.04 < np.mean(picks) < 0.06 and picks == held_out(list(reversed(texts)), 0.05)[::-1]  # order-free
+    few = held_out(texts[:5], 0.02)  # a 2% share of 5 holds out none: the one with the smallest hash
+    assert sum(few) == 1 and few[min(range(5), key=lambda i: piece_hash(texts[i]))]
+    assert held_out(texts[:1], 0.5) in ([False], [True]) and not any(held_out(texts[:5], 0.0))

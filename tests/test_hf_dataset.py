@@ -7,7 +7,6 @@ import socket
 import pytest
 
 from conftest import shared_file
-from openelm_mlx.reference import data as data_lib
 from openelm_mlx.reference.data import DataError, HFDataset, resolve_sources
 from openelm_mlx.tokenizer import Tokenizer
 
@@ -102,13 +101,20 @@ def test_fingerprint_follows_the_spec_and_the_files(offline, jsonl_dir):
     assert fp(f"hf:{jsonl_dir}?text_field=content") != base
 
 
-def test_token_cache_from_a_dataset_is_rebuilt_when_the_spec_changes(offline, jsonl_dir, tmp_path):
+def test_a_dataset_is_prepared_for_training_and_again_when_the_spec_changes(offline, jsonl_dir, tmp_path):
+    """The trainer's raw --data path: an hf: source is prepared with prepare_data's code, keyed by its spec."""
+    from openelm_mlx.reference.prepare_data import Filters, Samples, prepare_source
+    from openelm_mlx.reference.stream import PreparedSplit
+
     tok = Tokenizer(shared_file("llama2-tokenizer.model"))
-    cache_dir = tmp_path / "cache"
-    cache = data_lib.build_token_cache(resolve_sources([f"hf:{jsonl_dir}?text_field=content"]), tok, cache_dir)
-    assert cache.num_docs == len(DOCS)
-    first = cache.tokens[cache.offsets[0]:cache.offsets[1]].tolist()
-    assert first == [tok.bos_id, *tok.sp.encode(DOCS[0]), tok.eos_id]
-    cache = data_lib.build_token_cache(resolve_sources([f"hf:{jsonl_dir}?text_field=content&max_docs=2"]), tok,
-                                       cache_dir)
-    assert cache.num_docs == 2
+    settings = dict(filters=Filters(0, 0, False, 0), samples=Samples(64), val_fraction=0.0, streams=1,
+                    doc_separator="<|endoftext|>")
+    out = tmp_path / "source-0"
+    got = prepare_source(f"hf:{jsonl_dir}?text_field=content", tok, out, **settings)
+    assert not got.reused and got.manifest["totals"]["train_pieces"] == len(DOCS)
+    split = PreparedSplit(str(out), "train")
+    assert sorted(split.item(i).tolist() for i in range(len(split))) == \
+        sorted([tok.bos_id, *tok.sp.encode(d), tok.eos_id] for d in DOCS)
+    assert prepare_source(f"hf:{jsonl_dir}?text_field=content", tok, out, **settings).reused
+    got = prepare_source(f"hf:{jsonl_dir}?text_field=content&max_docs=2", tok, out, **settings)
+    assert not got.reused and got.manifest["totals"]["documents"] == 2

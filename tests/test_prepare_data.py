@@ -144,9 +144,9 @@ def test_bad_input_is_one_error_line_and_leaves_no_dataset(tmp_path, tokenizer, 
 
 
 def test_units_split_large_files_and_hashing_is_stable():
-    assert prep.is_validation("some text", 0.0) is False
-    picks = [prep.is_validation(f"doc {i}", 0.1) for i in range(5000)]
-    assert 0.08 < np.mean(picks) < 0.12 and picks == [prep.is_validation(f"doc {i}", 0.1) for i in range(5000)]
+    assert prep.validation_cut(0.0) == 0 and prep.piece_hash("some text") == prep.piece_hash("some text")
+    picks = [prep.piece_hash(f"doc {i}") < prep.validation_cut(0.1) for i in range(5000)]
+    assert 0.08 < np.mean(picks) < 0.12 and picks == prep.held_out([f"doc {i}" for i in range(5000)], 0.1)
     assert list(prep.split_words("a b c d e", 2)) == ["a b", "c d", "e"]
     assert list(prep.split_words("a b c", 0)) == ["a b c"]
 
@@ -192,3 +192,53 @@ def test_hugging_face_dataset_is_split_by_files(tmp_path, tokenizer, monkeypatch
     manifest = prepare([spec], tokenizer, str(tmp_path / "out"), workers=2, filters=OFF, val_fraction=0.0,
                        progress=False)
     assert manifest["totals"]["documents"] == 30 and len(items(tmp_path / "out")) == 30
+
+
+def test_one_worker_writes_in_process_the_chunks_litdata_optimize_writes(tmp_path, tokenizer, corpus, monkeypatch):
+    """`--workers 1` (and the trainer's small sources) skip litdata's worker start-up: litdata's own writer in this
+    process gives byte-identical chunks and index to `optimize` with one worker."""
+    import filecmp
+    import os
+
+    from litdata import optimize
+
+    sources = prep.data_lib.resolve_sources([str(corpus)])
+    units = prep.plan_units(sources, 1)
+    assert [(u.source, u.part, u.parts) for u in units] == [(0, 0, 1), (1, 0, 1)]  # one worker: sources whole
+    fn = prep.TokenizeUnit(sources, units, tokenizer, OFF, prep.Samples(), 0, str(tmp_path), "uint16")
+    prep._write_in_process(fn, range(len(units)), str(tmp_path / "here"), 4096, None)
+    optimize(fn=fn, inputs=list(range(len(units))), output_dir=str(tmp_path / "optimize"), num_workers=1,
+             chunk_bytes=4096, start_method="fork", verbose=False, keep_data_ordered=True)
+    names = sorted(os.listdir(tmp_path / "optimize"))
+    assert sorted(os.listdir(tmp_path / "here")) == names and len(names) > 3
+    index = [json.loads((tmp_path / d / "index.json").read_text()) for d in ("here", "optimize")]
+    assert [{k: v for k, v in i.items() if k != "updated_at"} for i in index][0] == \
+        {k: v for k, v in index[1].items() if k != "updated_at"}
+    assert all(filecmp.cmp(tmp_path / "here" / n, tmp_path / "optimize" / n, shallow=False)
+               for n in names if n.endswith(".bin"))
+    # chunks=N (the trainer's small sources: one chunk per data stream) cuts the items into N equal parts
+    prep._write_in_process(fn, range(len(units)), str(tmp_path / "three"), 4096, 3)
+    sizes = [c["chunk_size"] for c in json.loads((tmp_path / "three" / "index.json").read_text())["chunks"]]
+    assert len(sizes) == 3 and sum(sizes) == 200 and max(sizes) - min(sizes) <= 1
+
+
+def test_samples_of_a_sequence_length_and_the_trainer_checks_them(tmp_path, tokenizer, capsys):
+    from openelm_mlx.reference import train as train_mod
+
+    (tmp_path / "a.txt").write_text("<|endoftext|>".join(["The cat sat on the mat. " * 20] * 4))
+    out = tmp_path / "out"
+    assert prep.main(["--data", str(tmp_path / "a.txt"), "--tokenizer", tokenizer, "--out", str(out), "--workers",
+                      "1", "--min-tokens", "0", "--min-chars", "0", "--seq-len", "16", "--pack",
+                      "--val-fraction", "0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == {"seq_len": 16, "pack": True} and manifest["totals"]["train_pieces"] == 4
+    got = items(out)
+    assert all(len(x) == 17 for x in got) and len(got) == (manifest["totals"]["train_tokens"] - 1) // 16
+    assert prep.main(["--data", str(tmp_path / "a.txt"), "--tokenizer", tokenizer, "--out", str(tmp_path / "o2"),
+                      "--pack"]) == 1
+    assert "error: --pack True: needs --seq-len" in capsys.readouterr().err
+    common = dict(data=[str(out)], tokenizer=tokenizer, model_dim=64, num_transformer_layers=2, head_dim=16,
+                  iters=1, batch_size=2, val_fraction=0)
+    with pytest.raises(DataError, match=r"out: prepared into samples of --seq-len 16; train with that --seq-len"):
+        train_mod.train(**common, seq_len=32, out=str(tmp_path / "r1"))
+    assert train_mod.train(**common, seq_len=16, pack=True, out=str(tmp_path / "r2")).step == 1

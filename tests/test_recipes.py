@@ -38,7 +38,7 @@ def test_recipe_has_apples_settings(size):
     assert cfg == get_preset(preset) and num_parameters(cfg) == params
     assert (tc.lr, tc.min_lr) == (lr, min_lr)
     assert {k: getattr(tc, k) for k in SHARED} == SHARED
-    assert (tc.iters, tc.warmup, tc.seq_len, tc.pack) == (350_000, 5_000, 2048, False)
+    assert (tc.iters, tc.warmup, tc.seq_len, tc.pack, tc.corenet_filters) == (350_000, 5_000, 2048, False, True)
     assert (tc.dtype, tc.activation_checkpointing, tc.fsdp) == ("bfloat16", checkpointing, fsdp)
     # ~4M tokens per step on Apple's 128 GPUs, and the same on one 8-GPU node through gradient accumulation
     for gpus, accum in ((128, 1), (8, 16)):
@@ -61,6 +61,7 @@ def test_smoke_recipe_keeps_the_optimizer_and_scaling_and_is_small(size):
         assert getattr(small, key) == getattr(big, key), key
     assert len({p.ffn_dim for p in layer_plan(small)}) > 1  # still layer-wise scaled
     assert num_parameters(small) < 80_000_000 and smoke.seq_len <= 256 and not smoke.fsdp
+    assert not smoke.corenet_filters  # the stories a smoke run trains on are all under corenet's 256 tokens
 
 
 def test_optimizer_takes_the_recipes_betas_and_eps():

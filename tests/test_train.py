@@ -27,8 +27,10 @@ torch.set_num_threads(1)  # the CI machine is small and shared: one thread is fa
 # The tiny preset shrunk further (vocab 32000 from the real Llama-2 tokenizer dominates the parameter count).
 SMALL = dict(model_dim=64, num_transformer_layers=2, head_dim=16, seq_len=32, batch_size=4, warmup=2, lr=1e-2,
              log_every=1, eval_every=10, val_batches=2)
-# First five losses of the run in test_loss_falls_with_pinned_first_losses (seed 0, 1 CPU thread, float32).
-GOLDEN_FIRST_LOSSES = [10.893008, 10.850363, 10.729507, 10.439832, 9.821349]
+SMALL_VAL_FRACTION = TrainConfig.val_fraction
+# First five losses of the run in test_loss_falls_with_pinned_first_losses (seed 0, 1 CPU thread, float32), with
+# the samples that test_first_batch_is_the_tokenizers_tokens_of_the_documents_in_the_plans_order checks.
+GOLDEN_FIRST_LOSSES = [10.88839, 10.506473, 10.648541, 10.416721, 10.037259]
 
 
 def small_run(tmp_path, name="run", **kw):
@@ -99,6 +101,81 @@ def test_z_loss_term():
     assert torch.allclose(z, torch.logsumexp(logits[keep], -1).square().sum(), atol=1e-5)
 
 
+def test_first_batch_is_the_tokenizers_tokens_of_the_documents_in_the_plans_order(tmp_path, monkeypatch, capsys):
+    """Raw --data is prepared into RUN_DIR/data and streamed. Checked independently: the fixture's documents
+    tokenized by SentencePiece itself (BOS + ids + EOS), the held-out one set aside, each cut into windows of
+    seq_len + 1 tokens in document order, are the dataset's samples, and the first step trains on those the
+    plan draws, padded with EOS / ignored labels."""
+    import sentencepiece as spm
+
+    from openelm_mlx.reference.prepare_data import held_out
+    from openelm_mlx.reference.stream import Plan, PreparedSplit
+
+    seen = []
+    real = train_mod.forward_backward
+
+    def spy(forward, x, y, *args, **kwargs):
+        seen.append((x.clone(), y.clone()))
+        return real(forward, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "forward_backward", spy)
+    small_run(tmp_path, iters=1)
+    data_dir = tmp_path / "run" / "data" / "source-0"
+    assert f"-> {data_dir} (4 train + 1 val documents; prepared in" in capsys.readouterr().err  # the path printed
+    docs = [d.strip() for d in shared_file("tinystories-fixture-4kb.txt").read_text().split("<|endoftext|>")]
+    docs = [d for d in docs if d]
+    sp = spm.SentencePieceProcessor(model_file=str(shared_file("llama2-tokenizer.model")))
+    val = held_out(docs, SMALL_VAL_FRACTION)
+    assert len(docs) == 5 and sum(val) == 1  # a 2% hash share holds out none of 5: the smallest hash is held out
+    windows = {"train": [], "val": []}
+    for doc, is_val in zip(docs, val):
+        ids = [1, *sp.encode(doc), 2]
+        windows["val" if is_val else "train"] += [ids[s:s + 33] for s in range(0, len(ids) - 1, 32)]
+    for split in ("train", "val"):
+        prepared = PreparedSplit(str(data_dir), split)
+        assert [prepared.item(i).tolist() for i in range(len(prepared))] == windows[split]
+    (refs,) = Plan([PreparedSplit(str(data_dir), "train")], None, 1, 0, 4, 1, 1, 0).next_step()
+    x, y = seen[0]
+    assert x.shape == y.shape == (4, 32)
+    for row, (_, i) in enumerate(refs):
+        w = windows["train"][i]
+        assert x[row, :len(w) - 1].tolist() == w[:-1] and y[row, :len(w) - 1].tolist() == w[1:]
+        assert (x[row, len(w) - 1:] == 2).all() and (y[row, len(w) - 1:] == -100).all()
+
+
+def test_prepared_raw_data_is_reused_until_a_source_or_setting_changes(tmp_path, capsys):
+    src = tmp_path / "stories.txt"
+    src.write_text(shared_file("tinystories-fixture-4kb.txt").read_text())
+    run = dict(data=[str(src)], iters=1, force=True)
+    small_run(tmp_path, **run)
+    key = tmp_path / "run" / "data" / "source-0" / "source-key.json"
+    stamp = key.stat().st_mtime_ns
+    small_run(tmp_path, **run)
+    assert "documents; reused)" in capsys.readouterr().err and key.stat().st_mtime_ns == stamp
+    src.write_text(src.read_text() + "<|endoftext|>One more story.")  # size and mtime change
+    small_run(tmp_path, **run)
+    assert "5 train + 1 val documents; prepared in" in capsys.readouterr().err
+    small_run(tmp_path, **dict(run, seq_len=64))  # the samples' length changes the prepared items
+    assert "prepared in" in capsys.readouterr().err
+    (tmp_path / "run" / "data" / "tokens.bin").write_bytes(b"old token cache")  # an older version's cache
+    small_run(tmp_path, **dict(run, seq_len=64, data=[str(src), str(src)]))
+    assert sorted(p.name for p in (tmp_path / "run" / "data").iterdir()) == ["source-0", "source-1"]
+    small_run(tmp_path, **dict(run, seq_len=64))
+    assert sorted(p.name for p in (tmp_path / "run" / "data").iterdir()) == ["source-0"]
+    with pytest.raises(OpenELMError, match=r"one\.txt: only 1 document\(s\) kept; need at least 2"):
+        (tmp_path / "one.txt").write_text("Just one story.")
+        small_run(tmp_path, **dict(run, data=[str(tmp_path / "one.txt")]))
+    assert small_run(tmp_path, **dict(run, data=[str(tmp_path / "one.txt")], val_fraction=0)).step == 1
+
+
+def test_corenet_filters_drop_short_documents_of_raw_data(tmp_path):
+    """With --corenet-filters raw --data is handled as prepare_data's defaults (corenet's): the fixture's stories
+    (130-250 tokens) are all under 256 tokens, which is why the filters are off by default."""
+    with pytest.raises(OpenELMError, match=r"every document was filtered out \(5 pieces: 0 under --min-chars, 5 "
+                                           r"under --min-tokens\)"):
+        small_run(tmp_path, iters=1, corenet_filters=True)
+
+
 @pytest.mark.slow
 def test_loss_falls_with_pinned_first_losses(tmp_path):
     result = small_run(tmp_path, iters=20)
@@ -129,7 +206,8 @@ def test_resume_is_exact_and_keeps_last_checkpoints(tmp_path):
     assert [p.name for p in train_mod.list_checkpoints(straight.run_dir)] == ["step-0000015", "step-0000020"]
     first = small_run(tmp_path, "resumed", iters=10, lr_decay_iters=20)
     assert first.step == 10
-    again = small_run(tmp_path, "resumed", iters=20, lr_decay_iters=20, resume="latest")
+    # resumed with two loader worker processes prefetching (the straight run read in its own process)
+    again = small_run(tmp_path, "resumed", iters=20, lr_decay_iters=20, resume="latest", data_workers=2)
     assert [loss for _, loss in again.losses] == [loss for _, loss in straight.losses[10:]]  # bit-identical
     assert [r["loss"] for r in metrics(again.run_dir)] == [r["loss"] for r in metrics(straight.run_dir)]
     # the checkpoint reads back with weights_only=True and records the data position
@@ -187,6 +265,16 @@ def test_a_non_finite_checkpoint_is_refused_on_resume(tmp_path):
     save_file(weights, str(ckpt / "model.safetensors"))
     with pytest.raises(OpenELMError, match=r"step-0000002: .*transformer.norm.weight \(64 of 64\); refusing to load"):
         small_run(tmp_path, iters=4, resume="latest")
+
+
+def test_a_checkpoint_without_a_data_state_is_refused_on_resume(tmp_path):
+    small_run(tmp_path, iters=1)
+    path = tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["data_state"]  # as the older versions' checkpoints of raw --data runs
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"step-0000001: no data state .* start a new --out"):
+        small_run(tmp_path, iters=2, resume="latest")
 
 
 def test_bad_data_fails_before_training(tmp_path):
@@ -262,7 +350,7 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
-    cmd, env = _cli(*_small_flags(tmp, "one", iters=4, eval_every=4))
+    cmd, env = _cli(*_small_flags(tmp, "one", iters=4, eval_every=4, val_batches=1, data_streams=2))
     one = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr
     return tmp / "one"
@@ -271,9 +359,11 @@ def one_process_run(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_gloo_matches_one_process(tmp_path, mode, one_process_run):
-    """The same global batch (4) split over two CPU processes gives the same losses within 1e-5."""
+    """The same global batch (4) split over two CPU processes gives the same losses within 1e-5 as one process
+    reading the same two data streams (the default for two processes), and the same 4 validation samples."""
     extra = {"fsdp": True} if mode == "fsdp" else {}
-    cmd, env = _cli(*_small_flags(tmp_path, "two", iters=4, eval_every=4, batch_size=2, **extra), nproc=2)
+    cmd, env = _cli(*_small_flags(tmp_path, "two", iters=4, eval_every=4, val_batches=1, batch_size=2, **extra),
+                    nproc=2)
     two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert f"world 2 {mode.upper()}" in two.stderr

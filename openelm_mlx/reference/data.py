@@ -1,21 +1,15 @@
-"""Pretraining text for the reference trainer: document sources, a tokenized numpy-memmap cache, and Apple's
-chunking of documents into fixed-length samples.
+"""Pretraining text for the reference trainer: the document sources of `--data` (read by `prepare_data`, which
+tokenizes them into shards that `stream` reads) and the training of a SentencePiece tokenizer on them.
 
-Follows apple/corenet's language-modeling data path (`corenet/data/datasets/language_modeling/`: every document
-gets BOS and EOS, is cut at `seq_len + 1` tokens and padded with ignored labels, so there is no
-cross-document attention), plus an optional packed mode. Imports neither torch nor mlx: the trainer turns the
-numpy batches into tensors.
-
-A *source* yields documents (`str`) and a JSON-able fingerprint that changes when its content does; the cache
-is rebuilt only when a fingerprint, the tokenizer or the format changes. Sources are local .txt / .jsonl files
-and Hugging Face datasets (`hf:ID[:CONFIG][?split=...&text_field=...]`, streamed with the optional `datasets`
-library), which is how Apple's public pre-training corpora (RefinedWeb, RedPajama, PILE, Dolma) plug in.
+A *source* yields documents (`str`) and a JSON-able fingerprint that changes when its content does (the trainer
+prepares a raw source again only when a fingerprint, the tokenizer or a setting changes). Sources are local .txt /
+.jsonl(.gz/.zst) / .parquet files and Hugging Face datasets (`hf:ID[:CONFIG][?split=...&text_field=...]`,
+streamed with the optional `datasets` library), which is how Apple's public pre-training corpora (RefinedWeb,
+RedPajama, PILE, Dolma) plug in. Imports neither torch nor mlx.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,13 +17,9 @@ from pathlib import Path
 from typing import Iterator, Optional, Protocol, Sequence
 from urllib.parse import parse_qsl
 
-import numpy as np
-
 from ..textfiles import DataError, jsonl_text_rows, read_text_file  # noqa: F401 (DataError: the trainer's too)
-from ..tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # label value the loss skips (torch's cross_entropy default)
-CACHE_FORMAT = 1
 DATA_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
 
 
@@ -280,142 +270,6 @@ def resolve_sources(specs: Sequence[str], separator: str = "<|endoftext|>") -> l
             sources.append(ParquetFile(f) if kind == ".parquet" else TextFile(f, separator) if kind == ".txt"
                            else JsonlFile(f))
     return sources
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The token cache: all documents' tokens (BOS + text + EOS each) concatenated in one memmap, plus offsets.
-
-@dataclass
-class TokenCache:
-    tokens: np.ndarray  # (total,) uint16 or uint32 memmap
-    offsets: np.ndarray  # (num_docs + 1,) int64: document d is tokens[offsets[d]:offsets[d + 1]]
-
-    @property
-    def num_docs(self) -> int:
-        return len(self.offsets) - 1
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def build_token_cache(sources: Sequence[DocumentSource], tokenizer: Tokenizer, cache_dir: str | Path,
-                      progress=None) -> TokenCache:
-    """Tokenize every document once into `cache_dir`; reuse the cache when sources and tokenizer are unchanged."""
-    cache_dir = Path(cache_dir)
-    meta = {"format": CACHE_FORMAT, "tokenizer_sha256": _sha256(tokenizer.path),
-            "sources": [s.fingerprint() for s in sources]}
-    meta_path = cache_dir / "meta.json"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == meta:
-        return _open_cache(cache_dir)
-
-    from ..files import atomic_dir  # the one atomic-directory helper
-
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    offsets = [0]
-    with atomic_dir(cache_dir, force=True) as tmp, open(tmp / "tokens.bin", "wb") as out:
-        for source in sources:
-            batch = []
-            count_before = len(offsets)
-            for doc in source.documents():
-                batch.append(doc)
-                if len(batch) == 256:
-                    _write_docs(tokenizer, batch, out, offsets, dtype)
-                    batch = []
-            _write_docs(tokenizer, batch, out, offsets, dtype)
-            if len(offsets) == count_before:
-                raise DataError(f"{source.name}: no documents (only whitespace or empty \"text\" fields)")
-            if progress is not None:
-                progress(source.name, len(offsets) - 1, offsets[-1])
-        out.flush()
-        np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-        (tmp / "meta.json").write_text(json.dumps({"key": meta, "dtype": np.dtype(dtype).name,
-                                                   "num_tokens": offsets[-1], "num_docs": len(offsets) - 1},
-                                                  indent=1))
-    return _open_cache(cache_dir)
-
-
-def _write_docs(tokenizer: Tokenizer, docs: list[str], out, offsets: list[int], dtype) -> None:
-    if not docs:
-        return
-    for ids in tokenizer.sp.encode(docs):
-        arr = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
-        arr.tofile(out)
-        offsets.append(offsets[-1] + len(arr))
-
-
-def _open_cache(cache_dir: Path) -> TokenCache:
-    info = json.loads((cache_dir / "meta.json").read_text())
-    tokens = np.memmap(cache_dir / "tokens.bin", dtype=info["dtype"], mode="r", shape=(info["num_tokens"],))
-    return TokenCache(tokens, np.load(cache_dir / "offsets.npy"))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Samples: windows of up to seq_len + 1 tokens. Consecutive windows overlap by one token, so every token after
-# a window's first is a target exactly once.
-
-def split_documents(num_docs: int, val_fraction: float, source: str = "data") -> tuple[range, range]:
-    """Train and validation document ranges: the last `val_fraction` of documents (at least one) are held out."""
-    if val_fraction <= 0:
-        return range(num_docs), range(0)
-    n_val = max(1, round(num_docs * val_fraction))
-    if num_docs - n_val < 1:
-        raise DataError(f"{source}: only {num_docs} document(s); need at least 2 to hold one out for validation "
-                        "(add data or pass --val-fraction 0)")
-    return range(num_docs - n_val), range(num_docs - n_val, num_docs)
-
-
-def make_windows(cache: TokenCache, docs: range, seq_len: int, pack: bool) -> np.ndarray:
-    """(num_samples, 2) int64 array of (start, length) into `cache.tokens`, length <= seq_len + 1.
-
-    Documents mode (Apple's): each document is windowed on its own and short windows are padded later.
-    Packed mode: the documents' tokens are windowed as one stream (windows cross document boundaries).
-    """
-    if len(docs) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    spans = [(int(cache.offsets[docs.start]), int(cache.offsets[docs.stop]))] if pack else \
-        zip(cache.offsets[docs.start:docs.stop].tolist(), cache.offsets[docs.start + 1:docs.stop + 1].tolist())
-    out = []
-    for begin, end in spans:
-        starts = np.arange(begin, end - 1, seq_len, dtype=np.int64)
-        lengths = np.minimum(seq_len + 1, end - starts)
-        out.append(np.stack([starts, lengths], axis=1))
-    windows = np.concatenate(out)
-    if pack:  # drop a short tail so every packed sample is full
-        windows = windows[windows[:, 1] == seq_len + 1] if (windows[:, 1] == seq_len + 1).any() else windows
-    return windows
-
-
-def collate(cache: TokenCache, windows: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs (B, seq_len) int64 padded with `pad_id`, labels (B, seq_len) int64 padded with IGNORE_INDEX."""
-    inputs = np.full((len(windows), seq_len), pad_id, dtype=np.int64)
-    labels = np.full((len(windows), seq_len), IGNORE_INDEX, dtype=np.int64)
-    for row, (start, length) in enumerate(windows):
-        chunk = np.asarray(cache.tokens[start:start + length], dtype=np.int64)
-        inputs[row, :length - 1] = chunk[:-1]
-        labels[row, :length - 1] = chunk[1:]
-    return inputs, labels
-
-
-class SampleOrder:
-    """Which windows make up each step: a fresh seeded permutation per epoch, addressed by a global sample
-    position, so any position (the checkpointed data position) can be resumed exactly."""
-
-    def __init__(self, num_samples: int, seed: int):
-        if num_samples == 0:
-            raise DataError("no training samples: the training split is empty")
-        self.num_samples, self.seed = num_samples, seed
-        self._epoch, self._perm = -1, None
-
-    def indices(self, position: int, count: int) -> np.ndarray:
-        out = np.empty(count, dtype=np.int64)
-        for i in range(count):
-            epoch, k = divmod(position + i, self.num_samples)
-            if epoch != self._epoch:
-                self._epoch = epoch
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            out[i] = self._perm[k]
-        return out
 
 
 def iter_text_lines(sources: Sequence[DocumentSource], max_bytes: int = 200_000_000) -> Iterator[str]:

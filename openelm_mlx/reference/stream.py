@@ -237,6 +237,17 @@ class PreparedFeed:
                 raise DataError(f"{spec.url}: prepared with another tokenizer (sha256 {m['tokenizer_sha256'][:12]}"
                                 f"..., {m['vocab_size']} pieces) than {source}; pass the same --tokenizer")
 
+    def check_samples(self, seq_len: int, pack: bool) -> None:
+        """A dataset prepared into samples (prepare_data --seq-len/--pack) is trained at that length and mode."""
+        for spec, m in zip(self.train, self.manifests):
+            samples = m.get("samples", {"seq_len": 0, "pack": False})
+            if samples["seq_len"] and samples["seq_len"] != seq_len:
+                raise DataError(f"{spec.url}: prepared into samples of --seq-len {samples['seq_len']}; train with "
+                                "that --seq-len or prepare it again")
+            if pack and not samples["pack"]:
+                raise DataError(f"--pack: {spec.url} was prepared without --pack (each sample is one prepared "
+                                f"piece); prepare it with --seq-len {seq_len} --pack")
+
     def steps(self) -> Iterator[tuple[list, dict]]:
         loader = torch.utils.data.DataLoader(
             _Reader(self.train, self.seq_len, self.pad_id), sampler=_PlanKeys(self.plan), batch_size=None,

@@ -39,6 +39,7 @@ from ..files import atomic_dir, atomic_write_bytes, check_replaceable
 from ..tokenizer import Tokenizer
 from ..weights import check_weights
 from . import data as data_lib
+from . import prepare_data as prep
 from .model import Model, build_model
 
 MODEL_KEYS = ("model_dim", "num_transformer_layers", "head_dim", "num_gqa_groups", "ffn_dim_divisor",
@@ -72,10 +73,11 @@ class TrainConfig:
     pack: bool = False
     doc_separator: str = "<|endoftext|>"
     val_fraction: float = 0.02
-    # prepared datasets (python -m openelm_mlx.prepare_data): mixture weights, data streams, loader workers
-    data_weights: Optional[list] = None  # one per --data dataset; default: proportional to their samples
+    corenet_filters: bool = False  # raw --data: corenet's document handling (prepare_data's defaults)
+    # mixture weights, data streams, loader workers
+    data_weights: Optional[list] = None  # one per --data source; default: proportional to their samples
     data_streams: Optional[int] = None  # default: the first run's number of processes
-    data_workers: int = 2
+    data_workers: Optional[int] = None  # default: 0 for small raw sources (read in this process), else 2
     # optimisation (Apple's recipe; the step counts are scaled down from 5k warmup / 350k iterations)
     iters: int = 1000
     batch_size: int = 8
@@ -145,6 +147,8 @@ class TrainConfig:
         check(self.seed >= 0, "seed", self.seed, "must be 0 or more")
         cli.check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16"))
         check(bool(self.doc_separator), "doc_separator", self.doc_separator, "must not be empty")
+        check(self.data_workers is None or self.data_workers >= 0, "data_workers", self.data_workers,
+              "must be 0 or more")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--data", nargs="+", help=".txt / .jsonl files ({\"text\": ...} rows), directories of them, or Hugging Face "
         "datasets: hf:ID[:CONFIG][?split=train&text_field=text&max_docs=N&revision=REV] (hub id or local dir); "
-        "or datasets made by python -m openelm_mlx.prepare_data (directories or s3:// / gs:// URLs), streamed")
-    add("--out", help="run directory (checkpoints, metrics.jsonl, token cache, the final export in RUN_DIR/hf)")
+        "or datasets made by python -m openelm_mlx.prepare_data (directories or s3:// / gs:// URLs). Raw sources are "
+        "prepared by prepare_data's code into RUN_DIR/data (reused while the files are unchanged); everything is "
+        "streamed the same way")
+    add("--out", help="run directory (checkpoints, metrics.jsonl, the prepared raw --data in RUN_DIR/data, the "
+        "final export in RUN_DIR/hf)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help="OpenELM-270M / -450M / -1_1B / -3B / -tiny")
     for name in ("model-dim", "num-transformer-layers", "head-dim", "num-gqa-groups", "ffn-dim-divisor"):
@@ -171,13 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, help="tokens per sample")
     g.add_argument("--pack", action="store_true", help="pack documents into full windows instead of padding")
     g.add_argument("--doc-separator", help="document separator in .txt files")
-    g.add_argument("--val-fraction", type=float, help="fraction of documents held out")
-    g.add_argument("--data-weights", nargs="+", type=float, help="prepared datasets: mixture weight of each "
-                   "--data dataset (default: proportional to their samples)")
-    g.add_argument("--data-streams", type=int, help="prepared datasets: data streams the samples of a step "
-                   "come from, a multiple of the number of processes (default: the first run's processes)")
-    g.add_argument("--data-workers", type=int, help="prepared datasets: loader worker processes prefetching "
-                   "batches (0: read in the training process)")
+    g.add_argument("--val-fraction", type=float, help="raw --data: fraction of documents held out, chosen by a hash "
+                   "of their text (at least one when there are two or more)")
+    g.add_argument("--corenet-filters", action="store_true", help="raw --data: corenet's document handling, as "
+                   "prepare_data does by default: 2048-word pieces, pieces under 200 characters or 256 tokens "
+                   "dropped, NFC, each piece one sample cut at --seq-len + 1 tokens. Off by default: every "
+                   "document is kept as written and cut into samples of --seq-len + 1 tokens, so all of it is "
+                   "trained on (the filters would drop every document of a corpus of short stories)")
+    g.add_argument("--data-weights", nargs="+", type=float, help="mixture weight of each --data source "
+                   "(default: proportional to their samples)")
+    g.add_argument("--data-streams", type=int, help="data streams the samples of a step come from, a multiple of "
+                   "the number of processes (default: the first run's processes)")
+    g.add_argument("--data-workers", type=int, help="loader worker processes prefetching batches (0: read in the "
+                   "training process; default 0 for small raw sources, where starting workers costs more than "
+                   "they save, else 2)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--iters", type=int, help="optimizer steps")
     g.add_argument("--batch-size", type=int, help="samples per micro-batch per process")
@@ -623,7 +637,7 @@ def _train(tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log)
     ckpt = _resume_state(tc, run_dir)
     _prepare_run_dir(tc, run_dir, ckpt, is_main)
     run = _Run(tc, run_dir, device, d, is_main, log)
-    run.open_tokenizer_and_cache()
+    run.open_tokenizer()
     run.build_model()
     run.resume(ckpt)
     run.open_data()
@@ -643,8 +657,9 @@ def _prepare_run_dir(tc: TrainConfig, run_dir: Path, ckpt: Optional[Path], is_ma
 
 
 class _Run:
-    """One training run, in the order `_train` calls its parts: tokenizer (and token cache), model and
-    optimizer, resume, data feed, then the loop (steps, evaluation, metrics, checkpoints, final export)."""
+    """One training run, in the order `_train` calls its parts: tokenizer, model and optimizer, resume, data
+    (raw sources prepared into RUN_DIR/data, then streamed), then the loop (steps, evaluation, metrics,
+    checkpoints, final export)."""
 
     def __init__(self, tc: TrainConfig, run_dir: Path, device, d: _Dist, is_main: bool, log):
         self.tc, self.run_dir, self.device, self.d, self.is_main, self.log = tc, run_dir, device, d, is_main, log
@@ -657,7 +672,7 @@ class _Run:
 
     # ----------------------------------------------------------------------------------------- setting up
 
-    def open_tokenizer_and_cache(self) -> None:
+    def open_tokenizer(self) -> None:
         tc, d, run_dir, log = self.tc, self.d, self.run_dir, self.log
         if self.prepared:  # streamed from shards (stream.py); the tokenizer must be the one they were made with
             if not tc.tokenizer and not (run_dir / "tokenizer.model").exists():
@@ -665,20 +680,14 @@ class _Run:
             self.tok = _prepare_tokenizer(tc, run_dir, [], log)
             return
         sources = data_lib.resolve_sources(tc.data, tc.doc_separator)
-        if d.world > 1:
-            # rank 0 trains the tokenizer and builds the cache; the others wait and then open them
+        if d.world > 1:  # rank 0 trains the tokenizer (with --vocab-size); the others wait and then open it
             if self.is_main:
                 self.tok = _prepare_tokenizer(tc, run_dir, sources, log)
-                self.cache = data_lib.build_token_cache(sources, self.tok, run_dir / "data")
             dist.barrier()
             if not self.is_main:
                 self.tok = _prepare_tokenizer(tc, run_dir, sources, log)
-                self.cache = data_lib.build_token_cache(sources, self.tok, run_dir / "data")
         else:
             self.tok = _prepare_tokenizer(tc, run_dir, sources, log)
-            self.cache = data_lib.build_token_cache(
-                sources, self.tok, run_dir / "data",
-                progress=lambda name, docs, toks: log(f"tokenized {name}: {docs} documents, {toks} tokens so far"))
 
     def build_model(self) -> None:
         tc, device = self.tc, self.device
@@ -706,7 +715,10 @@ class _Run:
             self.scheduler.load_state_dict(state["scheduler"])
             _set_rng_state(state["rng"])
             self.step, self.position = int(state["step"]), int(state["position"])
-            self.data_state = json.loads(state["data_state"]) if "data_state" in state else None
+            if "data_state" not in state:  # written before raw --data was streamed: its sample order is gone
+                raise TrainingError(f"{ckpt}: no data state (a checkpoint of an older version, whose data order "
+                                    "cannot be resumed exactly); start a new --out")
+            self.data_state = json.loads(state["data_state"])
             if state["global_batch"] != self.G:
                 raise TrainingError(f"{ckpt}: the global batch was {state['global_batch']} samples; now batch_size "
                                     f"x grad_accum x processes = {self.G}")
@@ -719,51 +731,71 @@ class _Run:
     def open_data(self) -> None:
         """`self.next_batches()` (this process's micro-batches of the next step and the global count of labelled
         positions), `self.read_val(items)`, `self.val_items`, `self.n_train`."""
+        from . import stream as stream_lib
+
         tc, d = self.tc, self.d
-        pad_id = self.tok.eos_id
-        if self.prepared:
-            from . import stream as stream_lib
+        streams = self.data_state["streams"] if self.data_state else (tc.data_streams or d.world)
+        specs, small = (tc.data, False) if self.prepared else self.prepare_raw_data(streams)
+        workers = tc.data_workers if tc.data_workers is not None else 0 if small else 2
+        feed = stream_lib.PreparedFeed(specs, tc.data_weights, streams, tc.seed, self.B, tc.grad_accum, d.world,
+                                       d.rank, tc.seq_len, self.tok.eos_id, workers,
+                                       stream_lib.default_cache_dir(self.run_dir), self.data_state,
+                                       val_limit=tc.val_batches * self.B * d.world)
+        feed.check_tokenizer(prep.tokenizer_sha256(self.tok.path), self.tok.vocab_size, str(self.tok.path))
+        feed.check_samples(tc.seq_len, tc.pack)
+        self.data_state = self.data_state or feed.plan.state()
+        self.n_train, self.val_items, self.read_val = sum(len(s) for s in feed.train), feed.val_items, feed.read_val
+        self.feed_steps = feed.steps()
 
-            if tc.pack:
-                raise TrainingError("--pack does not apply to a prepared dataset: each sample is one prepared piece")
-            streams = self.data_state["streams"] if self.data_state else (tc.data_streams or d.world)
-            feed = stream_lib.PreparedFeed(tc.data, tc.data_weights, streams, tc.seed, self.B, tc.grad_accum,
-                                           d.world, d.rank, tc.seq_len, pad_id, tc.data_workers,
-                                           stream_lib.default_cache_dir(self.run_dir), self.data_state,
-                                           val_limit=tc.val_batches * self.B * d.world)
-            feed.check_tokenizer(data_lib._sha256(self.tok.path), self.tok.vocab_size, str(self.tok.path))
-            self.data_state = self.data_state or feed.plan.state()
-            self.n_train, self.val_items, self.read_val = sum(len(s) for s in feed.train), feed.val_items, \
-                feed.read_val
-            self.feed_steps = feed.steps()
+        def next_batches():
+            batches, self.data_state = next(self.feed_steps)
+            local = float(sum(int((y != data_lib.IGNORE_INDEX).sum()) for _, y in batches))
+            return batches, d.sum([local], self.device)[0]  # labelled positions in the whole global batch
 
-            def next_batches():
-                batches, self.data_state = next(self.feed_steps)
-                local = float(sum(int((y != data_lib.IGNORE_INDEX).sum()) for _, y in batches))
-                return batches, d.sum([local], self.device)[0]  # labelled positions in the whole global batch
-        else:
-            cache = self.cache
-            train_docs, val_docs = data_lib.split_documents(cache.num_docs, tc.val_fraction, ", ".join(tc.data))
-            train_windows = data_lib.make_windows(cache, train_docs, tc.seq_len, tc.pack)
-            self.val_items = data_lib.make_windows(cache, val_docs, tc.seq_len, tc.pack)
-            self.n_train = len(train_windows)
-            order = data_lib.SampleOrder(len(train_windows), tc.seed)
-            self.read_val = lambda windows: data_lib.collate(cache, windows, tc.seq_len, pad_id)
-
-            def next_batches():
-                windows = train_windows[order.indices(self.position, self.G)]
-                batches = []
-                for micro in range(tc.grad_accum):
-                    first = (micro * d.world + d.rank) * self.B
-                    x, y = data_lib.collate(cache, windows[first:first + self.B], tc.seq_len, pad_id)
-                    batches.append((torch.from_numpy(x), torch.from_numpy(y)))
-                return batches, float(np.sum(windows[:, 1] - 1))  # labelled positions in the whole global batch
         self.next_batches = next_batches
         cfg = self.cfg
         self.log(f"model: {cfg.num_transformer_layers} layers, dim {cfg.model_dim}, {num_parameters(cfg):,} "
                  f"parameters; {self.n_train} train / {len(self.val_items)} val samples of {tc.seq_len} tokens; "
                  f"global batch {self.G}; device {self.device}{' bf16 autocast' if self.autocast_dtype else ''}; "
                  f"world {d.world}{' FSDP' if tc.fsdp else ' DDP' if d.world > 1 else ''}")
+
+    def prepare_raw_data(self, streams: int) -> tuple[list[str], bool]:
+        """Raw --data sources prepared by prepare_data's code into RUN_DIR/data/source-I (reused while unchanged);
+        returns their directories and whether all are small. Without --corenet-filters every document is kept
+        as written and cut into samples of seq_len + 1 tokens (--pack: across documents)."""
+        tc, d, data_dir = self.tc, self.d, self.run_dir / "data"
+        filters = prep.Filters() if tc.corenet_filters else prep.Filters(0, 0, False, 0)
+        samples = prep.Samples(tc.seq_len if tc.pack or not tc.corenet_filters else 0, tc.pack)
+        outs = [data_dir / f"source-{i}" for i in range(len(tc.data))]
+        small = []
+
+        def prepare_all():
+            for spec, out in zip(tc.data, outs):
+                t = time.perf_counter()
+                got = prep.prepare_source(spec, self.tok, out, filters=filters, samples=samples,
+                                          val_fraction=tc.val_fraction, streams=streams,
+                                          doc_separator=tc.doc_separator, log=self.log)
+                small.append(got.in_process)
+                totals = got.manifest["totals"]
+                self.log(f"data: {spec} -> {out} ({totals['train_pieces']} train + {totals['val_pieces']} val "
+                         f"documents; {'reused' if got.reused else f'prepared in {time.perf_counter() - t:.2f}s'})")
+                if tc.val_fraction > 0 and not totals["val_pieces"]:
+                    raise data_lib.DataError(f"{spec}: only {totals['train_pieces']} document(s) kept; need at "
+                                             "least 2 to hold one out for validation (add data or pass "
+                                             "--val-fraction 0)")
+
+        if self.is_main:
+            # an earlier run's sources that are no longer given, and the token cache of older versions
+            stale = [p for p in data_dir.glob("source-*") if p not in outs] + \
+                [data_dir / n for n in ("tokens.bin", "offsets.npy", "meta.json")]
+            for p in stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            prepare_all()
+        if d.world > 1:
+            dist.barrier()
+            if not self.is_main:
+                prepare_all()  # reuses rank 0's on a shared disk; on a node of its own, prepares the same there
+        return [str(o) for o in outs], all(small)
 
     # ------------------------------------------------------------------------------------------- the run
 
@@ -802,8 +834,7 @@ class _Run:
             state = {"step": self.step, "position": self.position, "global_batch": self.G,
                      "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": _rng_state(),
                      "config": json.dumps(dataclasses.asdict(tc), default=list)}
-            if self.prepared:
-                state["data_state"] = json.dumps(self.data_state)
+            state["data_state"] = json.dumps(self.data_state)
             export_hf(weights, self.cfg, run_dir / "tokenizer.model", path, force=True,
                       extra_files={"trainer_state.pt": lambda p: torch.save(state, p)})
             for old in list_checkpoints(run_dir)[:-max(1, tc.keep_checkpoints)]:
@@ -891,8 +922,7 @@ class _Run:
         finally:
             bar.close()
             _restore_signal_handlers(old_handlers)
-            if self.prepared:
-                self.feed_steps.close()  # stops the loader workers
+            self.feed_steps.close()  # stops the loader workers
         elapsed = time.perf_counter() - t_start
         tps = tokens_run / elapsed if tokens_run else 0.0
         self.finish(interrupted, final_weights, stop_signal, tokens_run, elapsed, tps)
