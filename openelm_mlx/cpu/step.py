@@ -22,6 +22,7 @@ with its integer kernels (tests/test_c_step.py).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from typing import Optional
 
@@ -61,6 +62,7 @@ class _KV(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("capacity", ctypes.c_int)]
 
 
+@functools.lru_cache(maxsize=1)
 def library() -> tuple[Optional[ctypes.CDLL], str]:
     """The kernel library with the step's signatures set, or (None, why not)."""
     lib, problem = quantized.kernel_library()
