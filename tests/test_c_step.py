@@ -174,8 +174,11 @@ def test_unsupported_layers_keep_the_mlx_path(count_c_steps):
     assert not step.available(model3) and "3-bit" in model3._c_step_unsupported
     with switches.override(C_STEP=False):
         assert not step.available(tiny(seed=4))
+    model4 = tiny(4, seed=4)
+    assert step.available(model4)
     with switches.override(QGEMV="off"):  # quantized products on MLX's kernel: not the C step's
-        assert not step.available(tiny(4, seed=4))
+        assert not step.available(model4) and not step.available(tiny(4, seed=4))
+        assert step.one_token_step(model4, ids[:, :1], [step.CPUKVCache() for _ in model4.layers]) is None
 
 
 def test_new_weights_are_followed(count_c_steps):

@@ -314,10 +314,16 @@ def plan_for(model: Model) -> Optional[_Plan]:
     return plan
 
 
+def _usable_plan(model: Model) -> Optional[_Plan]:
+    """plan_for(model), unless quantized products were switched off (QGEMV=off) since it was made."""
+    plan = plan_for(model)
+    return None if plan is None or (plan.affine and quantized.qgemv_library()[0] is None) else plan
+
+
 def available(model: Model) -> bool:
     """Whether one-token steps of `model` can run in C here: switched on, the library built, the model's layers
     all supported."""
-    return bool(switches.get(SWITCH)) and library()[0] is not None and plan_for(model) is not None
+    return bool(switches.get(SWITCH)) and library()[0] is not None and _usable_plan(model) is not None
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -331,7 +337,7 @@ def one_token_step(model: Model, inputs: mx.array, cache, mask=None, *, threads:
             or not switches.get(SWITCH) or not all(type(c) is CPUKVCache for c in cache)):
         return None
     lib = library()[0]
-    plan = plan_for(model) if lib is not None else None
+    plan = _usable_plan(model) if lib is not None else None
     if plan is None or len(cache) != len(plan.layers):
         return None
     position = cache[0].offset
