@@ -42,6 +42,9 @@ SWITCHES = {s.name: s for s in (
            "data-cache)"),
     Switch("OPENELM_MLX_COMPILED_DECODE", "flag", True,
            "one-token steps on the CPU run the compiled decode step (cpu/decode.py)"),
+    Switch("OPENELM_MLX_C_STEP", "flag", True,
+           "one-token steps (batch 1) on the CPU run as one C call, csrc/step.c, with the CPU's own KV cache "
+           "(cpu/step.py)"),
     Switch("OPENELM_MLX_NUMPY_HEAD", "flag", True,
            "LoRA on the CPU computes the tied output head and its loss in numpy (cpu/head.py)"),
     Switch("OPENELM_MLX_QUANTIZED_BLAS", "flag", True,

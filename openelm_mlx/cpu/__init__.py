@@ -8,6 +8,7 @@ remedies, each a swap of a layer's class or a process-wide setting, never a bran
   first use;
 - `quantized`: quantized layers that de-quantize + BLAS for many rows, and `csrc/qgemv.c` for decode's few;
 - `decode`: attention block by block for long prompts, and a compiled one-token step;
+- `step`: the whole one-token step in C (csrc/step.c), with a KV cache of its own;
 - `head`: LoRA's tied output head and loss in numpy;
 - `dtype`: the compute dtype per task.
 
@@ -36,16 +37,18 @@ def prepare(model, task: str, dtype: Optional[str] = None) -> dict:
     done. `dtype` is applied as given on any device; without it the CPU picks its fastest dtype for the task. On
     the CPU, quantized layers and transformer blocks are switched in place to the CPU classes (same parameters,
     same names; still instances of the layers mlx-lm's LoRA, fuse and save code expect)."""
-    from . import decode, quantized
+    from . import decode, quantized, step
     from . import dtype as dtype_policy
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    done = {"dtype": None, "quantized_layers": 0, "blocks": 0}
+    done = {"dtype": None, "quantized_layers": 0, "blocks": 0, "c_step": False}
     if task == "fuse":  # fusing writes weights: no cast, no compute paths
         return done
     done["dtype"] = dtype_policy.apply(model, dtype, task)
     if active():
         done["quantized_layers"] = quantized.use_blas_for_quantized(model)
         done["blocks"] = decode.use_cpu_blocks(model)
+        if task == "decode":
+            done["c_step"] = step.use_c_step(model)
     return done

@@ -161,14 +161,15 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openelm_mlx"
 
 
-def build_c_library(source_path: Path, flags: tuple = ()) -> tuple[Optional[str], str]:
-    """Compile one csrc/ file into a shared library once per source version, machine, compiler and `flags` (extra
-    compiler/linker flags; cached under _cache_dir(), written atomically); returns (path, "") or (None, why it
-    could not be built)."""
+def build_c_library(source_path: Path, flags: tuple = (), extra_sources: tuple = ()) -> tuple[Optional[str], str]:
+    """Compile a csrc/ file (with `extra_sources` linked into the same library) into a shared library once per
+    source version, machine, compiler and `flags` (extra compiler/linker flags; cached under _cache_dir(), written
+    atomically); returns (path, "") or (None, why it could not be built)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not compiler:
         return None, "no C compiler (cc) to build it"
-    source = source_path.read_bytes()
+    sources = (source_path, *extra_sources)
+    source = b"".join(p.read_bytes() for p in sources)
     key = hashlib.sha256(source + f"{platform.machine()} {compiler} {' '.join(flags)}".encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
@@ -176,7 +177,7 @@ def build_c_library(source_path: Path, flags: tuple = ()) -> tuple[Optional[str]
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), str(source_path), *flags]
+        cmd = [compiler, "-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-o", str(tmp), *map(str, sources), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no message"])[-1]

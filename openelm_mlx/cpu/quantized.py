@@ -40,6 +40,7 @@ ENV_VAR = "OPENELM_MLX_QUANTIZED_BLAS"  # 0/off: quantized layers keep MLX's ker
 QGEMV_ENV_VAR = "OPENELM_MLX_QGEMV"  # 0/off: MLX's quantized_matmul; float: qgemv.c's float kernel; or a variant
 QGEMV_VARIANTS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 4}  # csrc/qgemv.c's integer kernels (its VAR_* values)
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
+STEP_SOURCE = Path(__file__).with_name("csrc") / "step.c"  # built into the same library (cpu/step.py)
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
 INT8_PREFILL = False  # many-row products (prefill) in qgemv.c's tiled integer kernel too (see int8_prefill_applies)
 
@@ -120,14 +121,16 @@ def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
     """csrc/qgemv.c loaded, or (None, why not): switched off, no C compiler, or a CPU without AVX2/FMA."""
     if switches.get(QGEMV_ENV_VAR) == "off":
         return None, f"turned off by {QGEMV_ENV_VAR}"
-    return _qgemv_build()
+    return kernel_library()
 
 
 @functools.lru_cache(maxsize=1)
-def _qgemv_build() -> tuple[Optional[ctypes.CDLL], str]:
+def kernel_library() -> tuple[Optional[ctypes.CDLL], str]:
+    """csrc/qgemv.c and csrc/step.c (the one-token step, which calls qgemv.c's kernels and pool) built as one
+    library and loaded, whatever OPENELM_MLX_QGEMV says; or (None, why not)."""
     from .blas import build_c_library
 
-    path, problem = build_c_library(QGEMV_SOURCE, ("-pthread",))
+    path, problem = build_c_library(QGEMV_SOURCE, ("-pthread", "-lm"), extra_sources=(STEP_SOURCE,))
     if path is None:
         return None, problem
     lib = ctypes.CDLL(path)

@@ -123,8 +123,9 @@ static void register_fork_handlers(void) {
     pthread_atfork(lock_pool_for_fork, unlock_pool_in_parent, reset_pool_in_child);
 }
 
-/* fn(ctx, unit) for unit in [0, total) over the caller and up to threads - 1 helpers; returns when all are done. */
-static void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
+/* fn(ctx, unit) for unit in [0, total) over the caller and up to threads - 1 helpers; returns when all are done.
+ * Not static: csrc/step.c, built into the same library, runs its work on this pool too. */
+void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
     if (threads <= 1 || total <= 1) {
         for (int i = 0; i < total; i++) fn(ctx, i);
         return;

@@ -1,0 +1,289 @@
+/* The whole one-token decode step of an OpenELM model (batch 1, a KV cache) in one C call.
+ *
+ * MLX runs a one-token step as ~900 small ops between the 65 projections of a 270M model; each projection that
+ * runs in csrc/qgemv.c evaluates its input first, so the ops never overlap the kernels and their ~5-15 us of
+ * dispatch each came to as much time as the kernels themselves (docs/cpu-backend.md). Here the whole step is one
+ * call, computing what openelm_mlx/model.py computes (Apple's modeling_openelm.py):
+ *     x = E[token]; per layer: h = x + out_proj(attention(rope(qk_norm(qkv_proj(rms_norm(x)))), KV cache)),
+ *     x = h + proj_2(silu(gate) * up) with [gate | up] = proj_1(rms_norm(h)); logits = rms_norm(x) @ E^T.
+ * The projections run qgemv.c's kernels (affine 4/8-bit: its int8 or float kernel) or the float32 kernel below,
+ * split over qgemv.c's thread pool; attention is float32 with a max-subtracted softmax, split over query heads
+ * when the context is long. RoPE (non-traditional) takes its cos / signed-sin row from the caller, who reads it
+ * from the table openelm_mlx/cpu/decode.py makes with mx.fast.rope. The K/V of this position are written into the
+ * caller's per-layer cache buffers (n_kv, capacity, head_dim) at `position`.
+ * A weight is described by step_matrix_t; its `kind` says how it is stored: a new storage (float16 / bfloat16)
+ * is a new kind handled in project() and embed_row(). Built into one library with qgemv.c (its kernels and pool). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+enum { MAT_F32 = 0, MAT_AFFINE = 1 }; /* step_matrix_t.kind; openelm_mlx/cpu/step.py mirrors these values */
+
+typedef struct {
+    int kind, bits, group_size; /* bits, group_size: MAT_AFFINE only (mlx.core.quantize's "affine" layout) */
+    int n, k;                   /* output rows, input columns */
+    const void *w;              /* MAT_F32: n x k floats; MAT_AFFINE: n x (k * bits / 32) uint32 */
+    const float *scales, *biases; /* MAT_AFFINE: n x (k / group_size) */
+} step_matrix_t;
+
+typedef struct {
+    const float *attn_norm, *q_norm, *k_norm, *ffn_norm;
+    step_matrix_t qkv, out, proj_1, proj_2;
+    int n_q, n_kv, ffn_dim;
+} step_layer_t;
+
+typedef struct {
+    int n_layers, model_dim, head_dim;
+    const step_layer_t *layers;
+    const float *norm;
+    step_matrix_t embed; /* vocab x model_dim: the token embeddings and the tied head */
+    float eps, scale;    /* RMSNorm epsilon; attention scale 1/sqrt(head_dim) */
+    int threads;         /* threads for a projection of at least thread_weights weights (and long attention) */
+    int thread_weights;
+    int variant; /* MAT_AFFINE products: 0 qgemv.c's float kernel, else the VAR_* of its int8 kernel */
+} step_model_t;
+
+typedef struct {
+    float *k, *v; /* n_kv x capacity x head_dim each */
+    int capacity;
+} step_kv_t;
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+/* From qgemv.c (the same library). */
+typedef void (*unit_fn)(const void *ctx, int unit);
+void run_parallel(unit_fn fn, const void *ctx, int total, int threads);
+int openelm_qgemv_supported(void);
+int openelm_qgemv(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y, int m,
+                  int n, int k, int group_size, int bits, int threads);
+int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y,
+                       int m, int n, int k, int group_size, int bits, int threads, int variant);
+
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
+__attribute__((target("avx2,fma"))) static inline float dot(const float *a, const float *b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    for (; j + 8 <= n; j += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; j < n; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* ---- float32 y = W x, W n x k row-major: rows split over the pool in units of about 16K weights ---- */
+
+typedef struct {
+    const float *w, *x;
+    float *y;
+    int n, k, rows;
+} f32_job_t;
+
+__attribute__((target("avx2,fma"))) static void f32_unit(const void *ctx, int unit) {
+    const f32_job_t *j = ctx;
+    const int r0 = unit * j->rows, r1 = r0 + j->rows < j->n ? r0 + j->rows : j->n, k = j->k;
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) { /* four rows share each load of x */
+        const float *w0 = j->w + (size_t)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        int c = 0;
+        for (; c + 8 <= k; c += 8) {
+            const __m256 xv = _mm256_loadu_ps(j->x + c);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), xv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), xv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), xv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), xv, a3);
+        }
+        float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
+        for (; c < k; c++) {
+            s0 += w0[c] * j->x[c];
+            s1 += w1[c] * j->x[c];
+            s2 += w2[c] * j->x[c];
+            s3 += w3[c] * j->x[c];
+        }
+        j->y[r] = s0, j->y[r + 1] = s1, j->y[r + 2] = s2, j->y[r + 3] = s3;
+    }
+    for (; r < r1; r++) j->y[r] = dot(j->w + (size_t)r * k, j->x, k);
+}
+
+static void gemv_f32(const float *w, const float *x, float *y, int n, int k, int threads) {
+    int rows = k >= 16384 ? 4 : (16384 / k + 3) / 4 * 4;
+    const f32_job_t job = {w, x, y, n, k, rows};
+    run_parallel(f32_unit, &job, (n + rows - 1) / rows, threads);
+}
+
+/* y = W x for one weight of any kind; 0, or qgemv.c's refusal status (1 shape, 2 memory, 3 CPU), or 4 a kind
+ * this library does not know. */
+static int project(const step_model_t *m, const step_matrix_t *w, const float *x, float *y) {
+    const int threads = (long)w->n * w->k >= m->thread_weights ? m->threads : 1;
+    switch (w->kind) {
+    case MAT_F32:
+        gemv_f32(w->w, x, y, w->n, w->k, threads);
+        return 0;
+    case MAT_AFFINE:
+        if (m->variant)
+            return openelm_qgemv_int8(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits,
+                                      threads, m->variant);
+        return openelm_qgemv(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits, threads);
+    }
+    return 4;
+}
+
+/* Row `r` of a weight as floats (the embedding lookup). */
+static int embed_row(const step_matrix_t *w, int r, float *out) {
+    switch (w->kind) {
+    case MAT_F32:
+        memcpy(out, (const float *)w->w + (size_t)r * w->k, sizeof(float) * w->k);
+        return 0;
+    case MAT_AFFINE: { /* dequantize: element j = q * scale + bias of j's group */
+        const int per_word = 32 / w->bits, ng = w->k / w->group_size;
+        const uint32_t *wr = (const uint32_t *)w->w + (size_t)r * (w->k / per_word), mask = (1u << w->bits) - 1;
+        const float *s = w->scales + (size_t)r * ng, *b = w->biases + (size_t)r * ng;
+        for (int j = 0; j < w->k; j++) {
+            const float q = (float)((wr[j / per_word] >> ((j % per_word) * w->bits)) & mask);
+            out[j] = q * s[j / w->group_size] + b[j / w->group_size];
+        }
+        return 0;
+    }
+    }
+    return 4;
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * weight (out may be x) */
+static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
+}
+
+/* Non-traditional RoPE of one head in place: x * cos + swap_halves(x) * sin (sin carries the sign). */
+static void rope(float *x, const float *cos, const float *sin, int d, float *tmp) {
+    const int half = d / 2;
+    memcpy(tmp, x, sizeof(float) * d);
+    for (int i = 0; i < d; i++) x[i] = tmp[i] * cos[i] + tmp[i < half ? i + half : i - half] * sin[i];
+}
+
+/* ---- attention of one position against T cached ones, one unit per query head ---- */
+
+typedef struct {
+    const float *q, *k, *v; /* q: n_q x d; k, v: this layer's n_kv x capacity x d */
+    float *out, *scores;    /* out: n_q x d; scores: n_q x T scratch */
+    int n_q, n_kv, d, T, capacity;
+    float scale;
+} attn_job_t;
+
+__attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int h) {
+    const attn_job_t *j = ctx;
+    const int d = j->d, g = h / (j->n_q / j->n_kv); /* GQA: query head h reads KV head h / (n_q / n_kv) */
+    const float *q = j->q + (size_t)h * d;
+    const float *kh = j->k + (size_t)g * j->capacity * d, *vh = j->v + (size_t)g * j->capacity * d;
+    float *s = j->scores + (size_t)h * j->T, *o = j->out + (size_t)h * d;
+    float qs[512]; /* head_dim <= 512 (checked by the caller) */
+    for (int i = 0; i < d; i++) qs[i] = q[i] * j->scale;
+    float mx = -INFINITY;
+    for (int t = 0; t < j->T; t++) {
+        s[t] = dot(qs, kh + (size_t)t * d, d);
+        mx = s[t] > mx ? s[t] : mx;
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < j->T; t++) sum += (s[t] = expf(s[t] - mx));
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < d; i++) o[i] = 0.0f;
+    for (int t = 0; t < j->T; t++) {
+        const float p = s[t] * inv;
+        const float *vt = vh + (size_t)t * d;
+        int i = 0;
+        for (; i + 8 <= d; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(vt + i),
+                                                    _mm256_loadu_ps(o + i)));
+        for (; i < d; i++) o[i] += p * vt[i];
+    }
+}
+
+/* 1 if this CPU can run the step (AVX2 and FMA, as qgemv.c). */
+EXPORT int openelm_step_supported(void) { return openelm_qgemv_supported(); }
+
+/* logits (vocab floats) of `token` at `position`, given the K/V of positions [0, position) in kv[layer]; writes
+ * this position's K/V there (capacity > position is the caller's duty). cos, sin: the RoPE row of `position`
+ * (head_dim floats each). Returns 0; 1-4 as project(); 5 bad arguments; 6 no memory; 7 unsupported CPU. */
+EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, int position, const float *cos,
+                        const float *sin, float *logits) {
+    if (!openelm_step_supported()) return 7;
+    const int D = m->model_dim, hd = m->head_dim, T = position + 1;
+    if (token < 0 || token >= m->embed.n || position < 0 || hd > 512 || hd % 2) return 5;
+    int max_qkv = 0, max_q = 0, max_ffn = 0;
+    for (int l = 0; l < m->n_layers; l++) {
+        const step_layer_t *L = &m->layers[l];
+        if (kv[l].capacity <= position || L->n_kv < 1 || L->n_q % L->n_kv) return 5;
+        max_qkv = L->qkv.n > max_qkv ? L->qkv.n : max_qkv;
+        max_q = L->n_q > max_q ? L->n_q : max_q;
+        max_ffn = L->ffn_dim > max_ffn ? L->ffn_dim : max_ffn;
+    }
+    const size_t floats = 3 * (size_t)D + max_qkv + (size_t)max_q * hd + 3 * (size_t)max_ffn +
+                          (size_t)max_q * T + hd;
+    float *buf = malloc(sizeof(float) * floats);
+    if (!buf) return 6;
+    float *x = buf, *xn = x + D, *o = xn + D, *qkv = o + D, *att = qkv + max_qkv, *gu = att + (size_t)max_q * hd;
+    float *act = gu + 2 * (size_t)max_ffn, *scores = act + max_ffn, *tmp = scores + (size_t)max_q * T;
+    int status = embed_row(&m->embed, token, x);
+    for (int l = 0; l < m->n_layers && !status; l++) {
+        const step_layer_t *L = &m->layers[l];
+        rms_norm(x, L->attn_norm, D, m->eps, xn);
+        if ((status = project(m, &L->qkv, xn, qkv))) break;
+        float *q = qkv, *k = qkv + (size_t)L->n_q * hd, *v = k + (size_t)L->n_kv * hd; /* rows [Q | K | V] */
+        for (int h = 0; h < L->n_q; h++) {
+            rms_norm(q + h * hd, L->q_norm, hd, m->eps, q + h * hd);
+            rope(q + h * hd, cos, sin, hd, tmp);
+        }
+        for (int h = 0; h < L->n_kv; h++) {
+            rms_norm(k + h * hd, L->k_norm, hd, m->eps, k + h * hd);
+            rope(k + h * hd, cos, sin, hd, tmp);
+            const size_t at = ((size_t)h * kv[l].capacity + position) * hd;
+            memcpy(kv[l].k + at, k + h * hd, sizeof(float) * hd);
+            memcpy(kv[l].v + at, v + h * hd, sizeof(float) * hd);
+        }
+        const attn_job_t job = {q, kv[l].k, kv[l].v, att, scores, L->n_q, L->n_kv, hd, T, kv[l].capacity,
+                                m->scale};
+        const long work = (long)L->n_q * T * hd;
+        run_parallel(attn_unit, &job, L->n_q, work >= m->thread_weights ? m->threads : 1);
+        if ((status = project(m, &L->out, att, o))) break;
+        for (int i = 0; i < D; i++) x[i] += o[i];
+        rms_norm(x, L->ffn_norm, D, m->eps, xn);
+        if ((status = project(m, &L->proj_1, xn, gu))) break;
+        const int F = L->ffn_dim;
+        for (int i = 0; i < F; i++) { /* SwiGLU: silu(gate) * up, gate the first half of proj_1's rows */
+            const float g = gu[i];
+            act[i] = g / (1.0f + expf(-g)) * gu[F + i];
+        }
+        if ((status = project(m, &L->proj_2, act, o))) break;
+        for (int i = 0; i < D; i++) x[i] += o[i];
+    }
+    if (!status) {
+        rms_norm(x, m->norm, D, m->eps, xn);
+        status = project(m, &m->embed, xn, logits);
+    }
+    free(buf);
+    return status;
+}
+
+#else /* not x86-64: the Python side keeps MLX's path */
+EXPORT int openelm_step_supported(void) { return 0; }
+EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, int position, const float *cos,
+                        const float *sin, float *logits) {
+    return 7;
+}
+#endif
