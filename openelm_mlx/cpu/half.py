@@ -30,7 +30,7 @@ from .. import switches
 from . import quantized
 
 SWITCH = "OPENELM_MLX_HALF"  # on (default), off (upcast the checkpoint to float32), or a kernel variant
-BLAS_MIN_ROWS = 8  # from this many rows of x on, upcast + BLAS beats the kernel (measured: docs/cpu-backend.md)
+BLAS_MIN_ROWS = 32  # from about this many rows of x on, upcast + BLAS beats the kernel (docs/cpu-backend.md)
 HALF_DTYPES = (mx.float16, mx.bfloat16)
 KINDS = {mx.float16: 0, mx.bfloat16: 1}  # csrc/qgemv.c's HALF_FLOAT16 / HALF_BFLOAT16
 VARIANTS = {"portable": 1, "avx2": 2}  # its HALF_PORTABLE / HALF_AVX2
