@@ -28,9 +28,10 @@ sys.path.insert(0, str(HERE))
 DEFAULT_TOKENIZER = HERE.parent.parent / "shared" / "data" / "llama2-tokenizer.model"
 SETTINGS = ("on", "off")
 
+import openelm_mlx  # noqa: E402,F401  before mlx: it loads the optimized BLAS
+
 
 def build(work: Path, preset: str, dtypes: list[str], tokenizer: str) -> dict:
-    import openelm_mlx  # noqa: F401  first: the optimized BLAS before mlx
     import mlx.core as mx
 
     from openelm_mlx.checkpoint import save_model

@@ -6,7 +6,8 @@ embedding weights stay in half precision and the activations are float32:
 
 - Few-row products (decode: fewer than BLAS_MIN_ROWS rows) run csrc/qgemv.c's `openelm_hgemv`: each weight row read
   once for all rows of x, converted in registers (F16C for float16, a 16-bit shift for bfloat16), float32 FMAs;
-  AVX2 + F16C where the CPU has them, else portable C. Split over the same thread pool as the quantized kernels.
+  AVX2 + F16C (elsewhere the checkpoint is upcast as before; the portable C variant, a slow reference, runs only
+  when OPENELM_MLX_HALF=portable names it). Split over the same thread pool as the quantized kernels.
 - Many-row products (prefill, perplexity) upcast the layer's weight to float32 for that product only and multiply
   through the optimized BLAS; MLX frees the copy once the product is computed.
 - The embedding lookup gathers half rows and upcasts them; the tied head (`as_linear`) is a product as above.
@@ -60,12 +61,16 @@ def variants() -> tuple[str, ...]:
 
 
 def variant() -> Optional[str]:
-    """The variant few-row products use: the one OPENELM_MLX_HALF names when the CPU has it, else the best one;
-    None when the path is off or the kernel cannot be built."""
+    """The variant few-row products use: the one OPENELM_MLX_HALF names when the CPU has it; by default "avx2"
+    where the CPU has AVX2, FMA and F16C. None (checkpoints are upcast as before) when the path is off, the kernel
+    cannot be built, or only the portable C variant is there: it is a reference, ~7x slower than float32 sgemv
+    (one-off, 5120x1280 float16, one row), and is used only when named."""
     setting, have = switches.get(SWITCH), variants()
-    if setting == "off" or not have:
+    if setting == "off":
         return None
-    return setting if setting in have else have[-1]
+    if setting in have:
+        return setting
+    return "avx2" if setting == "on" and "avx2" in have else None
 
 
 def hgemv(x: mx.array, w: mx.array, kernel: Optional[str] = None, threads: Optional[int] = None) -> mx.array:
