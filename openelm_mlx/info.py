@@ -49,6 +49,17 @@ def qgemv_line() -> str:
             else f"quantized decode: MLX's quantized_matmul ({why})")
 
 
+def half_line() -> str:
+    """Whether float16/bfloat16 checkpoints keep half weights on the CPU (see `openelm_mlx.cpu.half`)."""
+    from .cpu import half
+
+    kernel = half.variant()
+    if kernel is not None:
+        return f"half-precision checkpoints: weights kept in float16/bfloat16, csrc/qgemv.c hgemv ({kernel})"
+    why = half.library()[1] or f"turned off by {half.SWITCH}"
+    return f"half-precision checkpoints: upcast to float32 ({why})"
+
+
 def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
     """The lines of the report (imports mlx, after the package has preloaded the BLAS)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -72,6 +83,7 @@ def report(*, size: int, dtypes: str, benchmark: bool) -> list[str]:
         f"CPU backend layer: {'active' if cpu.active() else 'off (a GPU or macOS)'}",
         blas.describe(),
         qgemv_line(),
+        half_line(),
         f"compute dtype by default: {cpu_dtype.preferred() or 'the checkpoint dtype'}",
         *switches.describe(),
     ]

@@ -54,6 +54,12 @@ SWITCHES = {s.name: s for s in (
            "best integer kernel this CPU has), float (its exact float kernel), avx2 / avxvnni / avx512vnni (force "
            "a variant) or off (MLX's kernel)",
            choices=("on", "off", "float", "avx2", "avxvnni", "avx512vnni")),
+    Switch("OPENELM_MLX_HALF", "choice", "on",
+           "float16/bfloat16 checkpoints keep their projection and embedding weights in half precision for "
+           "decode and prefill on the CPU, computed in float32 (cpu/half.py): on (where csrc/qgemv.c's AVX2+F16C "
+           "kernel runs), avx2 / portable (force a variant; portable is a slow reference) or off (upcast the "
+           "checkpoint to float32 on load)",
+           choices=("on", "off", "avx2", "portable")),
 )}
 
 _values: Optional[dict] = None

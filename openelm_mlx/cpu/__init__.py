@@ -6,6 +6,8 @@ remedies, each a swap of a layer's class or a process-wide setting, never a bran
 
 - `blas`: an optimized BLAS loaded before mlx (and a sgemv shim for one-row matmuls); `csrc/` C kernels built on
   first use;
+- `half`: float16/bfloat16 weights kept in half precision, computed in float32 (`csrc/qgemv.c`'s hgemv for few
+  rows, a transient float32 copy + BLAS for many);
 - `quantized`: quantized layers that de-quantize + BLAS for many rows, and `csrc/qgemv.c` for decode's few;
 - `decode`: attention block by block for long prompts, and a compiled one-token step;
 - `step`: the whole one-token step in C (csrc/step.c), with a KV cache of its own;
@@ -36,16 +38,18 @@ def prepare(model, task: str, dtype: Optional[str] = None) -> dict:
     """Make `model` ready for `task` ("prefill", "decode", "lora" or "fuse") on this machine; returns what was
     done. `dtype` is applied as given on any device; without it the CPU picks its fastest dtype for the task. On
     the CPU, quantized layers and transformer blocks are switched in place to the CPU classes (same parameters,
-    same names; still instances of the layers mlx-lm's LoRA, fuse and save code expect)."""
-    from . import decode, quantized, step
+    same names; still instances of the layers mlx-lm's LoRA, fuse and save code expect); for decode and prefill a
+    float16/bfloat16 checkpoint keeps its projection and embedding weights in half precision (`cpu.half`)."""
+    from . import decode, half, quantized, step
     from . import dtype as dtype_policy
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    done = {"dtype": None, "quantized_layers": 0, "blocks": 0, "c_step": False}
+    done = {"dtype": None, "half_layers": 0, "quantized_layers": 0, "blocks": 0, "c_step": False}
     if task == "fuse":  # fusing writes weights: no cast, no compute paths
         return done
-    done["dtype"] = dtype_policy.apply(model, dtype, task)
+    done["dtype"] = dtype_policy.apply(model, dtype, task)  # also switches kept half layers to cpu.half's
+    done["half_layers"] = half.count(model)
     if active():
         done["quantized_layers"] = quantized.use_blas_for_quantized(model)
         done["blocks"] = decode.use_cpu_blocks(model)

@@ -2,9 +2,12 @@
 
 With an optimized BLAS (`cpu.blas`), float32 prefill and LoRA run 10-20x faster than bfloat16 / float16, whose
 CPU matmuls bypass BLAS, and decode (with the sgemv shim) 4x; without one, bfloat16 is faster (figures and the
-command in docs/cpu-backend.md). A half-precision checkpoint is therefore upcast by default, never downcast:
-precision is never lost silently. Quantized models keep their packed weights; their float16 scales are upcast
-for decode and prefill, where MLX's CPU quantized kernels with half-precision scales are 10-30x slower.
+command in docs/cpu-backend.md). So the CPU computes in float32 and never downcasts: precision is never lost
+silently. For decode and prefill a float16/bfloat16 checkpoint keeps its projection and embedding weights in half
+precision (`cpu.half`: half the memory and half the bytes read per token; activations and the small parameters,
+such as norm weights, in float32); OPENELM_MLX_HALF=off, or LoRA, upcasts it whole as before. Quantized models keep
+their packed weights; their float16 scales are upcast for decode and prefill, where MLX's CPU quantized kernels with
+half-precision scales are 10-30x slower.
 """
 
 from __future__ import annotations
@@ -40,9 +43,27 @@ def apply(model: nn.Module, dtype: Optional[str], task: str) -> Optional[str]:
             if task in ("prefill", "decode") and _upcast_quantized(model):
                 return "float32"
             return None
+        if task in ("prefill", "decode") and _keep_half_weights(model):
+            return "float32"
     model.set_dtype(getattr(mx, dtype))
     mx.eval(model.parameters())
     return dtype
+
+
+def _keep_half_weights(model: nn.Module) -> bool:
+    """Upcast every floating parameter to float32 except the half weights of plain Linear / Embedding layers, and
+    switch those layers to cpu.half's; False (nothing done) when OPENELM_MLX_HALF is off or the kernel cannot be
+    built, or no such weight exists."""
+    from . import half
+
+    kept = {id(m["weight"]) for _, m in model.named_modules()
+            if type(m) in (nn.Linear, nn.Embedding) and m["weight"].dtype in half.HALF_DTYPES}
+    if not kept or half.variant() is None:
+        return False
+    model.apply(lambda p: p if id(p) in kept or not mx.issubdtype(p.dtype, mx.floating) else p.astype(mx.float32))
+    mx.eval(model.parameters())
+    half.use_half_layers(model)
+    return True
 
 
 def _upcast_quantized(model: nn.Module) -> bool:

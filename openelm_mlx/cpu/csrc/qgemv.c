@@ -662,3 +662,224 @@ EXPORT int openelm_qgemv_int8(const void *w, const float *s, const float *b, con
     return 3;
 }
 #endif
+
+/* ---- Half-precision weights: y = x @ W.T with W float16 or bfloat16, converted in registers ----
+ *
+ * openelm_hgemv(x, rows, w, n, k, kind, y, threads, variant): x is rows x k float32 (row-major), w is n x k half
+ * (row-major; kind HALF_FLOAT16 or HALF_BFLOAT16), y is rows x n float32. Each weight row is read once for up to
+ * 8 rows of x (more rows: blocks of 8 against the row while it is in L1), converted to float32 in registers (F16C
+ * vcvtph2ps for float16; bfloat16 is the high half of a float32, so widening and a 16-bit shift), and multiplied
+ * with float32 FMAs. Reading 2 bytes a weight instead of a float32 copy's 4 halves decode's memory traffic (what
+ * llama.cpp's ggml-cpu does for its F16 tensors). Output rows are split over the thread pool above (x86-64); each
+ * output element is computed by one thread in a fixed order, so any thread count gives the same bits. Variants:
+ * HALF_AVX2 (AVX2 + FMA + F16C) and HALF_PORTABLE (plain C, any CPU: the fallback and the reference the tests
+ * compare). openelm_mlx.cpu.half calls it for few-row products (decode); it is a plain C function so that other C
+ * code built with this file can call it too. */
+
+enum { HALF_FLOAT16 = 0, HALF_BFLOAT16 = 1 };
+enum { HALF_PORTABLE = 1, HALF_AVX2 = 2 };
+#define HALF_BLOCK 8 /* rows of x per pass over a weight row */
+
+typedef struct {
+    const float *x;
+    const uint16_t *w;
+    float *y;
+    int rows, n, k, kind, per_unit;
+} hjob_t;
+
+typedef void (*half_unit_fn)(const void *ctx, int unit);
+
+static void half_run(half_unit_fn fn, const void *ctx, int total, int threads) {
+#if defined(__x86_64__)
+    run_parallel(fn, ctx, total, threads);
+#else
+    (void)threads;
+    for (int i = 0; i < total; i++) fn(ctx, i);
+#endif
+}
+
+static inline float half_bits_to_float(uint32_t bits) {
+    union {
+        uint32_t u;
+        float f;
+    } v = {bits};
+    return v.f;
+}
+
+/* One float16 or bfloat16 value as a float32 (exact: every half value is a float32 value). */
+static inline float half_to_float(uint16_t h, int kind) {
+    if (kind == HALF_BFLOAT16) return half_bits_to_float((uint32_t)h << 16);
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1f) return half_bits_to_float(sign | 0x7f800000u | (man << 13)); /* inf, nan */
+    if (exp) return half_bits_to_float(sign | ((exp + 112) << 23) | (man << 13));  /* rebias 15 -> 127 */
+    const float sub = (float)man * 5.9604644775390625e-8f;                         /* man * 2^-24, exact */
+    return sign ? -sub : sub;
+}
+
+/* Portable: weight row r against rows [b, b + m) of x, 8 float lanes per row (a fixed order compilers may
+ * vectorise without reassociating), then the lanes summed as the AVX2 variant does. */
+static void half_row_portable(const hjob_t *j, int r, int b, int m) {
+    const uint16_t *wr = j->w + (size_t)r * j->k;
+    float acc[HALF_BLOCK][8] = {{0}}, tail[HALF_BLOCK] = {0};
+    const int k8 = j->k & ~7;
+    for (int c = 0; c < k8; c += 8) {
+        float wf[8];
+        for (int l = 0; l < 8; l++) wf[l] = half_to_float(wr[c + l], j->kind);
+        for (int i = 0; i < m; i++) {
+            const float *xr = j->x + (size_t)(b + i) * j->k + c;
+            for (int l = 0; l < 8; l++) acc[i][l] += wf[l] * xr[l];
+        }
+    }
+    for (int c = k8; c < j->k; c++) {
+        const float wf = half_to_float(wr[c], j->kind);
+        for (int i = 0; i < m; i++) tail[i] += wf * j->x[(size_t)(b + i) * j->k + c];
+    }
+    for (int i = 0; i < m; i++) {
+        const float *a = acc[i];
+        j->y[(size_t)(b + i) * j->n + r] =
+            (((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))) + tail[i];
+    }
+}
+
+static void half_unit_portable(const void *ctx, int unit) {
+    const hjob_t *j = (const hjob_t *)ctx;
+    const int r1 = (unit + 1) * j->per_unit < j->n ? (unit + 1) * j->per_unit : j->n;
+    for (int r = unit * j->per_unit; r < r1; r++)
+        for (int b = 0; b < j->rows; b += HALF_BLOCK)
+            half_row_portable(j, r, b, j->rows - b < HALF_BLOCK ? j->rows - b : HALF_BLOCK);
+}
+
+#if defined(__x86_64__)
+#define HALF_TARGET "avx2,fma,f16c"
+
+
+__attribute__((target(HALF_TARGET), always_inline)) static inline __m256 half_load8(const uint16_t *p, int kind) {
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (kind == HALF_BFLOAT16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+}
+
+/* Weight rows [r, r + P) against M rows of x (P, M, U and KIND constants after inlining): U chunks of 8 weights a
+ * step, so that one row of x still has U independent accumulators (FMA latency), and P weight rows at once for
+ * more rows of x (each x load serves P FMAs). One weight row at a time streamed from memory fastest for one row of
+ * x (~12-14 GB/s against ~8-10 with 2-4 rows interleaved, one-off). An output's sum does not depend on P. */
+__attribute__((target(HALF_TARGET), always_inline)) static inline void half_rows_avx2(const hjob_t *j, int r, int b,
+                                                                                      const int P, const int M,
+                                                                                      const int U, const int KIND) {
+    const size_t k = (size_t)j->k;
+    const uint16_t *w = j->w + (size_t)r * k;
+    const float *x = j->x + (size_t)b * k;
+    __m256 acc[2][HALF_BLOCK][4];
+#pragma GCC unroll 4
+    for (int p = 0; p < P; p++)
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++)
+#pragma GCC unroll 4
+            for (int u = 0; u < U; u++) acc[p][i][u] = _mm256_setzero_ps();
+    size_t c = 0;
+    for (; c + 8 * U <= k; c += 8 * U) {
+#pragma GCC unroll 4
+        for (int u = 0; u < U; u++) {
+#pragma GCC unroll 2
+            for (int p = 0; p < P; p++) {
+                const __m256 wv = half_load8(w + p * k + c + 8 * u, KIND);
+#pragma GCC unroll 8
+                for (int i = 0; i < M; i++)
+                    acc[p][i][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c + 8 * u), acc[p][i][u]);
+            }
+        }
+    }
+    for (; c + 8 <= k; c += 8) /* the last chunks of 8 when U does not divide them */
+#pragma GCC unroll 2
+        for (int p = 0; p < P; p++) {
+            const __m256 wv = half_load8(w + p * k + c, KIND);
+#pragma GCC unroll 8
+            for (int i = 0; i < M; i++)
+                acc[p][i][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * k + c), acc[p][i][0]);
+        }
+#pragma GCC unroll 2
+    for (int p = 0; p < P; p++) {
+        float tail[HALF_BLOCK] = {0};
+        for (size_t t = c; t < k; t++) {
+            const uint16_t h = w[p * k + t];
+            const float wf = KIND == HALF_BFLOAT16 ? half_bits_to_float((uint32_t)h << 16) : _cvtsh_ss(h);
+#pragma GCC unroll 8
+            for (int i = 0; i < M; i++) tail[i] += wf * x[i * k + t];
+        }
+#pragma GCC unroll 8
+        for (int i = 0; i < M; i++) {
+            __m256 s = acc[p][i][0];
+#pragma GCC unroll 4
+            for (int u = 1; u < U; u++) s = _mm256_add_ps(s, acc[p][i][u]);
+            j->y[(size_t)(b + i) * j->n + r + p] = hsum(s) + tail[i];
+        }
+    }
+}
+
+/* Rows [r0, r1) of w against rows [b, b + m) of x, m <= HALF_BLOCK: P weight rows at a time, then one by one. */
+#define HALF_PM(P, M, U, KIND)                                                                                  \
+    do {                                                                                                        \
+        int r = r0;                                                                                             \
+        for (; r + P <= r1; r += P) half_rows_avx2(j, r, b, P, M, U, KIND);                                     \
+        for (; r < r1; r++) half_rows_avx2(j, r, b, 1, M, U, KIND);                                             \
+    } while (0)
+#define HALF_CASES(KIND)                                                                                        \
+    switch (m) {                                                                                                \
+    case 1: HALF_PM(1, 1, 4, KIND); break;                                                                      \
+    case 2: HALF_PM(1, 2, 2, KIND); break;                                                                      \
+    case 3: HALF_PM(2, 3, 1, KIND); break;                                                                      \
+    case 4: HALF_PM(2, 4, 1, KIND); break;                                                                      \
+    case 5: HALF_PM(2, 5, 1, KIND); break;                                                                      \
+    case 6: HALF_PM(2, 6, 1, KIND); break;                                                                      \
+    case 7: HALF_PM(1, 7, 1, KIND); break;                                                                      \
+    default: HALF_PM(1, 8, 1, KIND); break;                                                                     \
+    }
+
+__attribute__((target(HALF_TARGET))) static void half_block_avx2_f16(const hjob_t *j, int r0, int r1, int b, int m) {
+    HALF_CASES(HALF_FLOAT16)
+}
+__attribute__((target(HALF_TARGET))) static void half_block_avx2_bf16(const hjob_t *j, int r0, int r1, int b, int m) {
+    HALF_CASES(HALF_BFLOAT16)
+}
+
+static void half_unit_avx2(const void *ctx, int unit) {
+    const hjob_t *j = (const hjob_t *)ctx;
+    const int r0 = unit * j->per_unit, r1 = r0 + j->per_unit < j->n ? r0 + j->per_unit : j->n;
+    void (*block)(const hjob_t *, int, int, int, int) = j->kind == HALF_BFLOAT16 ? half_block_avx2_bf16
+                                                                                    : half_block_avx2_f16;
+    for (int b = 0; b < j->rows; b += HALF_BLOCK) /* the unit's weight rows (~128 KB) stay in L2 between blocks */
+        block(j, r0, r1, b, j->rows - b < HALF_BLOCK ? j->rows - b : HALF_BLOCK);
+}
+#endif
+
+/* Bit mask of the variants this CPU can run (HALF_PORTABLE always). */
+EXPORT int openelm_hgemv_variants(void) {
+    int v = HALF_PORTABLE;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        v |= HALF_AVX2;
+#endif
+    return v;
+}
+
+/* y (rows x n) = x (rows x k) @ w.T, w (n x k) float16 (kind 0) or bfloat16 (kind 1), float32 accumulation, split
+ * over `threads` threads by output rows. variant: 0 the best this CPU has, else HALF_PORTABLE or HALF_AVX2.
+ * Returns 0; 1 for a bad shape or kind; 3 for a variant this CPU lacks. */
+EXPORT int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, int kind, float *y, int threads,
+                         int variant) {
+    const int have = openelm_hgemv_variants();
+    if (variant == 0) variant = have & HALF_AVX2 ? HALF_AVX2 : HALF_PORTABLE;
+    if (!(have & variant) || (variant & (variant - 1))) return 3;
+    if (rows < 1 || n < 1 || k < 1 || (kind != HALF_FLOAT16 && kind != HALF_BFLOAT16)) return 1;
+    if (threads < 1) threads = 1;
+    if (threads > 16) threads = 16;
+    const int per_unit = k >= 65536 ? 1 : 65536 / k; /* about 64K weights a unit, as the kernels above */
+    const hjob_t job = {x, (const uint16_t *)w, y, rows, n, k, kind, per_unit};
+    half_unit_fn fn = half_unit_portable;
+#if defined(__x86_64__)
+    if (variant == HALF_AVX2) fn = half_unit_avx2;
+#endif
+    half_run(fn, &job, (n + per_unit - 1) / per_unit, threads);
+    return 0;
+}
