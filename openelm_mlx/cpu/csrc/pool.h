@@ -116,7 +116,14 @@ static void register_fork_handlers(void) {
 }
 
 /* fn(ctx, unit) for unit in [0, total) over the caller and up to threads - 1 helpers; returns when all are done. */
-static void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
+/* A file whose pool other files built into the same library share defines OPENELM_POOL_SHARED before including
+ * this: run_parallel then has external (still hidden) linkage, and they declare it. */
+#ifdef OPENELM_POOL_SHARED
+#define OPENELM_POOL_LINKAGE
+#else
+#define OPENELM_POOL_LINKAGE static
+#endif
+OPENELM_POOL_LINKAGE void run_parallel(unit_fn fn, const void *ctx, int total, int threads) {
     if (threads <= 1 || total <= 1) {
         for (int i = 0; i < total; i++) fn(ctx, i);
         return;
