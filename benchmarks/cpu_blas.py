@@ -14,7 +14,8 @@ models (the best counts).
     python benchmarks/cpu_blas.py --also-blas /path/libmkl_rt.so.2   # one more BLAS, e.g. the mkl wheel's
 
 The optimized BLAS also runs once more with OPENELM_MLX_GEMV=0 (row "no-shim"), to show what the cblas_sgemm
-shim in front of OpenBLAS (decode's M == 1 products sent to sgemv) does.
+shim in front of OpenBLAS (decode's few-row products on its small-M kernel, other one-row ones on sgemv)
+does.
 
 Sizes: float32 with the optimized BLAS uses a 512-token prompt (best of --reps), 128 decode steps (median step)
 and --lora-steps LoRA steps of 128 tokens (best). Runs at a few GFLOP/s (the reference BLAS; bfloat16 and float16,

@@ -15,7 +15,8 @@ the median of the per-round ratios. Also reported: each server process's CPU tim
 from /proc) per generated token, which other jobs on a shared machine disturb less than wall time.
 
 mlx-lm's side runs in one of two ways (`--peer`): `blas` (default) imports openelm_mlx first, so mlx-lm runs on
-the same optimized CPU BLAS and the comparison isolates the serving machinery and the model code; `stock` is
+the same optimized CPU BLAS, with the same few-row sgemm shim in front of it (csrc/gemv_shim.c), and the comparison
+isolates the serving machinery and the model code; `stock` is
 `python -m mlx_lm server` as installed (MLX's reference BLAS on Linux: tens of times slower on a CPU).
 
     python benchmarks/server.py                                         # 270M shape, 1/4/16 clients

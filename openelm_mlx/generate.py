@@ -41,6 +41,16 @@ class GenerateError(OpenELMError, ValueError):
 # Loading
 
 
+def load_draft(path: str | Path, model: Model, dtype: Optional[str] = None) -> Model:
+    """The `--draft-model` of `model` for speculative decoding: loaded like it, and refused (naming the flag) when
+    it is missing or its vocabulary differs."""
+    draft = load(resolve_model_path(path, flag="--draft-model"), dtype=dtype)[0]
+    if draft.config.vocab_size != model.config.vocab_size:
+        raise GenerateError(f"--draft-model {path}: its vocabulary ({draft.config.vocab_size}) differs from the "
+                            f"model's ({model.config.vocab_size}); the draft must share the model's tokenizer")
+    return draft
+
+
 def is_instruct(path: str | Path) -> bool:
     """Whether a model is an Instruct (chat) model: the source name the converter records in config.json
     (`_name_or_path`, e.g. "apple/OpenELM-270M-Instruct") or the model's own path/hub id contains "instruct"."""
@@ -349,7 +359,7 @@ def run(*, settings: GenerateConfig, stdin=None, out=None) -> GenerationResponse
     if s.seed is not None:
         mx.random.seed(s.seed)
     model, tokenizer = load(s.model, adapter_path=s.adapter_path, dtype=s.dtype)
-    draft = load(s.draft_model, dtype=s.dtype)[0] if s.draft_model else None
+    draft = load_draft(s.draft_model, model, s.dtype) if s.draft_model else None
     chat = s.chat if s.chat is not None else is_instruct(s.model) or is_instruct(resolve_model_path(s.model))
     ids = encode_prompt(tokenizer, prompt, chat=chat, system_prompt=s.system_prompt)
     last = None

@@ -31,6 +31,7 @@ from .generate import (
     check_sampling,
     is_instruct,
     load,
+    load_draft,
     resolve_model_path,
 )
 
@@ -533,10 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
 def start(s: ServerConfig) -> tuple[Service, socket.socket]:
     """Load the model, start the engine, and bind the listening socket (so a bad address fails before serving)."""
     model, tokenizer = load(s.model, adapter_path=s.adapter_path, dtype=s.dtype)
-    draft = load(s.draft_model, dtype=s.dtype)[0] if s.draft_model else None
-    if draft is not None and draft.config.vocab_size != model.config.vocab_size:
-        raise GenerateError(f"--draft-model {s.draft_model}: its vocabulary ({draft.config.vocab_size}) differs "
-                            f"from the model's ({model.config.vocab_size})")
+    draft = load_draft(s.draft_model, model, s.dtype) if s.draft_model else None
     template = s.chat_template or ("openelm" if is_instruct(s.model) or is_instruct(resolve_model_path(s.model))
                                    else "plain")
     try:

@@ -33,8 +33,11 @@ SWITCHES = {s.name: s for s in (
     Switch("OPENELM_MLX_BLAS", "path", None,
            "optimized BLAS to load before mlx on Linux: a library path, 'auto' (default: system OpenBLAS, then "
            "the mkl wheel) or 'none' (MLX keeps its reference BLAS)"),
-    Switch("OPENELM_MLX_GEMV", "flag", True,
-           "decode's one-row float matmuls go to OpenBLAS's sgemv through csrc/gemv_shim.c"),
+    Switch("OPENELM_MLX_GEMV", "choice", "on",
+           "few-row float32 matmuls (decode) bypass OpenBLAS's sgemm through csrc/gemv_shim.c: on (its small-M "
+           "kernel, the best variant this CPU has; other one-row products to sgemv), portable (its C loop), sgemv "
+           "(only one-row products, to OpenBLAS's sgemv) or off (no shim)",
+           choices=("on", "off", "portable", "sgemv")),
     Switch("OPENELM_MLX_CACHE", "path", None,
            "where the C kernels built on first use are kept (default $XDG_CACHE_HOME/openelm_mlx)"),
     Switch("OPENELM_MLX_DATA_CACHE", "path", None,

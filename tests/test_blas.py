@@ -172,7 +172,7 @@ tokens = mx.load(sys.argv[2])["tokens"]
 mx.save_safetensors(sys.argv[3], {"logits": model(tokens)})
 shim = blas.status().gemv_shim
 import ctypes
-print(ctypes.CDLL(shim).openelm_gemv_shim_forwarded() if shim else 0, blas.status().kind)
+print(ctypes.CDLL(shim).openelm_gemv_shim_forwarded(1) if shim else 0, blas.status().kind)
 """
 
 
@@ -184,10 +184,11 @@ def mkl_wheel() -> str:
 
 
 @linux_only
-@pytest.mark.parametrize("library,batch,length", [("openblas", 2, 24), ("openblas", 1, 1), ("mkl", 2, 24)])
+@pytest.mark.parametrize("library,batch,length", [("openblas", 2, 24), ("openblas", 1, 1), ("openblas", 5, 1),
+                                                  ("mkl", 2, 24)])
 def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library, batch, length):
-    # OpenBLAS as detected by default; MKL named explicitly, since a system OpenBLAS comes first. One token
-    # (decode's shape) sends every projection through the sgemv shim in front of OpenBLAS.
+    # OpenBLAS as detected by default; MKL named explicitly, since a system OpenBLAS comes first. One token per
+    # sequence (decode's shape) sends every projection through the shim's small-M kernel in front of OpenBLAS.
     if library == "mkl":
         setting = mkl_wheel()
     else:
@@ -210,8 +211,10 @@ def test_logits_agree_with_and_without_the_optimized_blas(tmp_path, library, bat
         forwarded, used = proc.stdout.split()[-2:]
         assert used == kind  # the BLAS that computed these logits
         if name == "fast" and library == "openblas":
-            # Every linear layer of a one-token forward is an M == 1 sgemm that the shim sends to sgemv.
-            assert (int(forwarded) > 0) == (batch * length == 1), forwarded
+            # One token per sequence: every linear layer (4 per block, and the head) is a few-row sgemm that the
+            # shim's kernel computes; 48 rows are beyond it, 24 queries' attention scores are not.
+            linear_layers = 4 * get_preset("tiny").num_transformer_layers + 1
+            assert int(forwarded) >= (linear_layers if length == 1 else 1), forwarded
         logits[name] = mx.load(str(out))["logits"]
     ref, fast = logits["reference"], logits["fast"]
     assert ref.shape == fast.shape == (batch, length, get_preset("tiny").vocab_size)
@@ -251,42 +254,61 @@ import openelm_mlx
 import mlx.core as mx
 from openelm_mlx.cpu import blas
 mx.random.seed(0)
-x, xcol = mx.random.normal((1, 96)), mx.random.normal((96, 1))
+x, xcol, x5 = mx.random.normal((1, 96)), mx.random.normal((96, 1)), mx.random.normal((5, 96))
 w, wt, c = mx.random.normal((80, 96)), mx.random.normal((96, 80)), mx.random.normal((1, 80))
-q, k = mx.random.normal((2, 3, 1, 16)), mx.random.normal((2, 3, 9, 16))
-forms = {  # each an M == 1 sgemm: transposed or not on either side, beta != 0, batched, and one M == 2 control
+q, k = mx.random.normal((2, 3, 4, 16)), mx.random.normal((2, 3, 9, 16))
+x40 = mx.random.normal((40, 96))
+forms = {  # few-row sgemms: transposed or not on either side, beta != 0, batched; and one with 40 rows
     "x @ w.T": (lambda: x @ w.T, lambda n: n["x"] @ n["w"].T),
     "x @ wt": (lambda: x @ wt, lambda n: n["x"] @ n["wt"]),
     "xcol.T @ w.T": (lambda: xcol.T @ w.T, lambda n: n["xcol"].T @ n["w"].T),
     "addmm": (lambda: mx.addmm(c, x, w.T, alpha=0.5, beta=2.0), lambda n: 2.0 * n["c"] + 0.5 * n["x"] @ n["w"].T),
     "attention": (lambda: q @ k.swapaxes(-1, -2), lambda n: n["q"] @ n["k"].swapaxes(-1, -2)),
-    "M=2": (lambda: mx.concatenate([x, x]) @ w.T, lambda n: np.concatenate([n["x"], n["x"]]) @ n["w"].T),
+    "M=5": (lambda: x5 @ w.T, lambda n: n["x5"] @ n["w"].T),
+    "M=5 @ wt": (lambda: x5 @ wt, lambda n: n["x5"] @ n["wt"]),
+    "M=40": (lambda: x40 @ w.T, lambda n: n["x40"] @ n["w"].T),
 }
-arrays = {"x": x, "xcol": xcol, "w": w, "wt": wt, "c": c, "q": q, "k": k}
+arrays = {"x": x, "xcol": xcol, "x5": x5, "x40": x40, "w": w, "wt": wt, "c": c, "q": q, "k": k}
 numpy = {name: np.array(a, dtype=np.float64) for name, a in arrays.items()}
 shim = ctypes.CDLL(blas.status().gemv_shim)
-report = {}
+report = {"kernel": blas.status().gemv_kernel}
 for name, (ours, expected) in forms.items():
-    before = shim.openelm_gemv_shim_forwarded()
+    before = [shim.openelm_gemv_shim_forwarded(which) for which in (0, 1)]
     out = ours()
     mx.eval(out)
     report[name] = {"err": float(np.abs(np.array(out, dtype=np.float64) - expected(numpy)).max()),
-                    "forwarded": shim.openelm_gemv_shim_forwarded() - before}
+                    "sgemv": shim.openelm_gemv_shim_forwarded(0) - before[0],
+                    "kernel": shim.openelm_gemv_shim_forwarded(1) - before[1]}
 print(json.dumps(report))
 """
+# Where each form goes, by OPENELM_MLX_GEMV: "kernel" (the shim's small-M kernel), "sgemv" or "sgemm" (OpenBLAS).
+GEMV_ROUTES = {
+    "on": {"x @ w.T": "kernel", "x @ wt": "sgemv", "xcol.T @ w.T": "kernel", "addmm": "kernel", "attention": "kernel",
+           "M=5": "kernel", "M=5 @ wt": "sgemm", "M=40": "sgemm"},
+    "portable": {"x @ w.T": "sgemv", "x @ wt": "sgemv", "xcol.T @ w.T": "sgemv", "addmm": "sgemv",
+                 "attention": "kernel", "M=5": "sgemm", "M=5 @ wt": "sgemm", "M=40": "sgemm"},
+    "sgemv": {"x @ w.T": "sgemv", "x @ wt": "sgemv", "xcol.T @ w.T": "sgemv", "addmm": "sgemv", "attention": "sgemm",
+              "M=5": "sgemm", "M=5 @ wt": "sgemm", "M=40": "sgemm"},
+}
 
 
 @linux_only
-def test_gemv_shim_computes_every_vector_matrix_form_exactly(tmp_path):
+@pytest.mark.parametrize("setting", list(GEMV_ROUTES))
+def test_gemv_shim_computes_every_few_row_form_exactly_and_routes_it_by_the_switch(tmp_path, setting):
     system_openblas()
-    proc = run(GEMV_FORMS, None, env_extra={blas.CACHE_ENV_VAR: str(tmp_path)})
+    proc = run(GEMV_FORMS, None, env_extra={blas.CACHE_ENV_VAR: str(tmp_path), blas.GEMV_ENV_VAR: setting})
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    kernel = report.pop("kernel")
+    if setting == "sgemv":
+        assert kernel == ""
+    else:
+        assert kernel.startswith("avx2 kernel" if setting == "on" else "portable kernel"), kernel
+        if setting == "on" and not kernel.startswith("avx2"):
+            pytest.skip("this CPU has no AVX2/FMA: the default is the portable kernel")
     for name, result in report.items():
         assert result["err"] < 1e-4, (name, result)  # float32 rounding of a 96-term dot product
-        if name == "M=2":
-            assert result["forwarded"] == 0  # a real matrix product stays on sgemm
-        else:
-            assert result["forwarded"] >= 1, (name, result)
+        route = GEMV_ROUTES[setting][name]
+        assert (result["kernel"] > 0, result["sgemv"] > 0) == (route == "kernel", route == "sgemv"), (name, result)
 
 
 @linux_only
@@ -294,7 +316,9 @@ def test_gemv_shim_off_switch_and_missing_compiler_keep_openblas(tmp_path):
     system_openblas()
     status, _ = status_in_subprocess(None, **{blas.CACHE_ENV_VAR: str(tmp_path / "a")})
     assert status["kind"] == "openblas" and status["gemv_shim"].startswith(str(tmp_path / "a"))
-    assert "via cblas_sgemv" in status["line"]
+    assert "few-row matmuls on csrc/gemv_shim.c's" in status["line"] and "via cblas_sgemv" in status["line"]
+    status, _ = status_in_subprocess(None, **{blas.GEMV_ENV_VAR: "sgemv", blas.CACHE_ENV_VAR: str(tmp_path / "a")})
+    assert status["gemv_shim"] and "decode's M=1 matmuls via cblas_sgemv" in status["line"]
     status, _ = status_in_subprocess(None, **{blas.GEMV_ENV_VAR: "0", blas.CACHE_ENV_VAR: str(tmp_path / "b")})
     assert status["loaded"] and status["gemv_shim"] is None
     assert "turned off by OPENELM_MLX_GEMV" in status["gemv_reason"]
@@ -302,7 +326,7 @@ def test_gemv_shim_off_switch_and_missing_compiler_keep_openblas(tmp_path):
     status, stderr = status_in_subprocess(None, CC=str(tmp_path / "no-such-cc"),
                                           **{blas.CACHE_ENV_VAR: str(tmp_path / "c")})
     assert status["loaded"] and status["kind"] == "openblas" and status["gemv_shim"] is None
-    assert "no-such-cc" in status["gemv_reason"] and "M=1 matmuls on sgemm" in status["line"]
+    assert "no-such-cc" in status["gemv_reason"] and "few-row matmuls on sgemm" in status["line"]
     assert "Traceback" not in stderr
 
 

@@ -321,3 +321,100 @@ def test_bad_flags_exit_with_one_line(model_dir, tmp_path):
         r = subprocess.run([sys.executable, "-m", "openelm_mlx.server", *argv], capture_output=True, text=True,
                            env=env, timeout=120)
         assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# ------------------------------------------------------------------------------ --adapter-path, --draft-model
+
+
+def adapters_on(model_dir, out, seed=0):
+    """LoRA adapters for the model in `model_dir` with a clear effect: mlx-lm's LoRA layers swapped in by the
+    project's `apply_adapters`, B drawn at random (training starts it at zero), written by `save_adapters`."""
+    import mlx.core as mx
+
+    from openelm_mlx import adapters
+    from openelm_mlx.checkpoint import load_model
+
+    model, _ = load_model(model_dir)
+    config = adapters.adapter_config(fine_tune_type="lora", num_layers=2, rank=4, scale=10.0)
+    adapters.apply_adapters(model, config)
+    for i, (_, layer) in enumerate(m for m in model.named_modules() if hasattr(m[1], "lora_b")):
+        layer.lora_b = 0.1 * mx.random.normal(layer.lora_b.shape, key=mx.random.key(seed + i))
+    return adapters.save_adapters(out, model, config)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    return adapters_on(model_dir, tmp_path_factory.mktemp("adapters") / "lora")
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    """A draft sharing the tokenizer, with other weights (it proposes tokens the target often rejects)."""
+    from model_dirs import reference_model, save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("draft") / "draft", reference_model(5),
+                     shared_file("llama2-tokenizer.model"))
+
+
+def served(model_dir, *flags):
+    """Greedy completions of PROMPTS[:3] from a server started with `flags`: one request, then the three at once."""
+    proc, port = start_server(model_dir, *flags)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+
+        def ask(prompt):
+            return c.completions.create(model="tiny-Instruct", prompt=prompt, max_tokens=16, temperature=0)
+
+        first = ask(PROMPTS[0]).choices[0].text
+        with cf.ThreadPoolExecutor(3) as pool:
+            together = [r.choices[0].text for r in pool.map(ask, PROMPTS[:3])]
+        return first, together
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_adapter_path_serves_the_adapted_model(model_dir, adapter_dir, capsys):
+    base = [generate_cli(capsys, "--model", str(model_dir), "-p", p, "-m", "16", "--no-chat") for p in PROMPTS[:3]]
+    want = [generate_cli(capsys, "--model", str(model_dir), "--adapter-path", str(adapter_dir), "-p", p, "-m", "16",
+                         "--no-chat") for p in PROMPTS[:3]]
+    assert want != base and want[0] != base[0]  # the adapters change greedy output
+    first, together = served(model_dir, "--adapter-path", str(adapter_dir))
+    assert first == want[0]  # the single-sequence path
+    assert together == want  # the batched path
+
+
+def test_draft_model_gives_the_non_speculative_greedy_output(model_dir, draft_dir, capsys):
+    want = [generate_cli(capsys, "--model", str(model_dir), "-p", p, "-m", "16", "--no-chat") for p in PROMPTS[:3]]
+    assert generate_cli(capsys, "--model", str(draft_dir), "-p", PROMPTS[0], "-m", "16", "--no-chat") != want[0]
+    first, together = served(model_dir, "--draft-model", str(draft_dir), "--num-draft-tokens", "3")
+    assert first == want[0] and together == want
+
+
+def test_bad_adapter_and_draft_flags_exit_with_one_error_line(model_dir, adapter_dir, tmp_path):
+    from dataclasses import replace
+
+    from openelm_mlx.checkpoint import save_model
+    from openelm_mlx.config import get_preset
+    from openelm_mlx.model import Model
+
+    tokenizer = shared_file("llama2-tokenizer.model")
+    tiny = get_preset("tiny")
+    wider = save_model(Model(replace(tiny, model_dim=320)), tmp_path / "wider", tokenizer_src=tokenizer)
+    other_vocab = save_model(Model(replace(tiny, vocab_size=1024)), tmp_path / "vocab1024", tokenizer_src=tokenizer)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cases = [
+        (["--adapter-path", str(tmp_path / "no-adapters")], f"{tmp_path / 'no-adapters'} does not exist"),
+        (["--adapter-path", str(adapters_on(wider, tmp_path / "wider-adapters"))], "wrong shape"),
+        (["--draft-model", str(tmp_path / "no-draft")], f"{tmp_path / 'no-draft'}: no such model directory"),
+        (["--draft-model", str(other_vocab)], "its vocabulary (1024) differs from the model's (32000)"),
+    ]
+    for argv, needle in cases:
+        r = subprocess.run([sys.executable, "-m", "openelm_mlx.server", "--model", str(model_dir), "--port", "0",
+                            *argv], capture_output=True, text=True, env=env, timeout=180)
+        errors = [line for line in r.stderr.splitlines() if "error:" in line]
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(errors) == 1 and needle in errors[0], r.stderr
+        if "--draft-model" in argv:
+            assert "--draft-model" in errors[0] and "--model" not in errors[0].replace("--draft-model", ""), errors
+        assert "serving" not in r.stderr  # it never started

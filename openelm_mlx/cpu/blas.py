@@ -7,8 +7,10 @@ loaded earlier with RTLD_GLOBAL is searched first, so an optimized BLAS exportin
 call from `openelm_mlx/__init__.py` and the warning when mlx came first.
 
 In front of OpenBLAS goes a small `cblas_sgemm` (csrc/gemv_shim.c, built with the system C compiler on first use
-and cached) that sends decode's vector-matrix products (M == 1) to `cblas_sgemv`: OpenBLAS 0.3.21 packs the
-whole weight matrix for such an sgemm, which halves decode speed. `OPENELM_MLX_GEMV=0` leaves it out.
+and cached) for decode's few-row products: OpenBLAS 0.3.21 packs the whole weight matrix for such an sgemm, which
+halves one-sequence decode and makes a batch of 4 cost as much as one of 16. Linear-layout products with up to
+KERNEL_ROWS rows go to the shim's own kernel (AVX2 + FMA or portable C, threads = cores), other one-row products to
+`cblas_sgemv`. `OPENELM_MLX_GEMV=sgemv` keeps only the sgemv forwarding, `OPENELM_MLX_GEMV=0` leaves the shim out.
 
 Order: `OPENELM_MLX_BLAS=/path/lib.so` (`none` turns the whole thing off), the system OpenBLAS (Debian/Ubuntu
 `libopenblas0-pthread`, Fedora, Arch, conda; also found via `ldconfig -p`), then `libmkl_rt` from the `mkl`
@@ -36,6 +38,10 @@ ENV_VAR = "OPENELM_MLX_BLAS"
 GEMV_ENV_VAR = "OPENELM_MLX_GEMV"
 CACHE_ENV_VAR = "OPENELM_MLX_CACHE"
 SHIM_SOURCE = Path(__file__).with_name("csrc") / "gemv_shim.c"
+# The shim's kernel variants (its VAR_* codes) and the rows M of the products each takes, (min, max): where it beat
+# OpenBLAS 0.3.21's sgemm on a 270M shape (docs/cpu-backend.md); the portable loop only at few rows.
+KERNEL_VARIANTS = {"portable": 1, "avx2": 2}
+KERNEL_ROWS = {"avx2": (1, 32), "portable": (2, 4)}
 
 
 class BlasPreloadWarning(RuntimeWarning):
@@ -53,8 +59,9 @@ class BlasStatus:
     version: str = ""  # openblas_get_config() / MKL's version string
     reason: str = ""  # why none was loaded
     too_late: bool = False  # mlx.core was imported before openelm_mlx
-    gemv_shim: Optional[str] = None  # the loaded csrc/gemv_shim.c library, when M == 1 matmuls go to sgemv
+    gemv_shim: Optional[str] = None  # the loaded csrc/gemv_shim.c library, when few-row matmuls go through it
     gemv_reason: str = ""  # why not, for an OpenBLAS without it
+    gemv_kernel: str = ""  # what the shim does with few-row products, e.g. "avx2 kernel for M 1-32, 2 threads"
 
 
 _status: Optional[BlasStatus] = None
@@ -169,7 +176,8 @@ def build_c_library(source_path: Path, flags: tuple = (), extra_sources: tuple =
     if not compiler:
         return None, "no C compiler (cc) to build it"
     sources = (source_path, *extra_sources)
-    source = b"".join(p.read_bytes() for p in sources)
+    source = b"".join(p.read_bytes() for p in sources)  # with the headers beside it (csrc/pool.h), which it may include
+    source += b"".join(h.read_bytes() for h in sorted(source_path.parent.glob("*.h")))
     key = hashlib.sha256(source + f"{platform.machine()} {compiler} {' '.join(flags)}".encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source_path.stem}-{key}.so"
     if target.exists():
@@ -192,26 +200,48 @@ def build_c_library(source_path: Path, flags: tuple = (), extra_sources: tuple =
 
 def build_gemv_shim() -> tuple[Optional[str], str]:
     """csrc/gemv_shim.c, built (see build_c_library)."""
-    return build_c_library(SHIM_SOURCE, ("-ldl",))
+    return build_c_library(SHIM_SOURCE, ("-ldl", "-pthread"))
 
 
-def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str]:
-    """Put the sgemv-forwarding cblas_sgemm into the global scope, bound to `blas_path`; must run before that
-    BLAS goes global, so that libmlx finds the shim first."""
-    if not switches.get(GEMV_ENV_VAR):
-        return None, f"turned off by {GEMV_ENV_VAR}"
+def _cores() -> int:
+    """CPUs this process may run on (the kernel's thread count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _configure_kernel(shim: ctypes.CDLL, setting: str) -> str:
+    """Tell the shim which few-row products its kernel takes (by the switch and this CPU); returns what it does."""
+    if setting == "sgemv":
+        return ""
+    available = [name for name, bit in KERNEL_VARIANTS.items() if shim.openelm_smallm_variants() & bit]
+    variant = "portable" if setting == "portable" or "avx2" not in available else "avx2"
+    lo, hi = KERNEL_ROWS[variant]
+    threads = min(_cores(), 16)
+    shim.openelm_gemv_shim_configure(lo, hi, threads, KERNEL_VARIANTS[variant])
+    return f"{variant} kernel for M {lo}-{hi}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str, str]:
+    """Put the shim's cblas_sgemm into the global scope, bound to `blas_path` and configured; must run before that
+    BLAS goes global, so that libmlx finds the shim first. Returns (path, why not, what its kernel does)."""
+    setting = switches.get(GEMV_ENV_VAR)
+    if setting == "off":
+        return None, f"turned off by {GEMV_ENV_VAR}", ""
     path, problem = build_gemv_shim()
     if path is None:
-        return None, problem
+        return None, problem, ""
     try:
         shim = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
         code = shim.openelm_gemv_shim_init(os.fsencode(blas_path))
+        kernel = _configure_kernel(shim, setting) if code == 0 else ""
     except (OSError, AttributeError) as exc:
-        return None, f"{path} could not be loaded ({exc})"
+        return None, f"{path} could not be loaded ({exc})", ""
     if code != 0:
-        return None, f"{path} could not bind cblas_sgemm/cblas_sgemv of {blas_path} (code {code})"
+        return None, f"{path} could not bind cblas_sgemm/cblas_sgemv of {blas_path} (code {code})", ""
     _handles.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))  # promoted to global only once bound
-    return path, ""
+    return path, "", kernel
 
 
 def _load(path: str, source: str) -> tuple[Optional[BlasStatus], str]:
@@ -219,10 +249,10 @@ def _load(path: str, source: str) -> tuple[Optional[BlasStatus], str]:
     if probe is None:
         return None, problem
     kind, version = _identify(probe)
-    shim, shim_problem = _load_gemv_shim(path) if kind == "openblas" else (None, "")
+    shim, shim_problem, kernel = _load_gemv_shim(path) if kind == "openblas" else (None, "", "")
     _handles.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
     return BlasStatus(loaded=True, path=path, kind=kind, source=source, version=version, gemv_shim=shim,
-                      gemv_reason=shim_problem), ""
+                      gemv_reason=shim_problem, gemv_kernel=kernel), ""
 
 
 def preload() -> BlasStatus:
@@ -283,10 +313,12 @@ def describe() -> str:
         threads = _threads(s.kind)
         version = f" [{s.version}]" if s.version else ""
         gemv = ""
-        if s.gemv_shim:
+        if s.gemv_shim and s.gemv_kernel:
+            gemv = f", few-row matmuls on csrc/gemv_shim.c's {s.gemv_kernel}, other M=1 ones via cblas_sgemv"
+        elif s.gemv_shim:
             gemv = ", decode's M=1 matmuls via cblas_sgemv"
         elif s.gemv_reason:
-            gemv = f", M=1 matmuls on sgemm: {s.gemv_reason}"
+            gemv = f", few-row matmuls on sgemm: {s.gemv_reason}"
         return (f"BLAS: {name} {s.path}{version} (from {s.source}, loaded before mlx"
                 f"{f', {threads} threads' if threads else ''}{gemv})")
     if s.kind == "platform":
