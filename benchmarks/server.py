@@ -185,8 +185,9 @@ def main(argv=None) -> int:
         servers = {"ours": (start("ours", ours_cmd, ours_port, env), ours_port),
                    "mlx-lm": (start("mlx-lm", peer_cmd, peer_port, env), peer_port)}
         try:
-            for name, (_, port) in servers.items():  # warm up: first-call compilation, allocator
-                measure(port, str(model_dir), 2, args.prompt_words, 4, f"warm-{name}")
+            for name, (_, port) in servers.items():  # warm up at every level: first-call compilation (each
+                for c in levels:                      # batch shape), C kernels built on first use, allocator
+                    measure(port, str(model_dir), c, args.prompt_words, 4, f"warm-{c}-{name}")
             runs = {(name, c): [] for name in servers for c in levels}
             for rnd in range(args.rounds):
                 for c in levels:

@@ -1,8 +1,7 @@
 """`python -m openelm_mlx.train`: the PyTorch reference trainer (`openelm_mlx.reference.train`, the torch wing)."""
 
-import sys
-
+from . import cli
 from .reference.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

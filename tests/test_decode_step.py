@@ -164,3 +164,63 @@ def test_plain_path_for_training_mode_and_batch_offsets(pair):
         assert not decode.uses_compiled_decode(block, x, None, cache)
     finally:
         model.eval()
+
+
+def batch_stepped(model, rows, steps, *, compiled):
+    """Greedy steps of a left-padded batch on mlx-lm's BatchKVCache, as its BatchGenerator runs them: the last
+    position's logits of each step, (steps, B, vocab)."""
+    from mlx_lm.models.cache import BatchKVCache
+
+    width = max(len(r) for r in rows)
+    pads = [width - len(r) for r in rows]
+    calls = []
+    original = decode.CPUTransformerBlock.decode_step
+    decode.CPUTransformerBlock.decode_step = lambda self, *a: calls.append(len(a)) or original(self, *a)
+    try:
+        with switches.override(COMPILED_DECODE=compiled):
+            cache = [BatchKVCache(pads) for _ in model.layers]
+            logits = model(mx.array([[0] * p + list(r) for p, r in zip(pads, rows)]), cache=cache)[:, -1]
+            out = []
+            for _ in range(steps):
+                out.append(logits)
+                y = mx.argmax(logits, axis=-1)[:, None]
+                logits = model(y, cache=cache)[:, -1]
+            out = mx.stack(out)
+            mx.eval(out)
+    finally:
+        decode.CPUTransformerBlock.decode_step = original
+    batch_stepped.batched_calls = calls.count(3)  # decode_step(x, cache, mask)
+    return np.array(out)
+
+
+def test_batched_decode_equals_plain_ops_and_each_sequence_alone(pair):
+    """BatchKVCache steps (an offset per sequence, left padding masked) run decode_step: equal to the plain ops,
+    and each row equal to its sequence decoded alone, so padding and per-row RoPE positions are right."""
+    model = pair[1]
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(1, model.config.vocab_size, n).tolist() for n in (5, 11, 8)]
+    steps = 6
+    plain = batch_stepped(model, rows, steps, compiled=False)
+    assert batch_stepped.batched_calls == 0
+    fast = batch_stepped(model, rows, steps, compiled=True)
+    assert batch_stepped.batched_calls == steps * len(model.layers)  # the last step is computed, not kept
+    np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=0)
+    for b, row in enumerate(rows):
+        alone = batch_stepped(model, [row], steps, compiled=False)[:, 0]
+        np.testing.assert_allclose(fast[:, b], alone, atol=1e-5, rtol=0)
+
+
+def test_batched_decode_only_on_a_batch_cache(pair):
+    from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
+
+    model = pair[1]
+    block, x = model.layers[0], mx.zeros((2, 1, model.config.model_dim))
+    cache = BatchKVCache([0, 2])
+    mask = cache.make_mask(1)
+    assert decode.uses_batched_decode(block, x, mask, cache)
+    assert not decode.uses_batched_decode(block, mx.zeros((2, 3, model.config.model_dim)), mask, cache)
+    assert not decode.uses_batched_decode(block, x, None, cache)
+    rotating = BatchRotatingKVCache(8, [0, 2])  # its mask's length is the window, not a bound of the positions
+    assert not decode.uses_batched_decode(block, x, rotating.make_mask(1), rotating)
+    with switches.override(COMPILED_DECODE=False):
+        assert not decode.uses_batched_decode(block, x, mask, cache)

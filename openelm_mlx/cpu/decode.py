@@ -14,6 +14,7 @@ Both compute `model.py`'s result (tested within float32 rounding; RoPE bit for b
 from __future__ import annotations
 
 import functools
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,6 +71,16 @@ def rope_row(dims: int, base: float, position: int) -> tuple[mx.array, mx.array]
     return cos[position: position + 1], sin[position: position + 1]
 
 
+def rope_rows(dims: int, base: float, positions: mx.array, bound: int) -> tuple[mx.array, mx.array]:
+    """The (cos, signed sin) rows of one position per sequence of a batch, each (B, 1, 1, dims), for `rope_one`;
+    `positions` (B,) are all below `bound`."""
+    size = 4096
+    while size < bound:
+        size *= 2
+    cos, sin = _rope_table(dims, base, size)
+    return cos[positions][:, None, None], sin[positions][:, None, None]
+
+
 def rope_one(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     """Non-traditional RoPE of x (..., dims) at the position of the `rope_row` rows: equal to mx.fast.rope's result
     (same products, same sums; tested bit for bit), in three element-wise ops that mx.compile fuses."""
@@ -77,12 +88,15 @@ def rope_one(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x * cos + mx.concatenate([x[..., half:], x[..., :half]], axis=-1) * sin
 
 
-def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
     """One query position against the cache, GQA by reshaping (no repeated K/V): q (B, n_q, 1, D), k and v
-    (B, n_kv, T, D) -> (B, 1, n_q * D). On the CPU, mx.fast.scaled_dot_product_attention is ~20 small ops here."""
+    (B, n_kv, T, D) -> (B, 1, n_q * D); `mask` (B, 1, 1, T) booleans, False where a row must not look (a batch's
+    left padding). On the CPU, mx.fast.scaled_dot_product_attention is ~20 small ops here."""
     B, n_q, _, D = q.shape
     n_kv = k.shape[1]
     scores = (q * scale).reshape(B, n_kv, n_q // n_kv, D) @ k.swapaxes(-1, -2)
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     probs = mx.softmax(scores, axis=-1, precise=True)
     return (probs @ v).reshape(B, 1, n_q * D)
 
@@ -91,17 +105,24 @@ class CPUTransformerBlock(TransformerBlock):
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         if uses_compiled_decode(self, x, mask, cache):
             return self.decode_step(x, cache)
+        if uses_batched_decode(self, x, mask, cache):
+            return self.decode_step(x, cache, mask)
         return super().__call__(x, mask, cache)
 
-    def decode_step(self, x: mx.array, cache) -> mx.array:
+    def decode_step(self, x: mx.array, cache, mask=None) -> mx.array:
         """This block for one position (x: (B, 1, model_dim)) with a KV cache: `__call__`'s result (tested within
-        float32 rounding) with fewer, fused ops."""
+        float32 rounding) with fewer, fused ops. A batch cache (mlx-lm's BatchKVCache: one offset per sequence,
+        left padding masked by `mask`, (B, 1, 1, T) booleans) rotates each row at its own position."""
         A, F = self.attn, self.ffn
-        cos, sin = rope_row(A.head_dim, A.rope_base, cache.offset)
+        if mask is None:
+            cos, sin = rope_row(A.head_dim, A.rope_base, cache.offset)
+        else:
+            cos, sin = rope_rows(A.head_dim, A.rope_base, cache.offset, mask.shape[-1])
         qkv = A.qkv_proj(_rms_norm(x, self.attn_norm.weight))
         q, k, v = _decode_qkv(A.n_q, A.n_kv, A.head_dim)(qkv, A.q_norm.weight, A.k_norm.weight, cos, sin)
         k, v = cache.update_and_fetch(k, v)
-        h, normed = _residual_rms_norm(x, A.out_proj(decode_attention(q, k, v, A.scale)), self.ffn_norm.weight)
+        out = decode_attention(q, k, v, A.scale, mask)
+        h, normed = _residual_rms_norm(x, A.out_proj(out), self.ffn_norm.weight)
         return h + F.proj_2(_swiglu(F.proj_1(normed)))
 
 
@@ -143,10 +164,26 @@ def _decode_qkv(n_q: int, n_kv: int, head_dim: int):
 def uses_compiled_decode(block: TransformerBlock, x: mx.array, mask, cache) -> bool:
     """Whether `block(x, mask, cache)` runs `decode_step`: switched on, eval mode, one position, no mask, an
     mlx-lm cache with a plain integer offset (KVCache, RotatingKVCache) that is not quantized (--kv-bits). Batch
-    caches (per-sequence offsets) keep the plain path."""
+    caches (per-sequence offsets): `uses_batched_decode`."""
     return (x.shape[1] == 1 and mask is None and cache is not None and not block.training
             and isinstance(getattr(cache, "offset", None), int) and not hasattr(cache, "bits")
             and switches.get(SWITCH))
+
+
+def uses_batched_decode(block: TransformerBlock, x: mx.array, mask, cache) -> bool:
+    """Whether `block(x, mask, cache)` runs `decode_step` on a batch: as `uses_compiled_decode`, but with mlx-lm's
+    BatchKVCache (an offset per sequence; its keys end at the new position, so the mask's T bounds every offset)
+    and its boolean (B, 1, 1, T) padding mask."""
+    return (x.shape[1] == 1 and _is_batch_kv_cache(cache) and not block.training and isinstance(mask, mx.array)
+            and mask.dtype == mx.bool_ and mask.ndim == 4 and mask.shape[0] == x.shape[0] and mask.shape[2] == 1
+            and switches.get(SWITCH))
+
+
+def _is_batch_kv_cache(cache) -> bool:
+    """An mlx-lm BatchKVCache (not a subclass: a rotating batch cache's mask is not the position bound that
+    `rope_rows` is given); looked up without importing mlx_lm, which cannot have made one if not imported."""
+    cls = getattr(sys.modules.get("mlx_lm.models.cache"), "BatchKVCache", None)
+    return cls is not None and type(cache) is cls
 
 
 def use_cpu_blocks(model: nn.Module) -> int:
