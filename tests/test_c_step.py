@@ -21,11 +21,14 @@ pytestmark = pytest.mark.skipif(not cpu.active() or step.library()[0] is None,
                                 reason="the C step needs MLX's CPU backend on an x86-64 CPU with AVX2/FMA")
 
 
-def tiny(bits=None, group_size=64, seed=0):
+def tiny(bits=None, group_size=64, seed=0, dtype=None):
     """A tiny random model as the CPU loaders leave it for decoding (cpu.prepare(model, "decode")); quantized, the
-    layers whose inputs the group size divides (all but a few at 128: float and quantized layers mixed)."""
+    layers whose inputs the group size divides (all but a few at 128: float and quantized layers mixed); `dtype`
+    float16 / bfloat16: a half checkpoint, whose projection and embedding weights cpu.half keeps half."""
     mx.random.seed(seed)
     model = Model(get_preset("tiny"))
+    if dtype is not None:
+        model.set_dtype(dtype)
     if bits is not None:
         nn.quantize(model, group_size=group_size, bits=bits,
                     class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
@@ -81,6 +84,26 @@ def test_c_step_equals_the_mlx_step(bits, group_size, prefill, count_c_steps):
     assert count_c_steps() == 12  # every one-token step ran in C
     assert np.abs(want).max() > 1  # logits of a size that float32 rounding is measured against
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_c_step_with_half_weights_equals_the_mlx_step(dtype, count_c_steps):
+    """Half weights kept half (cpu.half) run in C on qgemv.c's hgemv, as the MLX path's few-row products do."""
+    from openelm_mlx.cpu import half
+
+    if half.variant() is None:
+        pytest.skip("cpu.half's kernel needs AVX2, FMA and F16C")
+    model = tiny(seed=6, dtype=dtype)
+    assert half.count(model) == 4 * len(model.layers) + 1  # every projection and the embedding kept half
+    assert model.layers[0].attn.qkv_proj.weight.dtype == dtype
+    assert step.available(model)
+    ids = ids_for(17, seed=6)
+    want = stepped(model, ids, c_step=False)
+    got = stepped(model, ids, c_step=True)
+    assert count_c_steps() == 12
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+    with switches.override(HALF="off"):  # the kernel switched off after the plan was made: the MLX path
+        assert not step.available(model)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -11,9 +11,10 @@ else (prompts, batches, LoRA-wrapped or otherwise unsupported layers, mlx-lm's o
   another cache, a prompt-cache entry or a view can see is ever written. It follows mlx-lm's KVCache protocol
   (offset, update_and_fetch, state, trim, merge into a BatchKVCache, to_quantized, deepcopy).
 - The step reads the weights where MLX keeps them (numpy views of the evaluated arrays); a plan of pointers is
-  made on first use and made again when a layer or an array of the model was replaced. Supported weights: float32
-  and affine 4/8-bit (groups 32/64/128, float32 scales: the CPU loaders' compute); `_matrix` is where a new kind
-  (float16 / bfloat16) is added, with its C side in csrc/step.c.
+  made on first use and made again when a layer or an array of the model was replaced. Supported weights: float32,
+  affine 4/8-bit (groups 32/64/128, float32 scales: the CPU loaders' compute) and the float16 / bfloat16 weights
+  `cpu.half` keeps (computed by qgemv.c's hgemv, as on the MLX path); `_matrix` is where a new kind is added, with
+  its C side in csrc/step.c.
 
 Results equal the MLX path's within float32 rounding (qgemv.c's float kernel), and within its int8 error bound
 with its integer kernels (tests/test_c_step.py).
@@ -33,10 +34,11 @@ import numpy as np
 from .. import switches
 from ..config import layer_plan
 from ..model import RMS_NORM_EPS, Attention, Model, TransformerBlock
-from . import decode, quantized
+from . import decode, half, quantized
 
 SWITCH = "OPENELM_MLX_C_STEP"
-MAT_F32, MAT_AFFINE = 0, 1  # csrc/step.c's step_matrix_t.kind
+MAT_F32, MAT_AFFINE, MAT_F16, MAT_BF16 = 0, 1, 2, 3  # csrc/step.c's step_matrix_t.kind
+HALF_KINDS = {mx.float16: MAT_F16, mx.bfloat16: MAT_BF16}
 
 
 class _Matrix(ctypes.Structure):
@@ -55,7 +57,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layers", ctypes.c_int), ("model_dim", ctypes.c_int), ("head_dim", ctypes.c_int),
                 ("layers", ctypes.POINTER(_Layer)), ("norm", ctypes.c_void_p), ("embed", _Matrix),
                 ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("threads", ctypes.c_int),
-                ("thread_weights", ctypes.c_int), ("variant", ctypes.c_int)]
+                ("thread_weights", ctypes.c_int), ("variant", ctypes.c_int), ("half_variant", ctypes.c_int)]
 
 
 class _KV(ctypes.Structure):
@@ -207,7 +209,7 @@ class _Plan:
     def __init__(self, model: Model):
         self.refs: list = []
         self.keep: list = []  # the numpy views and MLX arrays the pointers point into
-        self.affine = False
+        self.affine = self.half = False
         cfg = model.config
         t = self._child(model, "transformer")
         blocks = self._child(t, "layers")
@@ -241,7 +243,7 @@ class _Plan:
         if not isinstance(a, mx.array) or a.shape != shape or a.dtype != dtype:
             got = f"{a.dtype} {a.shape}" if isinstance(a, mx.array) else type(a).__name__
             raise Unsupported(f"{key}: {got}, the step needs {dtype} {shape}")
-        view = np.asarray(a)
+        view = np.asarray(a.view(mx.uint16) if a.dtype in half.HALF_DTYPES else a)  # numpy has no bfloat16
         if not view.flags.c_contiguous:
             view = np.ascontiguousarray(view)
         self.keep += [a, view]
@@ -254,12 +256,20 @@ class _Plan:
         return self._array(norm, "weight", (dim,))
 
     def _matrix(self, parent, name: str, shape: tuple, embedding: bool = False) -> _Matrix:
-        """A weight of shape (n, k) held by the layer parent[name]: float32 (nn.Linear / nn.Embedding) or affine
-        4/8-bit (the quantized layers, CPU classes included), nothing else (a LoRA layer, a bias, other bits)."""
+        """A weight of shape (n, k) held by the layer parent[name]: float32 (nn.Linear / nn.Embedding), float16 /
+        bfloat16 (cpu.half's layers) or affine 4/8-bit (the quantized layers, CPU classes included), nothing else
+        (a LoRA layer, a bias, other bits)."""
         layer = self._child(parent, name)
         n, k = shape
         kind = type(layer)
         plain = (nn.Embedding,) if embedding else (nn.Linear,)
+        halved = half.CPUHalfEmbedding if embedding else half.CPUHalfLinear
+        if kind is halved and set(layer) == {"weight"} and layer["weight"].dtype in HALF_KINDS:
+            if half.variant() is None:
+                raise Unsupported(f"{name}: {layer['weight'].dtype}, and cpu.half's kernel is off ({half.SWITCH})")
+            self.half = True
+            dtype = layer["weight"].dtype
+            return _Matrix(kind=HALF_KINDS[dtype], n=n, k=k, w=self._array(layer, "weight", (n, k), dtype))
         packed = ((nn.QuantizedEmbedding, quantized.CPUQuantizedEmbedding) if embedding
                   else (nn.QuantizedLinear, quantized.CPUQuantizedLinear))
         if kind in plain and set(layer) == {"weight"}:
@@ -315,9 +325,12 @@ def plan_for(model: Model) -> Optional[_Plan]:
 
 
 def _usable_plan(model: Model) -> Optional[_Plan]:
-    """plan_for(model), unless quantized products were switched off (QGEMV=off) since it was made."""
+    """plan_for(model), unless quantized products (QGEMV=off) or half ones (HALF=off) were switched off since it
+    was made."""
     plan = plan_for(model)
-    return None if plan is None or (plan.affine and quantized.qgemv_library()[0] is None) else plan
+    if plan is None or (plan.affine and quantized.qgemv_library()[0] is None) or (plan.half and half.variant() is None):
+        return None
+    return plan
 
 
 def available(model: Model) -> bool:
@@ -349,6 +362,8 @@ def one_token_step(model: Model, inputs: mx.array, cache, mask=None, *, threads:
     if plan.affine:
         kernel = quantized.qgemv_kernel()
         plan.model.variant = 0 if kernel == "float" else quantized.QGEMV_VARIANTS[kernel]
+    if plan.half:
+        plan.model.half_variant = half.VARIANTS[half.variant()]
     plan.model.threads = threads or min(os.cpu_count() or 1, quantized.MAX_STREAMS)
     plan.model.thread_weights = quantized.QGEMV_THREAD_WEIGHTS if thread_weights is None else thread_weights
     kv = (_KV * len(cache))()

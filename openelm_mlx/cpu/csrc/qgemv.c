@@ -581,6 +581,11 @@ static inline float half_to_float(uint16_t h, int kind) {
     return sign ? -sub : sub;
 }
 
+/* k float16 / bfloat16 values as float32 (csrc/step.c's embedding lookup of a half model). */
+void openelm_half_row_to_float(const uint16_t *h, int k, int kind, float *out) {
+    for (int j = 0; j < k; j++) out[j] = half_to_float(h[j], kind);
+}
+
 /* Portable: weight row r against rows [b, b + m) of x, 8 float lanes per row (a fixed order compilers may
  * vectorise without reassociating), then the lanes summed as the AVX2 variant does. */
 static void half_row_portable(const hjob_t *j, int r, int b, int m) {

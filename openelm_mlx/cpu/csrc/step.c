@@ -6,13 +6,14 @@
  * call, computing what openelm_mlx/model.py computes (Apple's modeling_openelm.py):
  *     x = E[token]; per layer: h = x + out_proj(attention(rope(qk_norm(qkv_proj(rms_norm(x)))), KV cache)),
  *     x = h + proj_2(silu(gate) * up) with [gate | up] = proj_1(rms_norm(h)); logits = rms_norm(x) @ E^T.
- * The projections run qgemv.c's kernels (affine 4/8-bit: its int8 or float kernel) or the float32 kernel below,
- * split over qgemv.c's thread pool; attention is float32 with a max-subtracted softmax, split over query heads
+ * The projections run qgemv.c's kernels (affine 4/8-bit: its int8 or float kernel; float16 / bfloat16: its
+ * hgemv) or the float32 kernel below, split over qgemv.c's thread pool; attention is float32 with a max-subtracted softmax, split over query heads
  * when the context is long. RoPE (non-traditional) takes its cos / signed-sin row from the caller, who reads it
  * from the table openelm_mlx/cpu/decode.py makes with mx.fast.rope. The K/V of this position are written into the
  * caller's per-layer cache buffers (n_kv, capacity, head_dim) at `position`.
- * A weight is described by step_matrix_t; its `kind` says how it is stored: a new storage (float16 / bfloat16)
- * is a new kind handled in project() and embed_row(). Built into one library with qgemv.c (its kernels and pool). */
+ * A weight is described by step_matrix_t; its `kind` says how it is stored (float32, affine 4/8-bit, float16,
+ * bfloat16); a new storage is a new kind handled in project() and embed_row(). Built into one library with
+ * qgemv.c (its kernels and pool). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -20,12 +21,14 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-enum { MAT_F32 = 0, MAT_AFFINE = 1 }; /* step_matrix_t.kind; openelm_mlx/cpu/step.py mirrors these values */
+/* step_matrix_t.kind; openelm_mlx/cpu/step.py mirrors these values */
+enum { MAT_F32 = 0, MAT_AFFINE = 1, MAT_F16 = 2, MAT_BF16 = 3 };
 
 typedef struct {
     int kind, bits, group_size; /* bits, group_size: MAT_AFFINE only (mlx.core.quantize's "affine" layout) */
     int n, k;                   /* output rows, input columns */
-    const void *w;              /* MAT_F32: n x k floats; MAT_AFFINE: n x (k * bits / 32) uint32 */
+    const void *w; /* MAT_F32: n x k floats; MAT_AFFINE: n x (k * bits / 32) uint32; MAT_F16 / MAT_BF16: n x k
+                      16-bit values (computed in float32 by qgemv.c's openelm_hgemv) */
     const float *scales, *biases; /* MAT_AFFINE: n x (k / group_size) */
 } step_matrix_t;
 
@@ -44,6 +47,7 @@ typedef struct {
     int threads;         /* threads for a projection of at least thread_weights weights (and long attention) */
     int thread_weights;
     int variant; /* MAT_AFFINE products: 0 qgemv.c's float kernel, else the VAR_* of its int8 kernel */
+    int half_variant; /* MAT_F16 / MAT_BF16 products: qgemv.c's HALF_* variant of openelm_hgemv */
 } step_model_t;
 
 typedef struct {
@@ -62,6 +66,9 @@ int openelm_qgemv(const uint32_t *w, const float *scales, const float *biases, c
                   int n, int k, int group_size, int bits, int threads);
 int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y,
                        int m, int n, int k, int group_size, int bits, int threads, int variant);
+int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, int kind, float *y, int threads,
+                  int variant);
+void openelm_half_row_to_float(const uint16_t *h, int k, int kind, float *out);
 
 __attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -138,6 +145,9 @@ static int project(const step_model_t *m, const step_matrix_t *w, const float *x
             return openelm_qgemv_int8(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits,
                                       threads, m->variant);
         return openelm_qgemv(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits, threads);
+    case MAT_F16:
+    case MAT_BF16: /* qgemv.c's HALF_FLOAT16 (0) / HALF_BFLOAT16 (1) */
+        return openelm_hgemv(x, 1, w->w, w->n, w->k, w->kind == MAT_BF16, y, threads, m->half_variant);
     }
     return 4;
 }
@@ -158,6 +168,10 @@ static int embed_row(const step_matrix_t *w, int r, float *out) {
         }
         return 0;
     }
+    case MAT_F16:
+    case MAT_BF16:
+        openelm_half_row_to_float((const uint16_t *)w->w + (size_t)r * w->k, w->k, w->kind == MAT_BF16, out);
+        return 0;
     }
     return 4;
 }
