@@ -45,6 +45,9 @@ SWITCHES = {s.name: s for s in (
            "data-cache)"),
     Switch("OPENELM_MLX_COMPILED_DECODE", "flag", True,
            "one-token steps on the CPU run the compiled decode step (cpu/decode.py)"),
+    Switch("OPENELM_MLX_C_ATTENTION", "flag", True,
+           "the causal attention of a prompt on the CPU runs in C, csrc/step.c (cpu/decode.py; else MLX's "
+           "attention, block by block)"),
     Switch("OPENELM_MLX_C_STEP", "flag", True,
            "one-token steps (batch 1) on the CPU run as one C call, csrc/step.c, with the CPU's own KV cache "
            "(cpu/step.py)"),

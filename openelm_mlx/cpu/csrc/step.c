@@ -228,6 +228,102 @@ __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int h
     }
 }
 
+/* ---- causal attention of a prompt: L new positions against T = past + L keys, for MLX's prefill ----
+ * MLX's CPU attention computes the full L x T score matrix with a scalar exp (~18 ns an element), one thread.
+ * Here query row i sees keys [0, T - L + i] only, the exp is 8 lanes wide, and (head, block of rows) units are
+ * split over the pool. */
+
+/* exp(x) for x <= 0, 8 lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), exp(r) by Cephes' degree-6 polynomial,
+ * times 2^n from the exponent bits; relative error a few ulp. Below -87.33 (2^-126) it returns 0. */
+__attribute__((target("avx2,fma"))) static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+#define CAUSAL_ROWS 16 /* query rows per unit */
+
+typedef struct {
+    const float *q, *k, *v; /* q, out: (B, n_q, L, d); k, v: (B, n_kv, T, d), all contiguous */
+    float *out;
+    int n_q, n_kv, L, T, d, blocks; /* blocks: units per (batch, head) */
+    float scale;
+    int *failed; /* set when a unit could not get its scratch memory */
+} causal_job_t;
+
+__attribute__((target("avx2,fma"))) static void causal_unit(const void *ctx, int unit) {
+    const causal_job_t *j = ctx;
+    const int d = j->d, bh = unit / j->blocks, r0 = unit % j->blocks * CAUSAL_ROWS;
+    const int b = bh / j->n_q, h = bh % j->n_q, g = h / (j->n_q / j->n_kv);
+    const int r1 = r0 + CAUSAL_ROWS < j->L ? r0 + CAUSAL_ROWS : j->L, past = j->T - j->L;
+    const float *kh = j->k + ((size_t)b * j->n_kv + g) * j->T * d, *vh = j->v + ((size_t)b * j->n_kv + g) * j->T * d;
+    float qs[512], acc[512];
+    float *s = malloc(sizeof(float) * ((size_t)past + r1 + 8));
+    if (!s) {
+        __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    for (int i = r0; i < r1; i++) {
+        const size_t row = (((size_t)b * j->n_q + h) * j->L + i) * d;
+        const int seen = past + i + 1; /* keys [0, seen) */
+        for (int c = 0; c < d; c++) qs[c] = j->q[row + c] * j->scale;
+        float mx = -INFINITY;
+        for (int t = 0; t < seen; t++) {
+            s[t] = dot(qs, kh + (size_t)t * d, d);
+            mx = s[t] > mx ? s[t] : mx;
+        }
+        const __m256 m8 = _mm256_set1_ps(mx);
+        __m256 sum8 = _mm256_setzero_ps();
+        int t = 0;
+        for (; t + 8 <= seen; t += 8) {
+            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
+            _mm256_storeu_ps(s + t, e);
+            sum8 = _mm256_add_ps(sum8, e);
+        }
+        float sum = hsum8(sum8);
+        for (; t < seen; t++) sum += (s[t] = expf(s[t] - mx));
+        for (int c = 0; c < d; c++) acc[c] = 0.0f;
+        for (t = 0; t < seen; t++) {
+            const __m256 p = _mm256_set1_ps(s[t]);
+            const float *vt = vh + (size_t)t * d;
+            int c = 0;
+            for (; c + 8 <= d; c += 8)
+                _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + c), _mm256_loadu_ps(acc + c)));
+            for (; c < d; c++) acc[c] += s[t] * vt[c];
+        }
+        const float inv = 1.0f / sum;
+        for (int c = 0; c < d; c++) j->out[row + c] = acc[c] * inv;
+    }
+    free(s);
+}
+
+/* out = softmax(q k^T * scale, causal) v for B sequences: q (B, n_q, L, d), k and v (B, n_kv, T, d) with T >= L
+ * (the last L key positions are the queries'), GQA (query head h reads KV head h / (n_q / n_kv)); float32,
+ * contiguous. Returns 0, 5 bad arguments, 6 no memory, 7 unsupported CPU. */
+EXPORT int openelm_causal_attention(const float *q, const float *k, const float *v, float *out, int B, int n_q,
+                                    int n_kv, int L, int T, int d, float scale, int threads) {
+    if (!openelm_qgemv_supported()) return 7;
+    if (B < 1 || L < 1 || T < L || d < 1 || d > 512 || n_kv < 1 || n_q % n_kv) return 5;
+    const int blocks = (L + CAUSAL_ROWS - 1) / CAUSAL_ROWS;
+    int failed = 0;
+    const causal_job_t job = {q, k, v, out, n_q, n_kv, L, T, d, blocks, scale, &failed};
+    run_parallel(causal_unit, &job, B * n_q * blocks, threads);
+    return failed ? 6 : 0;
+}
+
 /* 1 if this CPU can run the step (AVX2 and FMA, as qgemv.c). */
 EXPORT int openelm_step_supported(void) { return openelm_qgemv_supported(); }
 
@@ -295,6 +391,12 @@ EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, i
 }
 
 #else /* not x86-64: the Python side keeps MLX's path */
+EXPORT int openelm_causal_attention(const float *q, const float *k, const float *v, float *out, int B, int n_q,
+                                    int n_kv, int L, int T, int d, float scale, int threads) {
+    (void)q, (void)k, (void)v, (void)out, (void)B, (void)n_q, (void)n_kv, (void)L, (void)T, (void)d, (void)scale;
+    (void)threads;
+    return 7;
+}
 EXPORT int openelm_step_supported(void) { return 0; }
 EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, int position, const float *cos,
                         const float *sin, float *logits) {
