@@ -98,32 +98,28 @@ typedef struct {
     int n, k, rows;
 } f32_job_t;
 
+/* One weight row at a time, four 8-lane accumulators: a single sequential stream per core, which the hardware
+ * prefetchers follow best (one-off, one core of the 2-core AVX-512 machine, a 420 MB matrix: 32-33 GB/s, against
+ * 25 GB/s for four rows sharing each load of x). */
 __attribute__((target("avx2,fma"))) static void f32_unit(const void *ctx, int unit) {
     const f32_job_t *j = ctx;
     const int r0 = unit * j->rows, r1 = r0 + j->rows < j->n ? r0 + j->rows : j->n, k = j->k;
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) { /* four rows share each load of x */
-        const float *w0 = j->w + (size_t)r * k, *w1 = w0 + k, *w2 = w1 + k, *w3 = w2 + k;
+    for (int r = r0; r < r1; r++) {
+        const float *w = j->w + (size_t)r * k, *x = j->x;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
                a3 = _mm256_setzero_ps();
         int c = 0;
-        for (; c + 8 <= k; c += 8) {
-            const __m256 xv = _mm256_loadu_ps(j->x + c);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), xv, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), xv, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), xv, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), xv, a3);
+        for (; c + 32 <= k; c += 32) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 8), _mm256_loadu_ps(x + c + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 16), _mm256_loadu_ps(x + c + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c + 24), _mm256_loadu_ps(x + c + 24), a3);
         }
-        float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
-        for (; c < k; c++) {
-            s0 += w0[c] * j->x[c];
-            s1 += w1[c] * j->x[c];
-            s2 += w2[c] * j->x[c];
-            s3 += w3[c] * j->x[c];
-        }
-        j->y[r] = s0, j->y[r + 1] = s1, j->y[r + 2] = s2, j->y[r + 3] = s3;
+        for (; c + 8 <= k; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + c), _mm256_loadu_ps(x + c), a0);
+        float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; c < k; c++) s += w[c] * x[c];
+        j->y[r] = s;
     }
-    for (; r < r1; r++) j->y[r] = dot(j->w + (size_t)r * k, j->x, k);
 }
 
 static void gemv_f32(const float *w, const float *x, float *y, int n, int k, int threads) {
