@@ -298,6 +298,18 @@ def status() -> BlasStatus:
     return preload()
 
 
+@functools.lru_cache(maxsize=1)
+def sgemm_address() -> Optional[int]:
+    """The address of the `cblas_sgemm` that MLX's CPU matmuls call here (the optimized BLAS loaded by `preload`, or
+    the shim in front of it), for C code that multiplies through the same BLAS; None when none was loaded."""
+    if not status().loaded:
+        return None
+    try:
+        return ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
 def _threads(kind: str) -> Optional[int]:
     name = {"openblas": "openblas_get_num_threads", "mkl": "MKL_Get_Max_Threads"}.get(kind)
     if not _handles or name is None or not hasattr(_handles[-1], name):

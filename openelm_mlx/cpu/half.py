@@ -105,7 +105,8 @@ def _half_matmul(kernel: bool):
     def matmul(x, w):
         if kernel:
             return hgemv(x, w)
-        return x.astype(mx.float32) @ w.astype(mx.float32).T
+        y = quantized.wide_gemm(x, w)  # upcast a tile at a time on the pool, then BLAS
+        return y if y is not None else x.astype(mx.float32) @ w.astype(mx.float32).T
 
     @matmul.vjp
     def matmul_vjp(primals, cotangent, output):

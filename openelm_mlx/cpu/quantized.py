@@ -1,6 +1,7 @@
 """Quantized layers for MLX's CPU backend, where `quantized_matmul` is a scalar loop.
 
-- Many-row products (prefill, training) de-quantize the weight and multiply through the optimized BLAS; the
+- Many-row products (prefill, training) de-quantize the weight and multiply through the optimized BLAS (or, with
+  OPENELM_MLX_TILED_PREFILL, `wide_gemm`: a tile of rows at a time de-quantized in C on the pool); the
   backward pass (QLoRA) de-quantizes again instead of differentiating through a kept float32 copy, and under
   `eager_autodiff` (the tuner's eager step) the forward keeps no de-quantized weight alive.
 - Few-row products (decode) run csrc/qgemv.c on x86-64 (built with the system C compiler on first use; 4 and 8
@@ -42,6 +43,7 @@ QGEMV_VARIANTS = {"avx2": 1, "avxvnni": 2, "avx512vnni": 4}  # csrc/qgemv.c's in
 QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 STEP_SOURCE = Path(__file__).with_name("csrc") / "step.c"  # built into the same library (cpu/step.py)
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
+TILED_PREFILL = "OPENELM_MLX_TILED_PREFILL"  # see wide_gemm
 INT8_PREFILL = False  # many-row products (prefill) in qgemv.c's tiled integer kernel too (see int8_prefill_applies)
 
 
@@ -105,6 +107,10 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "bl
     def matmul(x, w, scales, biases):
         if kernel == "qgemv":
             return _qgemv(x, w, scales, biases, group_size, bits)
+        if mode == "affine":
+            y = wide_gemm(x, w, scales, biases, group_size, bits)
+            if y is not None:
+                return y
         y = x @ weight(w, scales, biases).T
         return _values(y) if _detach_outputs.get() else y  # see eager_autodiff
 
@@ -115,6 +121,43 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "bl
         return cotangent @ weight(w, scales, biases), mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
 
     return matmul
+
+
+WIDE_KINDS = {"affine": 0, mx.float16: 1, mx.bfloat16: 2}  # csrc/qgemv.c's WIDE_AFFINE / WIDE_F16 / WIDE_BF16
+
+
+def wide_gemm(x: mx.array, w: mx.array, scales: Optional[mx.array] = None, biases: Optional[mx.array] = None,
+              group_size: int = 0, bits: int = 0) -> Optional[mx.array]:
+    """x @ W.T in float32 for a many-row product (prefill) by csrc/qgemv.c's `openelm_wide_gemm`: W affine 4/8-bit
+    (w, scales, biases) or float16 / bfloat16 (w), expanded to float32 a cache-sized tile of rows at a time on the
+    thread pool and multiplied by the optimized BLAS's sgemm. None where it cannot run (OPENELM_MLX_TILED_PREFILL
+    off, no optimized BLAS or kernel library, another layout, inside mx.compile / vmap, which cannot evaluate x).
+    The result has no autodiff history: callers wrap it in a custom VJP."""
+    from .blas import sgemm_address
+
+    affine = scales is not None
+    if (not switches.get(TILED_PREFILL) or (affine and (biases is None or bits not in (4, 8)))
+            or (not affine and w.dtype not in WIDE_KINDS) or x.shape[-1] != w.shape[-1] * (32 // bits if affine
+                                                                                         else 1)):
+        return None
+    lib, sgemm = kernel_library()[0], sgemm_address()
+    if lib is None or sgemm is None:
+        return None
+    try:
+        xs = np.ascontiguousarray(np.asarray(x.astype(mx.float32))).reshape(-1, x.shape[-1])
+    except ValueError:  # inside mx.compile / vmap
+        return None
+    ws = np.ascontiguousarray(np.asarray(w if affine else w.view(mx.uint16)))
+    arrays = [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in (scales, biases)] if affine else []
+    n, k = w.shape[0], xs.shape[1]
+    y = np.empty((xs.shape[0], n), np.float32)
+    status = lib.openelm_wide_gemm(xs.ctypes.data, xs.shape[0], ws.ctypes.data,
+                                   arrays[0].ctypes.data if affine else None, arrays[1].ctypes.data if affine else None,
+                                   n, k, WIDE_KINDS["affine" if affine else w.dtype], group_size, bits,
+                                   y.ctypes.data, min(os.cpu_count() or 1, MAX_STREAMS), sgemm)
+    if status != 0:
+        raise RuntimeError(f"csrc/qgemv.c's openelm_wide_gemm refused a ({n}, {k}) product (status {status})")
+    return mx.array(y.reshape(*x.shape[:-1], n))
 
 
 def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
@@ -140,6 +183,9 @@ def kernel_library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.openelm_qgemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
     lib.openelm_qgemv_int8.restype = ctypes.c_int
     lib.openelm_qgemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
+    lib.openelm_wide_gemm.restype = ctypes.c_int
+    lib.openelm_wide_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     return lib, ""
 
 

@@ -753,3 +753,130 @@ EXPORT int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, 
     half_run(fn, &job, (n + per_unit - 1) / per_unit, threads);
     return 0;
 }
+
+/* ---- many-row products (prefill): weight tiles de-quantized / upcast to float32, then the BLAS's sgemm ----
+ * MLX de-quantizes a whole weight on one thread (~2 ns a weight for 4 bits, ~1 ns to upcast float16) into a new
+ * float32 array before its BLAS product. Here a tile of rows at a time (about TILE_BYTES of float32) is expanded on
+ * the pool into one reused buffer that stays in cache, and multiplied by the caller's cblas_sgemm (the optimized
+ * BLAS openelm_mlx loaded, with its own threads). kind: WIDE_AFFINE (4/8-bit, mlx.core.quantize's affine layout,
+ * float32 scales and biases), WIDE_F16 or WIDE_BF16. */
+
+enum { WIDE_AFFINE = 0, WIDE_F16 = 1, WIDE_BF16 = 2 };
+#define TILE_BYTES (1 << 21)
+#define TILE_MIN_ROWS 512
+#define WIDE_UNIT_ROWS 8
+
+typedef void (*sgemm_fn)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                         int lda, const float *b, int ldb, float beta, float *c, int ldc);
+
+typedef struct {
+    const void *w;
+    const float *scales, *biases;
+    float *out; /* rows [r0, r1) of the weight, row-major k floats each */
+    int k, kind, group_size, bits, r0, r1;
+} wide_job_t;
+
+static void wide_row_portable(const wide_job_t *j, int r, float *o) {
+    const int k = j->k;
+    if (j->kind != WIDE_AFFINE) {
+        const uint16_t *h = (const uint16_t *)j->w + (size_t)r * k;
+        for (int c = 0; c < k; c++) o[c] = half_to_float(h[c], j->kind == WIDE_BF16 ? HALF_BFLOAT16 : HALF_FLOAT16);
+        return;
+    }
+    const int per_word = 32 / j->bits, ng = k / j->group_size;
+    const uint32_t *wr = (const uint32_t *)j->w + (size_t)r * (k / per_word), mask = (1u << j->bits) - 1;
+    const float *s = j->scales + (size_t)r * ng, *b = j->biases + (size_t)r * ng;
+    for (int c = 0; c < k; c++) {
+        const float q = (float)((wr[c / per_word] >> ((c % per_word) * j->bits)) & mask);
+        o[c] = q * s[c / j->group_size] + b[c / j->group_size];
+    }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma,f16c"))) static void wide_row_avx2(const wide_job_t *j, int r, float *o) {
+    const int k = j->k;
+    if (j->kind != WIDE_AFFINE) {
+        const uint16_t *h = (const uint16_t *)j->w + (size_t)r * k;
+        int c = 0;
+        for (; c + 8 <= k; c += 8) {
+            const __m128i v = _mm_loadu_si128((const __m128i *)(h + c));
+            _mm256_storeu_ps(o + c, j->kind == WIDE_F16 ? _mm256_cvtph_ps(v)
+                                                        : _mm256_castsi256_ps(_mm256_slli_epi32(
+                                                              _mm256_cvtepu16_epi32(v), 16)));
+        }
+        for (; c < k; c++) o[c] = half_to_float(h[c], j->kind == WIDE_BF16 ? HALF_BFLOAT16 : HALF_FLOAT16);
+        return;
+    }
+    const int ng = k / j->group_size, gs = j->group_size;
+    const float *s = j->scales + (size_t)r * ng, *b = j->biases + (size_t)r * ng;
+    if (j->bits == 4) { /* one word: 8 nibbles, low first */
+        const uint32_t *wr = (const uint32_t *)j->w + (size_t)r * (k / 8);
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), m4 = _mm256_set1_epi32(15);
+        for (int c = 0; c < k; c += 8) {
+            const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)wr[c / 8]), shifts), m4);
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s[c / gs]),
+                                                    _mm256_set1_ps(b[c / gs])));
+        }
+    } else { /* 8 bits: bytes in order */
+        const uint8_t *wr = (const uint8_t *)((const uint32_t *)j->w + (size_t)r * (k / 4));
+        for (int c = 0; c < k; c += 8) {
+            const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(wr + c)));
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(s[c / gs]),
+                                                    _mm256_set1_ps(b[c / gs])));
+        }
+    }
+}
+#endif
+
+static void wide_unit(const void *ctx, int unit) {
+    const wide_job_t *j = ctx;
+    const int r0 = j->r0 + unit * WIDE_UNIT_ROWS, r1 = r0 + WIDE_UNIT_ROWS < j->r1 ? r0 + WIDE_UNIT_ROWS : j->r1;
+#if defined(__x86_64__)
+    const int fast = openelm_hgemv_variants() & HALF_AVX2; /* AVX2 + FMA + F16C */
+#else
+    const int fast = 0;
+#endif
+    for (int r = r0; r < r1; r++) {
+        float *o = j->out + (size_t)(r - j->r0) * j->k;
+#if defined(__x86_64__)
+        if (fast) {
+            wide_row_avx2(j, r, o);
+            continue;
+        }
+#endif
+        wide_row_portable(j, r, o);
+    }
+}
+
+/* y (m x n, row-major) = x (m x k) @ W.T for a weight W (n x k) stored as `kind` (see above), by tiles of W's rows
+ * expanded to float32 on `threads` threads and multiplied with `sgemm` (cblas_sgemm's signature). Returns 0; 1 a
+ * bad shape or kind; 2 no memory. */
+EXPORT int openelm_wide_gemm(const float *x, int m, const void *w, const float *scales, const float *biases, int n,
+                             int k, int kind, int group_size, int bits, float *y, int threads, sgemm_fn sgemm) {
+    if (m < 1 || n < 1 || k < 1 || !sgemm) return 1;
+    if (kind == WIDE_AFFINE) {
+        if ((bits != 4 && bits != 8) || group_size < 8 || group_size % 8 || k % group_size) return 1;
+    } else if (kind != WIDE_F16 && kind != WIDE_BF16) {
+        return 1;
+    }
+    if (threads < 1) threads = 1;
+    int tile = TILE_BYTES / (4 * k); /* at least TILE_MIN_ROWS: a narrower sgemm loses more than the cache gains */
+    tile = tile < TILE_MIN_ROWS ? TILE_MIN_ROWS : tile / WIDE_UNIT_ROWS * WIDE_UNIT_ROWS;
+    if (tile > n) tile = n;
+    float *buf = malloc(sizeof(float) * (size_t)tile * k);
+    if (!buf) return 2;
+    for (int r0 = 0; r0 < n; r0 += tile) {
+        const int r1 = r0 + tile < n ? r0 + tile : n;
+        const wide_job_t job = {w, scales, biases, buf, k, kind, group_size, bits, r0, r1};
+        const int units = (r1 - r0 + WIDE_UNIT_ROWS - 1) / WIDE_UNIT_ROWS;
+#if defined(__x86_64__)
+        run_parallel(wide_unit, &job, units, threads);
+#else
+        for (int u = 0; u < units; u++) wide_unit(&job, u);
+#endif
+        /* CblasRowMajor 101, CblasNoTrans 111, CblasTrans 112: y[:, r0:r1] = x @ tile.T */
+        sgemm(101, 111, 112, m, r1 - r0, k, 1.0f, x, k, buf, k, 0.0f, y + r0, n);
+    }
+    free(buf);
+    return 0;
+}
