@@ -4,7 +4,8 @@ One random-weight model (no download) is saved as an MLX directory, exported to 
 `convert/mlx_to_hf.py`, converted by llama.cpp's own `convert_hf_to_gguf.py` (f32 and f16 GGUF) and quantized by
 its `llama-quantize` (Q8_0, Q4_0, from the f32 GGUF). Our side loads the MLX directory cast to float16, or
 quantized with `nn.quantize` (group 64, from float16, as the converter does) for 8 and 4 bits, with
-`openelm_mlx.generate.load` (which on the CPU runs float16 in float32 and quantized models with float32 scales).
+`openelm_mlx.generate.load` (on the CPU: float16 weights kept half by cpu/half.py and computed in float32;
+quantized models with float32 scales).
 
 Each measurement runs in its own process, so its peak RSS is its own: llama.cpp's `llama-bench -p 512 -n 128 -r 1`
 (pp512: a 512-token prompt; tg128: 128 tokens decoded from an empty context), ours `stream_generate` on a 512-token
