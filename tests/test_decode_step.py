@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from openelm_mlx import switches
 from openelm_mlx.config import get_preset
-from openelm_mlx.cpu import decode
+from openelm_mlx.cpu import attention, decode
 from openelm_mlx.cpu.decode import decode_attention, rope_one, rope_row
 from openelm_mlx.model import Model
 from openelm_mlx.reference.model import build_model
@@ -231,21 +231,21 @@ def test_batched_decode_only_on_a_batch_cache(pair):
 def test_c_causal_attention_equals_sdpa(B, n_q, n_kv, L, past):
     """csrc/step.c's prompt attention: equal to mx.fast.scaled_dot_product_attention with the causal mask (keys of
     `past` cached positions first, GQA, rows that see 1 to past + L keys, lengths not multiples of its 8 lanes)."""
-    if decode.c_causal_attention(*(mx.zeros((1, 1, 2, 8)) for _ in range(3)), 1.0) is None:
+    if attention.c_causal_attention(*(mx.zeros((1, 1, 2, 8)) for _ in range(3)), 1.0) is None:
         pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
     mx.random.seed(L + past)
     q = mx.random.normal((B, n_q, L, 64)) * 3  # large scores: the softmax's max subtraction and exp range matter
     k, v = (mx.random.normal((B, n_kv, past + L, 64)) for _ in range(2))
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
-    got = decode.c_causal_attention(q, k, v, 0.125)
+    got = attention.c_causal_attention(q, k, v, 0.125)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)  # outputs of size ~1: rounding
     with switches.override(C_ATTENTION=False):
-        assert decode.c_causal_attention(q, k, v, 0.125) is None
+        assert attention.c_causal_attention(q, k, v, 0.125) is None
     # its gradient is the MLX path's (blockwise_causal_attention's VJP)
     weight = mx.random.normal(q.shape)
     loss = lambda f: lambda q, k, v: (f(q, k, v) * weight).sum()  # noqa: E731
-    g_c = mx.grad(loss(lambda q, k, v: decode.c_causal_attention(q, k, v, 0.125)), argnums=(0, 1, 2))(q, k, v)
-    g_mlx = mx.grad(loss(lambda q, k, v: decode.blockwise_causal_attention(q, k, v, 0.125)), argnums=(0, 1, 2))(
+    g_c = mx.grad(loss(lambda q, k, v: attention.c_causal_attention(q, k, v, 0.125)), argnums=(0, 1, 2))(q, k, v)
+    g_mlx = mx.grad(loss(lambda q, k, v: attention.blockwise_causal_attention(q, k, v, 0.125)), argnums=(0, 1, 2))(
         q, k, v)
     for a, b in zip(g_c, g_mlx):
         np.testing.assert_array_equal(np.array(a), np.array(b))
@@ -255,14 +255,14 @@ def test_prompts_use_the_c_attention_and_match_the_mlx_one(pair):
     ref, model = pair
     ids = mx.array(ids_for(ref.config, 150, seed=7))
     calls = []
-    original = decode._c_causal
-    decode._c_causal = lambda scale: (lambda *a: calls.append(1) or original(scale)(*a))
+    original = attention._c_causal
+    attention._c_causal = lambda scale: (lambda *a: calls.append(1) or original(scale)(*a))
     try:
         with_c = np.array(model(ids))
         cache = model.make_cache()  # a prompt in two pieces: the second attends to cached keys too
         pieces = np.array(mx.concatenate([model(ids[:, :90], cache=cache), model(ids[:, 90:], cache=cache)], 1))
     finally:
-        decode._c_causal = original
+        attention._c_causal = original
     if not calls:
         pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
     assert len(calls) == 3 * len(model.layers)

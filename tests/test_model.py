@@ -75,7 +75,7 @@ def test_chunked_prefill_with_cache_equals_full_forward(tiny_pair):
 @pytest.mark.parametrize("length,past", [(64, 0), (65, 0), (200, 0), (150, 37)])
 def test_blockwise_cpu_attention_equals_one_call(length, past):
     # GQA shapes as in OpenELM (4 query heads per KV head); `past` cached keys before the queries.
-    from openelm_mlx.cpu.decode import QUERY_BLOCK, blockwise_causal_attention
+    from openelm_mlx.cpu.attention import QUERY_BLOCK, blockwise_causal_attention
 
     mx.random.seed(length + past)
     q = mx.random.normal((2, 8, length, 16))

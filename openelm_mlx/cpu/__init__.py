@@ -9,7 +9,8 @@ remedies, each a swap of a layer's class or a process-wide setting, never a bran
 - `half`: float16/bfloat16 weights kept in half precision, computed in float32 (`csrc/qgemv.c`'s hgemv for few
   rows, a transient float32 copy + BLAS for many);
 - `quantized`: quantized layers that de-quantize + BLAS for many rows, and `csrc/qgemv.c` for decode's few;
-- `decode`: attention block by block for long prompts, and a compiled one-token step;
+- `attention`: the causal attention of a prompt in C (or block by block in MLX);
+- `decode`: a compiled one-token step (single sequences and batches);
 - `step`: the whole one-token step in C (csrc/step.c), with a KV cache of its own;
 - `head`: LoRA's tied output head and loss in numpy;
 - `dtype`: the compute dtype per task.

@@ -1,9 +1,8 @@
 """Attention and one-token steps for MLX's CPU backend, as subclasses swapped into a loaded model.
 
-- `CPUAttention` runs the causal attention of a multi-token call (a prompt) in C (csrc/step.c, on the thread pool,
-  only the visible keys scored, an 8-lane exp), or where that cannot run, block by block in MLX so the masked upper
-  triangle is never computed: MLX's CPU attention builds the full L x K score matrix and exponentiates every
-  entry, with a scalar, single-threaded exp.
+- `CPUAttention` runs the causal attention of a multi-token call (a prompt) by `cpu/attention.py`: in C, or block
+  by block in MLX (MLX's CPU attention builds the full L x K score matrix and exponentiates every entry, with a
+  scalar, single-threaded exp).
 - `CPUTransformerBlock` runs a one-token step with a KV cache (`decode_step`) as a few compiled element-wise
   pieces between the projections: MLX's CPU fast ops (RMSNorm, RoPE, attention) are compositions of 10-20
   primitives each, and each op costs ~5-15 us of dispatch. The projections stay the modules they are (float,
@@ -15,77 +14,16 @@ Both compute `model.py`'s result (tested within float32 rounding; RoPE bit for b
 from __future__ import annotations
 
 import functools
-import os
 import sys
-from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .. import switches
 from ..model import RMS_NORM_EPS, Attention, TransformerBlock
+from .attention import QUERY_BLOCK, blockwise_causal_attention, c_causal_attention
 
-QUERY_BLOCK = 64  # query rows per block of the causal attention of a prompt
 SWITCH = "OPENELM_MLX_COMPILED_DECODE"
-C_ATTENTION = "OPENELM_MLX_C_ATTENTION"
-
-
-def blockwise_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """Causal attention of L queries (after `past` cached positions), QUERY_BLOCK queries at a time: block i holds
-    queries [r0, r1) and sees the keys up to past + r1; "causal" is bottom-right aligned, so each block is exact."""
-    L = q.shape[2]
-    past = k.shape[2] - L  # cached positions before these queries
-    blocks = []
-    for r0 in range(0, L, QUERY_BLOCK):
-        r1 = min(L, r0 + QUERY_BLOCK)
-        blocks.append(mx.fast.scaled_dot_product_attention(
-            q[:, :, r0:r1], k[:, :, : past + r1], v[:, :, : past + r1], scale=scale, mask="causal"))
-    return mx.concatenate(blocks, axis=2)  # (B, n_q, L, head_dim)
-
-
-def c_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> Optional[mx.array]:
-    """The causal attention of a prompt by csrc/step.c (`openelm_causal_attention`: only the visible keys scored,
-    an 8-lane exp, (head, 16-row block) units on the thread pool), float32, GQA; None where it cannot run here
-    (switched off, no library, other dtypes, inside mx.compile / vmap). Differentiable: its gradient is that of
-    `blockwise_causal_attention`."""
-    if not switches.get(C_ATTENTION) or not all(a.dtype == mx.float32 for a in (q, k, v)):
-        return None
-    from . import step
-
-    if step.library()[0] is None:
-        return None
-    try:
-        return _c_causal(float(scale))(q, k, v)
-    except ValueError:  # its inputs cannot be evaluated inside mx.compile or vmap: the MLX ops then
-        return None
-
-
-@functools.lru_cache(maxsize=8)
-def _c_causal(scale: float):
-    @mx.custom_function
-    def attention(q, k, v):
-        import numpy as np
-
-        from . import quantized, step
-
-        qs, ks, vs = (np.ascontiguousarray(np.asarray(a)) for a in (q, k, v))  # evaluates them
-        B, n_q, L, D = qs.shape
-        out = np.empty_like(qs)
-        threads = min(os.cpu_count() or 1, quantized.MAX_STREAMS)
-        status = step.library()[0].openelm_causal_attention(
-            qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, B, n_q, ks.shape[1], L, ks.shape[2],
-            D, scale, threads)
-        if status != 0:
-            raise RuntimeError(f"csrc/step.c refused a causal attention of q {qs.shape}, k {ks.shape} "
-                               f"(status {status})")
-        return mx.array(out)
-
-    @attention.vjp
-    def attention_vjp(primals, cotangent, output):
-        _, grads = mx.vjp(lambda q, k, v: blockwise_causal_attention(q, k, v, scale), list(primals), [cotangent])
-        return tuple(grads)
-
-    return attention
 
 
 class CPUAttention(Attention):

@@ -75,9 +75,6 @@ def library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.openelm_step.restype = ctypes.c_int
     lib.openelm_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_KV), ctypes.c_int, ctypes.c_int,
                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    lib.openelm_causal_attention.restype = ctypes.c_int
-    lib.openelm_causal_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float,
-                                                                                          ctypes.c_int]
     return lib, ""
 
 
