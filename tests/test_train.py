@@ -334,9 +334,10 @@ def test_sigterm_saves_a_checkpoint_then_resume_finishes(tmp_path, capsys):
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, which runs the trainer
 
+    flags = _small_flags(tmp_path, "sig", iters=100000, save_every=100000)  # skips (no watcher left) without ../shared
     watcher = threading.Thread(target=send_sigterm_after_two_steps)
     watcher.start()
-    code = train_mod.main(_small_flags(tmp_path, "sig", iters=100000, save_every=100000))
+    code = train_mod.main(flags)
     watcher.join()
     assert code == 130
     assert "interrupted by SIGTERM" in capsys.readouterr().err
