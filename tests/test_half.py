@@ -166,15 +166,21 @@ def test_half_weights_hold_half_the_bytes(kept, half_dir):
         # keeps a float32 model's KV cache and activations in numpy, outside MLX's counter)
         with switches.override(HALF=setting, C_STEP=False):
             model, tok = load(half_dir)
+            load_peak = mx.get_peak_memory()
+            mx.clear_cache()
+            mx.reset_peak_memory()
             for _ in stream_generate(model, tok, "Hello there", max_tokens=4):
                 pass
-        sizes[setting] = (sum(v.nbytes for _, v in tree_flatten(model.parameters())), mx.get_peak_memory())
+        sizes[setting] = (sum(v.nbytes for _, v in tree_flatten(model.parameters())), load_peak,
+                          mx.get_peak_memory())
         del model
-    (bytes_on, peak_on), (bytes_off, peak_off) = sizes["on"], sizes["off"]
+    (bytes_on, load_on, decode_on), (bytes_off, load_off, decode_off) = sizes["on"], sizes["off"]
     assert 0.49 < bytes_on / bytes_off < 0.52  # norms (a few KB) are float32
-    # 0.46 measured on the half branch; 0.77 after the merge with the C step (with OPENELM_MLX_C_STEP=0 in the
-    # environment still < 0.6): not yet explained, so only a clear saving (< 0.9x) is asserted here
-    assert peak_on < 0.9 * peak_off, (peak_on, peak_off)
+    # decoding (the weights resident plus the step's buffers) holds about half the memory (0.55 measured alone)
+    assert decode_on < 0.7 * decode_off, (decode_on, decode_off)
+    # loading: less, but not half: 0.46-0.91x measured across sessions and machines (the transient buffers of
+    # reading and checking the checkpoint do not shrink with the kept dtype; not yet explained in detail)
+    assert load_on < load_off, (load_on, load_off)
 
 
 def test_server_engine_batches_on_half_weights(kept, half_dir):
