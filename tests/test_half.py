@@ -162,25 +162,26 @@ def test_half_weights_hold_half_the_bytes(kept, half_dir):
     for setting in ("on", "off"):
         mx.clear_cache()
         mx.reset_peak_memory()
+        base = mx.get_active_memory()  # arrays other tests' fixtures still hold: not this model's
         # C_STEP off: both sides decode on the MLX path, whose allocations mx.get_peak_memory counts (the C step
         # keeps a float32 model's KV cache and activations in numpy, outside MLX's counter)
         with switches.override(HALF=setting, C_STEP=False):
             model, tok = load(half_dir)
-            load_peak = mx.get_peak_memory()
+            load_peak = mx.get_peak_memory() - base
             mx.clear_cache()
             mx.reset_peak_memory()
             for _ in stream_generate(model, tok, "Hello there", max_tokens=4):
                 pass
         sizes[setting] = (sum(v.nbytes for _, v in tree_flatten(model.parameters())), load_peak,
-                          mx.get_peak_memory())
+                          mx.get_peak_memory() - base)
         del model
     (bytes_on, load_on, decode_on), (bytes_off, load_off, decode_off) = sizes["on"], sizes["off"]
     assert 0.49 < bytes_on / bytes_off < 0.52  # norms (a few KB) are float32
-    # decoding (the weights resident plus the step's buffers) holds about half the memory (0.55 measured alone)
-    assert decode_on < 0.7 * decode_off, (decode_on, decode_off)
-    # loading: less, but not half: 0.46-0.91x measured across sessions and machines (the transient buffers of
-    # reading and checking the checkpoint do not shrink with the kept dtype; not yet explained in detail)
-    assert load_on < load_off, (load_on, load_off)
+    # about half the memory, loading (0.47 measured) and decoding (the weights resident plus the step's buffers,
+    # 0.51-0.56). Counted from the memory held before the load: without that, arrays that earlier tests' fixtures
+    # keep alive entered both peaks (the 0.77-0.91x "unexplained" ratios of earlier sessions)
+    assert load_on < 0.6 * load_off, (load_on, load_off)
+    assert decode_on < 0.65 * decode_off, (decode_on, decode_off)
 
 
 def test_server_engine_batches_on_half_weights(kept, half_dir):
