@@ -69,6 +69,7 @@ int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *bias
 int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, int kind, float *y, int threads,
                   int variant);
 void openelm_half_row_to_float(const uint16_t *h, int k, int kind, float *out);
+int openelm_unit_rows(int n, int k, int threads);
 
 __attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -90,7 +91,7 @@ __attribute__((target("avx2,fma"))) static inline float dot(const float *a, cons
     return s;
 }
 
-/* ---- float32 y = W x, W n x k row-major: rows split over the pool in units of about 16K weights ---- */
+/* ---- float32 y = W x, W n x k row-major: rows split over the pool as qgemv.c splits its products ---- */
 
 typedef struct {
     const float *w, *x;
@@ -123,7 +124,7 @@ __attribute__((target("avx2,fma"))) static void f32_unit(const void *ctx, int un
 }
 
 static void gemv_f32(const float *w, const float *x, float *y, int n, int k, int threads) {
-    int rows = k >= 16384 ? 4 : (16384 / k + 3) / 4 * 4;
+    const int rows = openelm_unit_rows(n, k, threads); /* qgemv.c's split: long contiguous spans a thread */
     const f32_job_t job = {w, x, y, n, k, rows};
     run_parallel(f32_unit, &job, (n + rows - 1) / rows, threads);
 }
