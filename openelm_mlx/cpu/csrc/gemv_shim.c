@@ -218,7 +218,7 @@ EXPORT int openelm_smallm_sgemm(int order, int trans_a, int trans_b, int m, int 
 #if defined(__x86_64__)
     if (variant == VAR_AVX2) J.cols = nt_avx2;
 #endif
-    const int cols = k >= 65536 ? 1 : 65536 / k;  /* units of about 64K weights (a few microseconds) */
+    const int cols = pool_unit_rows(n, k, threads); /* pool.h's split: a few long spans of the weight a thread */
     J.unit_cols = cols < n ? cols : n;
     run_parallel(run_unit, &J, (n + J.unit_cols - 1) / J.unit_cols, threads);
     free(packed);

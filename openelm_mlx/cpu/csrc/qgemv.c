@@ -19,24 +19,15 @@
 
 #define EXPORT __attribute__((visibility("default")))
 
-/* Weight rows per unit of a product split over `threads`: about 64K weights, or more so that each thread gets about
- * UNITS_PER_THREAD contiguous spans of the weight. Long sequential spans are what the hardware prefetchers stream
- * from memory: with 64K-weight units taken alternately by two threads, a 4-bit 270M model's projections ran at
- * 8.5 ms a token on 2 threads against 9.6 on 1; with spans of n / 8 rows, ~6 ms (one-off, idle, this task's
- * 2-core machine). A few units per thread still let a thread that is off its core leave its share to the others. */
-#define UNITS_PER_THREAD 4
-int openelm_unit_rows(int n, int k, int threads) { /* also csrc/step.c's float32 kernel */
-    const int base = k >= 65536 ? 1 : 65536 / k;
-    const int span = (n + threads * UNITS_PER_THREAD - 1) / (threads * UNITS_PER_THREAD);
-    return threads > 1 && span > base ? span : base;
-}
-#define unit_rows openelm_unit_rows
+#define OPENELM_POOL_SHARED /* csrc/step.c, built into the same library, runs its work on this pool too */
+#include "pool.h"
+
+/* pool.h's split of a product over threads, for csrc/step.c's float32 kernel too */
+int openelm_unit_rows(int n, int k, int threads) { return pool_unit_rows(n, k, threads); }
+#define unit_rows pool_unit_rows
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-
-#define OPENELM_POOL_SHARED /* csrc/step.c, built into the same library, runs its work on this pool too */
-#include "pool.h"
 
 
 /* 1 if this CPU has what the kernel needs. */
