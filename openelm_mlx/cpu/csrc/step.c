@@ -188,6 +188,42 @@ static void rope(float *x, const float *cos, const float *sin, int d, float *tmp
     for (int i = 0; i < d; i++) x[i] = tmp[i] * cos[i] + tmp[i < half ? i + half : i - half] * sin[i];
 }
 
+/* exp(x) for x <= 0, 8 lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), exp(r) by Cephes' degree-6 polynomial,
+ * times 2^n from the exponent bits; relative error a few ulp. Below -87.33 (2^-126) it returns 0. */
+__attribute__((target("avx2,fma"))) static inline __m256 exp_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/* s[t] = exp(s[t] - max) for t < n (8 lanes, then scalar); returns their sum. The softmax of both attentions. */
+__attribute__((target("avx2,fma"))) static float exp_sum(float *s, int n, float max) {
+    const __m256 m8 = _mm256_set1_ps(max);
+    __m256 sum8 = _mm256_setzero_ps();
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
+        _mm256_storeu_ps(s + t, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float sum = hsum8(sum8);
+    for (; t < n; t++) sum += (s[t] = expf(s[t] - max));
+    return sum;
+}
+
 /* ---- attention of one position against T cached ones, one unit per query head ---- */
 
 typedef struct {
@@ -210,9 +246,7 @@ __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int h
         s[t] = dot(qs, kh + (size_t)t * d, d);
         mx = s[t] > mx ? s[t] : mx;
     }
-    float sum = 0.0f;
-    for (int t = 0; t < j->T; t++) sum += (s[t] = expf(s[t] - mx));
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_sum(s, j->T, mx);
     for (int i = 0; i < d; i++) o[i] = 0.0f;
     for (int t = 0; t < j->T; t++) {
         const float p = s[t] * inv;
@@ -229,27 +263,6 @@ __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int h
  * MLX's CPU attention computes the full L x T score matrix with a scalar exp (~18 ns an element), one thread.
  * Here query row i sees keys [0, T - L + i] only, the exp is 8 lanes wide, and (head, block of rows) units are
  * split over the pool. */
-
-/* exp(x) for x <= 0, 8 lanes: x = n ln2 + r (Cody-Waite, |r| <= ln2 / 2), exp(r) by Cephes' degree-6 polynomial,
- * times 2^n from the exponent bits; relative error a few ulp. Below -87.33 (2^-126) it returns 0. */
-__attribute__((target("avx2,fma"))) static inline __m256 exp_nonpositive(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.33654f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 #define CAUSAL_ROWS 16 /* query rows per unit */
 
@@ -282,18 +295,9 @@ __attribute__((target("avx2,fma"))) static void causal_unit(const void *ctx, int
             s[t] = dot(qs, kh + (size_t)t * d, d);
             mx = s[t] > mx ? s[t] : mx;
         }
-        const __m256 m8 = _mm256_set1_ps(mx);
-        __m256 sum8 = _mm256_setzero_ps();
-        int t = 0;
-        for (; t + 8 <= seen; t += 8) {
-            const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + t), m8));
-            _mm256_storeu_ps(s + t, e);
-            sum8 = _mm256_add_ps(sum8, e);
-        }
-        float sum = hsum8(sum8);
-        for (; t < seen; t++) sum += (s[t] = expf(s[t] - mx));
+        const float sum = exp_sum(s, seen, mx);
         for (int c = 0; c < d; c++) acc[c] = 0.0f;
-        for (t = 0; t < seen; t++) {
+        for (int t = 0; t < seen; t++) {
             const __m256 p = _mm256_set1_ps(s[t]);
             const float *vt = vh + (size_t)t * d;
             int c = 0;
