@@ -52,24 +52,26 @@ def _rope_table(dims: int, base: float, size: int) -> tuple[mx.array, mx.array]:
     return table
 
 
+def rope_table_below(dims: int, base: float, bound: int) -> tuple[mx.array, mx.array]:
+    """`_rope_table` of positions 0 .. at least bound - 1 (4096 rows, doubled as needed: a few tables in all)."""
+    size = 4096
+    while size < bound:
+        size *= 2
+    return _rope_table(dims, base, size)
+
+
 @functools.lru_cache(maxsize=4)
 def rope_row(dims: int, base: float, position: int) -> tuple[mx.array, mx.array]:
     """The (cos, signed sin) rows of one position, each (1, dims), for `rope_one` (shared by all layers of a
     step: one lookup per token, not one per layer)."""
-    size = 4096
-    while size <= position:
-        size *= 2
-    cos, sin = _rope_table(dims, base, size)
+    cos, sin = rope_table_below(dims, base, position + 1)
     return cos[position: position + 1], sin[position: position + 1]
 
 
 def rope_rows(dims: int, base: float, positions: mx.array, bound: int) -> tuple[mx.array, mx.array]:
     """The (cos, signed sin) rows of one position per sequence of a batch, each (B, 1, 1, dims), for `rope_one`;
     `positions` (B,) are all below `bound`."""
-    size = 4096
-    while size < bound:
-        size *= 2
-    cos, sin = _rope_table(dims, base, size)
+    cos, sin = rope_table_below(dims, base, bound)
     return cos[positions][:, None, None], sin[positions][:, None, None]
 
 

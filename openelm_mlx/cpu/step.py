@@ -387,12 +387,9 @@ _rope_tables: dict = {}
 
 def _rope_rows(dims: int, base: float, position: int) -> tuple[int, int]:
     """Addresses of the cos and signed-sin rows of `position` in decode.py's table (made by mx.fast.rope)."""
-    size = 4096
-    while size <= position:
-        size *= 2
-    key = (dims, base, size)
+    cos, sin = decode.rope_table_below(dims, base, position + 1)
+    key = (dims, base, cos.shape[0])
     if key not in _rope_tables:
-        cos, sin = decode._rope_table(dims, base, size)
         _rope_tables[key] = (cos, sin, np.asarray(cos), np.asarray(sin))
     _, _, cos, sin = _rope_tables[key]
     return cos.ctypes.data + 4 * dims * position, sin.ctypes.data + 4 * dims * position

@@ -24,11 +24,9 @@
 
 /* pool.h's split of a product over threads, for csrc/step.c's float32 kernel too */
 int openelm_unit_rows(int n, int k, int threads) { return pool_unit_rows(n, k, threads); }
-#define unit_rows pool_unit_rows
 
 #if defined(__x86_64__)
 #include <immintrin.h>
-
 
 /* 1 if this CPU has what the kernel needs. */
 EXPORT int openelm_qgemv_supported(void) {
@@ -117,7 +115,7 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
             for (int t = 0; t < group_size; t++) s += xr[g * group_size + t];
             xsum[g] = s;
         }
-        const int per = unit_rows(n, k, threads);
+        const int per = pool_unit_rows(n, k, threads);
         const job_t job = {w, scales, biases, xt, xsum, y + (size_t)row * n, n, k, group_size, bits, 0, 0, per};
         run_parallel(float_unit, &job, (n + per - 1) / per, threads);
     }
@@ -511,7 +509,7 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
         run_parallel(int8_tile_unit, &job, (n + PREFILL_UNIT_ROWS - 1) / PREFILL_UNIT_ROWS, threads);
         free(t);
     } else {
-        const int per = unit_rows(n, k, threads);
+        const int per = pool_unit_rows(n, k, threads);
         const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn,
                             NULL, NULL, NULL, per};
         run_parallel(int8_unit, &job, (n + per - 1) / per, threads);
@@ -749,7 +747,7 @@ EXPORT int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, 
     if (rows < 1 || n < 1 || k < 1 || (kind != HALF_FLOAT16 && kind != HALF_BFLOAT16)) return 1;
     if (threads < 1) threads = 1;
     if (threads > 16) threads = 16;
-    const int per_unit = unit_rows(n, k, threads); /* as the kernels above */
+    const int per_unit = pool_unit_rows(n, k, threads); /* as the kernels above */
     const hjob_t job = {x, (const uint16_t *)w, y, rows, n, k, kind, per_unit};
     half_unit_fn fn = half_unit_portable;
 #if defined(__x86_64__)
@@ -779,6 +777,7 @@ typedef struct {
     const float *scales, *biases;
     float *out; /* rows [r0, r1) of the weight, row-major k floats each */
     int k, kind, group_size, bits, r0, r1;
+    int fast; /* the AVX2 + FMA + F16C row kernel (this CPU has them) */
 } wide_job_t;
 
 static void wide_row_portable(const wide_job_t *j, int r, float *o) {
@@ -836,15 +835,10 @@ __attribute__((target("avx2,fma,f16c"))) static void wide_row_avx2(const wide_jo
 static void wide_unit(const void *ctx, int unit) {
     const wide_job_t *j = ctx;
     const int r0 = j->r0 + unit * WIDE_UNIT_ROWS, r1 = r0 + WIDE_UNIT_ROWS < j->r1 ? r0 + WIDE_UNIT_ROWS : j->r1;
-#if defined(__x86_64__)
-    const int fast = openelm_hgemv_variants() & HALF_AVX2; /* AVX2 + FMA + F16C */
-#else
-    const int fast = 0;
-#endif
     for (int r = r0; r < r1; r++) {
         float *o = j->out + (size_t)(r - j->r0) * j->k;
 #if defined(__x86_64__)
-        if (fast) {
+        if (j->fast) {
             wide_row_avx2(j, r, o);
             continue;
         }
@@ -870,9 +864,10 @@ EXPORT int openelm_wide_gemm(const float *x, int m, const void *w, const float *
     if (tile > n) tile = n;
     float *buf = malloc(sizeof(float) * (size_t)tile * k);
     if (!buf) return 2;
+    const int fast = (openelm_hgemv_variants() & HALF_AVX2) != 0;
     for (int r0 = 0; r0 < n; r0 += tile) {
         const int r1 = r0 + tile < n ? r0 + tile : n;
-        const wide_job_t job = {w, scales, biases, buf, k, kind, group_size, bits, r0, r1};
+        const wide_job_t job = {w, scales, biases, buf, k, kind, group_size, bits, r0, r1, fast};
         const int units = (r1 - r0 + WIDE_UNIT_ROWS - 1) / WIDE_UNIT_ROWS;
 #if defined(__x86_64__)
         run_parallel(wide_unit, &job, units, threads);

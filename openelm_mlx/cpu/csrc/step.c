@@ -7,10 +7,11 @@
  *     x = E[token]; per layer: h = x + out_proj(attention(rope(qk_norm(qkv_proj(rms_norm(x)))), KV cache)),
  *     x = h + proj_2(silu(gate) * up) with [gate | up] = proj_1(rms_norm(h)); logits = rms_norm(x) @ E^T.
  * The projections run qgemv.c's kernels (affine 4/8-bit: its int8 or float kernel; float16 / bfloat16: its
- * hgemv) or the float32 kernel below, split over qgemv.c's thread pool; attention is float32 with a max-subtracted softmax, split over query heads
- * when the context is long. RoPE (non-traditional) takes its cos / signed-sin row from the caller, who reads it
- * from the table openelm_mlx/cpu/decode.py makes with mx.fast.rope. The K/V of this position are written into the
- * caller's per-layer cache buffers (n_kv, capacity, head_dim) at `position`.
+ * hgemv) or the float32 kernel below, split over qgemv.c's thread pool; attention is float32 with a
+ * max-subtracted softmax, split over query heads when the context is long. RoPE (non-traditional) takes its
+ * cos / signed-sin row from the caller, who reads it from the table openelm_mlx/cpu/decode.py makes with
+ * mx.fast.rope. The K/V of this position are written into the caller's per-layer cache buffers (n_kv, capacity,
+ * head_dim) at `position`.
  * A weight is described by step_matrix_t; its `kind` says how it is stored (float32, affine 4/8-bit, float16,
  * bfloat16); a new storage is a new kind handled in project() and embed_row(). Built into one library with
  * qgemv.c (its kernels and pool). */
