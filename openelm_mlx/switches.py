@@ -48,6 +48,8 @@ SWITCHES = {s.name: s for s in (
     Switch("OPENELM_MLX_C_ATTENTION", "flag", True,
            "the causal attention of a prompt on the CPU runs in C, csrc/step.c (cpu/decode.py; else MLX's "
            "attention, block by block)"),
+    Switch("OPENELM_MLX_C_SWIGLU", "flag", True,
+           "the SwiGLU of a prompt on the CPU runs in C, csrc/step.c (cpu/swiglu.py; else MLX's silu)"),
     Switch("OPENELM_MLX_C_STEP", "flag", True,
            "one-token steps (batch 1) on the CPU run as one C call, csrc/step.c, with the CPU's own KV cache "
            "(cpu/step.py)"),

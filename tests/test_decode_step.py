@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from openelm_mlx import switches
 from openelm_mlx.config import get_preset
-from openelm_mlx.cpu import attention, decode
+from openelm_mlx.cpu import attention, decode, swiglu
 from openelm_mlx.cpu.decode import decode_attention, rope_one, rope_row
 from openelm_mlx.model import Model
 from openelm_mlx.reference.model import build_model
@@ -270,6 +270,52 @@ def test_prompts_use_the_c_attention_and_match_the_mlx_one(pair):
         without = np.array(model(ids))
     np.testing.assert_allclose(with_c, without, atol=1e-4, rtol=0)
     np.testing.assert_allclose(pieces, without, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(np.array(ids))).numpy()
+    np.testing.assert_allclose(with_c, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16), (1, 37, 2 * 19), (2, 300, 2 * 1536)])
+def test_c_swiglu_equals_mlx(shape):
+    """csrc/step.c's SwiGLU: silu(gate) * up within float32 rounding, over the whole range of the exp (large
+    positive and negative gates: no overflow, no NaN), lengths not multiples of its 8 lanes, several row units."""
+    if swiglu.c_swiglu(mx.zeros((1, 2, 16))) is None:
+        pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
+    mx.random.seed(shape[1])
+    gu = mx.random.normal(shape) * 8
+    gu = mx.concatenate([gu[..., :-2], mx.array([[[-120.0, 95.0]]]).astype(mx.float32) * mx.ones(shape[:2] + (2,))],
+                        -1)
+    want = np.array(swiglu.mlx_swiglu(gu))
+    got = np.array(swiglu.c_swiglu(gu))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+    g64 = np.array(gu, np.float64)
+    gate, up = np.split(g64, 2, axis=-1)
+    np.testing.assert_allclose(got, gate / (1 + np.exp(-gate)) * up, rtol=2e-6, atol=1e-6)  # float64 reference
+    with switches.override(C_SWIGLU=False):
+        assert swiglu.c_swiglu(gu) is None
+    weight = mx.random.normal(want.shape)
+    g_c = mx.grad(lambda x: (swiglu.c_swiglu(x) * weight).sum())(gu)
+    g_mlx = mx.grad(lambda x: (swiglu.mlx_swiglu(x) * weight).sum())(gu)
+    np.testing.assert_array_equal(np.array(g_c), np.array(g_mlx))
+
+
+def test_prompts_use_the_c_swiglu_and_match_the_mlx_one(pair):
+    ref, model = pair
+    ids = mx.array(ids_for(ref.config, 40, seed=3))
+    calls = []
+    original = swiglu._c_swiglu
+    swiglu._c_swiglu = lambda x: calls.append(1) or original(x)
+    try:
+        with_c = np.array(model(ids))
+    finally:
+        swiglu._c_swiglu = original
+    if not calls:
+        pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
+    assert len(calls) == len(model.layers)
+    with switches.override(C_SWIGLU=False):
+        without = np.array(model(ids))
+    np.testing.assert_allclose(with_c, without, atol=1e-4, rtol=0)
     with torch.no_grad():
         want = ref(torch.from_numpy(np.array(ids))).numpy()
     np.testing.assert_allclose(with_c, want, atol=1e-4, rtol=0)

@@ -3,6 +3,7 @@
 - `CPUAttention` runs the causal attention of a multi-token call (a prompt) by `cpu/attention.py`: in C, or block
   by block in MLX (MLX's CPU attention builds the full L x K score matrix and exponentiates every entry, with a
   scalar, single-threaded exp).
+- `CPUFeedForward` runs a prompt's SwiGLU by `cpu/swiglu.py` (in C; MLX's CPU sigmoid is a scalar loop).
 - `CPUTransformerBlock` runs a one-token step with a KV cache (`decode_step`) as a few compiled element-wise
   pieces between the projections: MLX's CPU fast ops (RMSNorm, RoPE, attention) are compositions of 10-20
   primitives each, and each op costs ~5-15 us of dispatch. The projections stay the modules they are (float,
@@ -20,8 +21,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import switches
-from ..model import RMS_NORM_EPS, Attention, TransformerBlock
+from ..model import RMS_NORM_EPS, Attention, FeedForward, TransformerBlock
 from .attention import QUERY_BLOCK, blockwise_causal_attention, c_causal_attention
+from .swiglu import c_swiglu, mlx_swiglu
 
 SWITCH = "OPENELM_MLX_COMPILED_DECODE"
 
@@ -93,6 +95,15 @@ def decode_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=N
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
     probs = mx.softmax(scores, axis=-1, precise=True)
     return (probs @ v).reshape(B, 1, n_q * D)
+
+
+class CPUFeedForward(FeedForward):
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.shape[1] > 1 and not self.training:  # a prompt: the SwiGLU in C (cpu/swiglu.py)
+            gate_up = self.proj_1(x)
+            out = c_swiglu(gate_up)
+            return self.proj_2(out if out is not None else mlx_swiglu(gate_up))
+        return super().__call__(x)
 
 
 class CPUTransformerBlock(TransformerBlock):
@@ -181,8 +192,8 @@ def _is_batch_kv_cache(cache) -> bool:
 
 
 def use_cpu_blocks(model: nn.Module) -> int:
-    """Switch the model's blocks and attention layers to the CPU classes in place (subclasses adding no state:
-    same parameters and names); returns how many blocks were switched."""
+    """Switch the model's blocks, attention and feed-forward layers to the CPU classes in place (subclasses adding
+    no state: same parameters and names); returns how many blocks were switched."""
     switched = 0
     for _, module in model.named_modules():
         if type(module) is TransformerBlock:
@@ -190,4 +201,6 @@ def use_cpu_blocks(model: nn.Module) -> int:
             switched += 1
         elif type(module) is Attention:
             module.__class__ = CPUAttention
+        elif type(module) is FeedForward:
+            module.__class__ = CPUFeedForward
     return switched

@@ -225,6 +225,49 @@ __attribute__((target("avx2,fma"))) static float exp_sum(float *s, int n, float 
     return sum;
 }
 
+/* ---- SwiGLU: out = silu(gate) * up, silu(g) = g * sigmoid(g) ----
+ * MLX's CPU sigmoid is a scalar loop (~15 ns an element, one thread: ~0.37 s of a 270M model's 512-token prompt);
+ * here 8 lanes with exp_nonpositive of -|g|: sigmoid(g) = 1 / (1 + e) for g >= 0, e / (1 + e) below, e = exp(-|g|),
+ * so the exp never overflows. */
+__attribute__((target("avx2,fma"))) static void swiglu_row(const float *gate, const float *up, float *out, int n) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp_nonpositive(_mm256_sub_ps(zero, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), g)));
+        const __m256 num = _mm256_blendv_ps(e, one, _mm256_cmp_ps(g, zero, _CMP_GE_OQ));
+        const __m256 sig = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+#define SWIGLU_ROWS 8 /* rows of a prompt per unit */
+
+typedef struct {
+    const float *gu; /* rows x 2F: [gate | up] */
+    float *out;      /* rows x F */
+    int rows, F;
+} swiglu_job_t;
+
+static void swiglu_unit(const void *ctx, int unit) {
+    const swiglu_job_t *j = ctx;
+    const int r1 = (unit + 1) * SWIGLU_ROWS < j->rows ? (unit + 1) * SWIGLU_ROWS : j->rows;
+    for (int r = unit * SWIGLU_ROWS; r < r1; r++)
+        swiglu_row(j->gu + (size_t)r * 2 * j->F, j->gu + (size_t)r * 2 * j->F + j->F, j->out + (size_t)r * j->F,
+                   j->F);
+}
+
+/* out (rows x F) = silu(gate) * up for each row [gate | up] of gu (rows x 2F), float32, contiguous: proj_1's output
+ * (gate the first half of its rows). Returns 0, 5 bad arguments, 7 unsupported CPU. */
+EXPORT int openelm_swiglu(const float *gu, float *out, int rows, int F, int threads) {
+    if (!openelm_qgemv_supported()) return 7;
+    if (rows < 0 || F < 1) return 5;
+    const swiglu_job_t job = {gu, out, rows, F};
+    run_parallel(swiglu_unit, &job, (rows + SWIGLU_ROWS - 1) / SWIGLU_ROWS, threads);
+    return 0;
+}
+
 /* ---- attention of one position against T cached ones, one unit per query head ---- */
 
 typedef struct {
@@ -377,10 +420,7 @@ EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, i
         rms_norm(x, L->ffn_norm, D, m->eps, xn);
         if ((status = project(m, &L->proj_1, xn, gu))) break;
         const int F = L->ffn_dim;
-        for (int i = 0; i < F; i++) { /* SwiGLU: silu(gate) * up, gate the first half of proj_1's rows */
-            const float g = gu[i];
-            act[i] = g / (1.0f + expf(-g)) * gu[F + i];
-        }
+        swiglu_row(gu, gu + F, act, F); /* gate: the first half of proj_1's rows */
         if ((status = project(m, &L->proj_2, act, o))) break;
         for (int i = 0; i < D; i++) x[i] += o[i];
     }
@@ -397,6 +437,10 @@ EXPORT int openelm_causal_attention(const float *q, const float *k, const float 
                                     int n_kv, int L, int T, int d, float scale, int threads) {
     (void)q, (void)k, (void)v, (void)out, (void)B, (void)n_q, (void)n_kv, (void)L, (void)T, (void)d, (void)scale;
     (void)threads;
+    return 7;
+}
+EXPORT int openelm_swiglu(const float *gu, float *out, int rows, int F, int threads) {
+    (void)gu, (void)out, (void)rows, (void)F, (void)threads;
     return 7;
 }
 EXPORT int openelm_step_supported(void) { return 0; }
