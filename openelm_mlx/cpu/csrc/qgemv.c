@@ -168,17 +168,32 @@ typedef struct ijob {
 } ijob_t;
 
 /* The float steps after the integer dot products, one compiled copy for every variant (so they round alike):
- * the 8 lanes of acc in a fixed order, plus the offset and bias terms of every group. */
+ * the 8 lanes of acc plus the offset and bias terms of every group, 8 groups a step in two independent chains
+ * (the last step masked). A scalar loop over the groups here was a chain of 2 dependent FMAs per group, longer
+ * than the row's integer work: the 4-bit kernel was ~25% slower at 1 thread. */
 __attribute__((target("avx2,fma"), noinline)) static float finish_row(const float *acc, const float *sr,
                                                                       const float *br, const float *off,
                                                                       const float *xsum, int ng) {
-    float t = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
-    for (int g = 0; g < ng; g++) t += sr[g] * off[g] + br[g] * xsum[g];
-    return t;
+    __m256 a = _mm256_loadu_ps(acc), b = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(sr + g), _mm256_loadu_ps(off + g), a);
+        b = _mm256_fmadd_ps(_mm256_loadu_ps(br + g), _mm256_loadu_ps(xsum + g), b);
+    }
+    if (g < ng) {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(ng - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        a = _mm256_fmadd_ps(_mm256_maskload_ps(sr + g, mask), _mm256_maskload_ps(off + g, mask), a);
+        b = _mm256_fmadd_ps(_mm256_maskload_ps(br + g, mask), _mm256_maskload_ps(xsum + g, mask), b);
+    }
+    return hsum(_mm256_add_ps(a, b));
 }
 
 /* One weight row against every row of x: DOT4(v, xc) / DOT8(v, xc, xl, acc) add a 32-byte chunk's int32 lane
- * sums into acc. Groups of 32 at 4 bits take half a chunk each (lanes 0-3, 4-7), so they get a two-valued scale. */
+ * sums into acc. Groups of 32 at 4 bits take half a chunk each (lanes 0-3, 4-7), so they get a two-valued scale.
+ * Each row first asks for the one PREFETCH_ROWS rows ahead (its weights, scales and biases: three streams): with
+ * the vectorized finish_row, 4-bit decode products ran 1.2-1.45x faster, 8-bit 1.0-1.2x (one-off A/B of 24
+ * 8192 x 1280 products, alternating builds, 1 and 2 threads, a 2-core AMD EPYC; 2 to 16 rows ahead were alike). */
+#define PREFETCH_ROWS 4
 #define DEFINE_INT8_ROWS(NAME, TARGET, DOT4, DOT8)                                                              \
     __attribute__((target(TARGET))) static void NAME(const ijob_t *j) {                                       \
         const int ng = j->k / j->group_size, words = j->k * j->bits / 32;                                        \
@@ -186,6 +201,12 @@ __attribute__((target("avx2,fma"), noinline)) static float finish_row(const floa
         for (int r = j->r0; r < j->r1; r++) {                                                                    \
             const uint32_t *wr = j->w + (size_t)r * words;                                                       \
             const float *sr = j->scales + (size_t)r * ng, *br = j->biases + (size_t)r * ng;                       \
+            for (int o = 0; o < 4 * words; o += 64) /* the row PREFETCH_ROWS ahead */                            \
+                _mm_prefetch((const char *)(wr + PREFETCH_ROWS * (size_t)words) + o, _MM_HINT_T0);               \
+            for (int o = 0; o < 4 * ng; o += 64) {                                                               \
+                _mm_prefetch((const char *)(sr + PREFETCH_ROWS * (size_t)ng) + o, _MM_HINT_T0);                  \
+                _mm_prefetch((const char *)(br + PREFETCH_ROWS * (size_t)ng) + o, _MM_HINT_T0);                  \
+            }                                                                                                    \
             for (int i = 0; i < j->m; i++) {                                                                     \
                 const int8_t *xq = j->xq + (size_t)i * j->k;                                                     \
                 const int32_t *xl = j->xl + (size_t)i * (j->k / 4);                                              \
