@@ -663,6 +663,9 @@ __attribute__((target(HALF_TARGET), always_inline)) static inline void half_rows
     const size_t k = (size_t)j->k;
     const uint16_t *w = j->w + (size_t)r * k;
     const float *x = j->x + (size_t)b * k;
+    if (M == 1) /* decode: ask for the weight rows PREFETCH_ROWS ahead (1 thread +8-10%, 2 threads alike; one-off) */
+        for (size_t o = 0; o < 2 * k * P; o += 64)
+            _mm_prefetch((const char *)(w + PREFETCH_ROWS * k) + o, _MM_HINT_T0);
     __m256 acc[2][HALF_BLOCK][4];
 #pragma GCC unroll 4
     for (int p = 0; p < P; p++)
