@@ -62,11 +62,11 @@ SWITCHES = {s.name: s for s in (
            "best integer kernel this CPU has), float (its exact float kernel), avx2 / avxvnni / avx512vnni (force "
            "a variant) or off (MLX's kernel)",
            choices=("on", "off", "float", "avx2", "avxvnni", "avx512vnni")),
-    Switch("OPENELM_MLX_TILED_PREFILL", "flag", False,
+    Switch("OPENELM_MLX_TILED_PREFILL", "flag", True,
            "many-row products of quantized and half-precision weights on the CPU expand the weight to float32 a "
-           "tile at a time in C and multiply by the optimized BLAS (csrc/qgemv.c openelm_wide_gemm); off by "
-           "default: MLX de-quantizes or upcasts the whole weight, then BLAS (end to end it was +10% on a 4-bit "
-           "512-token prompt at 2 threads, -3 to -12% at 1 thread; docs/cpu-backend.md)"),
+           "tile at a time in C and multiply by the optimized BLAS (csrc/qgemv.c openelm_wide_gemm); off: MLX "
+           "de-quantizes or upcasts the whole weight, then BLAS (4-bit 512-token prompt, 2 threads: 354 vs 576 "
+           "tok/s; docs/cpu-backend.md)"),
     Switch("OPENELM_MLX_HALF", "choice", "on",
            "float16/bfloat16 checkpoints keep their projection and embedding weights in half precision for "
            "decode and prefill on the CPU, computed in float32 (cpu/half.py): on (where csrc/qgemv.c's AVX2+F16C "

@@ -15,7 +15,7 @@ from openelm_mlx.model import Model
 
 @pytest.fixture(autouse=True)
 def switched_on():
-    """The tiled products are off by default (OPENELM_MLX_TILED_PREFILL): these tests switch them on."""
+    """The tiled products are on by default (OPENELM_MLX_TILED_PREFILL); these tests switch them on explicitly."""
     with switches.override(TILED_PREFILL=True):
         if not cpu.active() or quantized.wide_gemm(mx.zeros((4, 8)), mx.zeros((8, 8), mx.float16)) is None:
             pytest.skip("needs MLX's CPU backend with an optimized BLAS and the C kernels (x86-64 with AVX2/FMA)")

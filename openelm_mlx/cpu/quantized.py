@@ -1,7 +1,8 @@
 """Quantized layers for MLX's CPU backend, where `quantized_matmul` is a scalar loop.
 
-- Many-row products (prefill, training) de-quantize the weight and multiply through the optimized BLAS (or, with
-  OPENELM_MLX_TILED_PREFILL, `wide_gemm`: a tile of rows at a time de-quantized in C on the pool); the
+- Many-row products (prefill, training) de-quantize the weight and multiply through the optimized BLAS
+  (`wide_gemm`: a tile of rows at a time de-quantized in C on the pool; with OPENELM_MLX_TILED_PREFILL=0, or
+  where it cannot run, MLX de-quantizes the whole weight); the
   backward pass (QLoRA) de-quantizes again instead of differentiating through a kept float32 copy, and under
   `eager_autodiff` (the tuner's eager step) the forward keeps no de-quantized weight alive.
 - Few-row products (decode) run csrc/qgemv.c on x86-64 (built with the system C compiler on first use; 4 and 8
