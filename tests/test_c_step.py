@@ -3,6 +3,7 @@
 trimming, the fallback for layers it does not support, threads, and the CPU KV cache's protocol."""
 
 import copy
+import dataclasses
 import io
 
 import mlx.core as mx
@@ -21,12 +22,13 @@ pytestmark = pytest.mark.skipif(not cpu.active() or step.library()[0] is None,
                                 reason="the C step needs MLX's CPU backend on an x86-64 CPU with AVX2/FMA")
 
 
-def tiny(bits=None, group_size=64, seed=0, dtype=None):
+def tiny(bits=None, group_size=64, seed=0, dtype=None, **shape):
     """A tiny random model as the CPU loaders leave it for decoding (cpu.prepare(model, "decode")); quantized, the
     layers whose inputs the group size divides (all but a few at 128: float and quantized layers mixed); `dtype`
-    float16 / bfloat16: a half checkpoint, whose projection and embedding weights cpu.half keeps half."""
+    float16 / bfloat16: a half checkpoint, whose projection and embedding weights cpu.half keeps half; `shape`:
+    config fields to change (head_dim, num_gqa_groups)."""
     mx.random.seed(seed)
-    model = Model(get_preset("tiny"))
+    model = Model(dataclasses.replace(get_preset("tiny"), **shape))
     if dtype is not None:
         model.set_dtype(dtype)
     if bits is not None:
@@ -83,6 +85,19 @@ def test_c_step_equals_the_mlx_step(bits, group_size, prefill, count_c_steps):
         got = stepped(model, ids, c_step=True, prefill=prefill)
     assert count_c_steps() == 12  # every one-token step ran in C
     assert np.abs(want).max() > 1  # logits of a size that float32 rounding is measured against
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("head_dim,groups", [(36, 3), (40, 10), (64, 5)])
+def test_c_step_attention_shapes_equal_the_mlx_step(head_dim, groups, count_c_steps):
+    """The step's attention over other shapes: head sizes that are not multiples of its 32- and 8-float chunks,
+    odd GQA groups (a head without a partner), groups of more query heads than one unit takes (10 > 8)."""
+    model = tiny(head_dim=head_dim, num_gqa_groups=groups, seed=head_dim)
+    ids = ids_for(40, seed=head_dim)
+    with switches.override(QGEMV="float"):
+        want = stepped(model, ids, c_step=False, prefill=21)
+        got = stepped(model, ids, c_step=True, prefill=21)
+    assert count_c_steps() == 19
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
