@@ -10,7 +10,8 @@ quantized models with float32 scales).
 Each measurement runs in its own process, so its peak RSS is its own: llama.cpp's `llama-bench -p 512 -n 128 -r 1`
 (pp512: a 512-token prompt; tg128: 128 tokens decoded from an empty context), ours `stream_generate` on a 512-token
 prompt then 128 decoded tokens (prompt tokens/s: time to the first token; decode: the other 127; decoding after
-the prompt reads a longer KV cache than tg128 does). The two alternate (their order flips every round); cells run
+the prompt reads a longer KV cache than tg128 does). Both warm up first as llama-bench does (a prompt of the
+measured length, then a token). The two alternate (their order flips every round); cells run
 at 1 thread and at all cores (`--threads`), idle and beside one busy background process (`--loads`: a Python
 busy loop started for those cells only). Ours gets its thread count through `quantized.MAX_STREAMS` (the
 qgemv threads and CPU streams) and OPENBLAS_NUM_THREADS. At f32 the greedy continuation of a short prompt is
@@ -112,7 +113,8 @@ def build_models(work: Path, preset: str, tokenizer: str, llama: Path, precision
 # ---- one measurement per process -----------------------------------------------------------------------------
 
 def ours_child(path: str, threads: int, prompt_tokens: int, gen_tokens: int, tokenizer: str) -> None:
-    """In a child process: load, warm up, time one generation; print a JSON line."""
+    """In a child process: load, warm up (as llama-bench: a prompt of the measured length and a token), time one
+    generation; print a JSON line."""
     import openelm_mlx  # noqa: F401  first: the optimized BLAS before mlx
 
     # isort: split
@@ -129,7 +131,10 @@ def ours_child(path: str, threads: int, prompt_tokens: int, gen_tokens: int, tok
     def no_eos(tokens, logits):
         return mx.where(mx.arange(logits.shape[-1]) == tok.eos_id, -mx.inf, logits)
 
-    for _ in stream_generate(model, tok, prompt[:8], max_tokens=2, logits_processors=[no_eos]):
+    # Warm up as llama-bench does (a whole prompt of the measured length, then a token): first calls of a shape
+    # allocate and fault in MLX's buffers and build the C kernels.
+    warm = np.random.default_rng(1).integers(3, model.config.vocab_size, prompt_tokens).tolist()
+    for _ in stream_generate(model, tok, warm, max_tokens=2, logits_processors=[no_eos]):
         pass
     t0 = time.perf_counter()
     n = 0

@@ -28,6 +28,7 @@ from .generate import (
     print_stats,
     stream_generate,
 )
+from .mlx_lm_parts import part
 
 HELP = "Commands: /reset (forget the conversation), /system TEXT (set the system prompt; /system alone clears " \
        "it), /exit. Ctrl-C stops a reply; Ctrl-D or /exit quits."
@@ -90,7 +91,7 @@ class Conversation:
     def reuse_cache(self, ids: list[int]) -> list[int]:
         """Cut the cache back to the prefix it shares with `ids` (at least one token left to compute) and return
         the tokens still to compute."""
-        from mlx_lm.models.cache import trim_prompt_cache
+        trim_prompt_cache = part("models.cache").trim_prompt_cache
 
         common = 0
         limit = min(len(self.cached), len(ids) - 1)

@@ -1,11 +1,13 @@
 """Text generation with OpenELM: `python -m openelm_mlx.generate` and the Python API (`load`, `generate`,
 `stream_generate`, `batch_generate`).
 
-Our MLX model is driven by mlx-lm's machinery (`generate_step`, `speculative_generate_step`, `BatchGenerator`,
-its samplers, logits processors and KV caches); the tokenizer, streaming detokenizer and the OpenELM-Instruct
-chat template are ours (`openelm_mlx.tokenizer`). Apple's `generate_openelm.py` (apple/OpenELM-*-Instruct)
-samples with `repetition_penalty=1.2`. mlx-lm is imported inside functions: its package import pulls in
-transformers and torch, which `import openelm_mlx.generate` must not.
+Our MLX model is driven by mlx-lm's machinery (its samplers, logits processors and KV caches,
+`speculative_generate_step`, `BatchGenerator`); the tokenizer, streaming detokenizer and the OpenELM-Instruct
+chat template are ours (`openelm_mlx.tokenizer`), and so is the one-sequence loop (`generate_step`, the loop of
+mlx-lm's for what we use of it): mlx-lm's package import, which `mlx_lm.generate` needs, pulls in transformers
+and torch where installed (~1.5 s, ~200-230 MB resident), so plain generation takes mlx-lm's light modules only
+(`mlx_lm_parts`); a draft model or a quantized KV cache (--kv-bits) take mlx-lm's loops. Apple's
+`generate_openelm.py` (apple/OpenELM-*-Instruct) samples with `repetition_penalty=1.2`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import mlx.core as mx
 from . import cli
 from .checkpoint import HUB_ID, load, resolve_model_path  # noqa: F401 (load is part of this API)
 from .errors import OpenELMError
+from .mlx_lm_parts import part
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -95,26 +98,20 @@ def check_length(num_prompt: int, max_tokens: int, context: int) -> None:
 
 
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable:
-    from mlx_lm.sample_utils import make_sampler as mlx_lm_make_sampler
-
-    return mlx_lm_make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    return part("sample_utils").make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
 def make_logits_processors(repetition_penalty: Optional[float] = None,
                            repetition_context_size: int = 20) -> list:
-    from mlx_lm.sample_utils import make_logits_processors as mlx_lm_make_logits_processors
-
-    return mlx_lm_make_logits_processors(repetition_penalty=repetition_penalty,
-                                         repetition_context_size=repetition_context_size)
+    return part("sample_utils").make_logits_processors(repetition_penalty=repetition_penalty,
+                                                       repetition_context_size=repetition_context_size)
 
 
 def make_cache(model: Model, max_kv_size: Optional[int] = None) -> list:
     """Per-layer KV caches; with `max_kv_size`, mlx-lm's rotating cache (keeps the first 4 positions)."""
     if max_kv_size is None:
         return model.make_cache()
-    from mlx_lm.models.cache import RotatingKVCache
-
-    return [RotatingKVCache(max_size=max_kv_size, keep=KV_KEEP) for _ in model.layers]
+    return [part("models.cache").RotatingKVCache(max_size=max_kv_size, keep=KV_KEEP) for _ in model.layers]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -141,6 +138,47 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
 
 
+def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: int = 256,
+                  sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
+                  prefill_step_size: int = DEFAULT_PREFILL_STEP) -> Iterator[tuple[int, mx.array]]:
+    """(token, log-probabilities) for up to `max_tokens` tokens after `prompt` (1-D token ids), `cache` advanced in
+    place: mlx-lm's generate_step for what this package uses of it (no quantized KV cache, no input embeddings).
+    The prompt but its last token goes through in chunks of `prefill_step_size` (`Model.prefill`: no logits);
+    logits processors see every token so far, the prompt's included; each next step is queued (mx.async_eval)
+    before the current token is handed out."""
+    sampler = sampler or part("sample_utils").greedy_sampler
+    processors = logits_processors or []
+    seen = None  # the tokens so far, for the processors
+
+    def step(y: mx.array):
+        nonlocal seen
+        logits = model(y[None], cache=cache)[:, -1, :]
+        if processors:
+            seen = y if seen is None else mx.concatenate([seen, y])
+            for processor in processors:
+                logits = processor(seen, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    while prompt.size > 1:
+        n = min(prefill_step_size, prompt.size - 1)
+        model.prefill(prompt[:n][None], cache)
+        mx.eval([c.state for c in cache])
+        if processors:
+            seen = prompt[:n] if seen is None else mx.concatenate([seen, prompt[:n]])
+        prompt = prompt[n:]
+        mx.clear_cache()
+    y, logprobs = step(prompt)
+    mx.async_eval(y, logprobs)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        if n + 1 < max_tokens:
+            y, logprobs = next_y, next_logprobs
+
+
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, *, max_tokens: int = 256,
                     sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
                     max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None, kv_group_size: int = 64,
@@ -152,8 +190,6 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, *, max_t
     Stops at EOS or after `max_tokens`. Greedy unless a `sampler` is given (see `make_sampler`). With
     `draft_model` (same tokenizer), speculative decoding: greedy output equals the model's own greedy output.
     """
-    from mlx_lm.generate import generate_step, speculative_generate_step
-
     ids = encode_prompt(tokenizer, prompt)
     if max_tokens < 1:
         raise GenerateError(f"max_tokens must be at least 1, got {max_tokens}")
@@ -173,12 +209,22 @@ def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, *, max_t
                                 f"model's ({model.config.vocab_size}); they must share a tokenizer")
         if max_kv_size is not None:
             raise GenerateError("speculative decoding needs a trimmable KV cache; drop --max-kv-size")
+        from mlx_lm.generate import speculative_generate_step
+
         cache = prompt_cache or make_cache(model) + make_cache(draft_model)
         steps = speculative_generate_step(mx.array(ids), model, draft_model, num_draft_tokens=num_draft_tokens,
                                           prompt_cache=cache, **common)
+    elif kv_bits is not None:  # mlx-lm's loop quantizes the cache from quantized_kv_start on
+        from mlx_lm.generate import generate_step as mlx_lm_generate_step
+
+        cache = prompt_cache or make_cache(model, max_kv_size)
+        steps = ((t, lp, False) for t, lp in mlx_lm_generate_step(mx.array(ids), model, prompt_cache=cache,
+                                                                  **common))
     else:
         cache = prompt_cache or make_cache(model, max_kv_size)
-        steps = ((t, lp, False) for t, lp in generate_step(mx.array(ids), model, prompt_cache=cache, **common))
+        steps = ((t, lp, False) for t, lp in generate_step(mx.array(ids), model, cache, max_tokens=max_tokens,
+                                                           sampler=sampler, logits_processors=logits_processors,
+                                                           prefill_step_size=prefill_step_size))
 
     detok = tokenizer.detokenizer()
     eos = tokenizer.eos_token_ids

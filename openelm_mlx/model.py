@@ -3,9 +3,9 @@
 Follows Apple's Hugging Face `modeling_openelm.py` (apple/OpenELM-*) and corenet `general_gpt.py`.
 Parameter names are the HF ones (`transformer.layers.{i}.attn.qkv_proj.weight`, ...) so Apple's tensors load
 without renaming; the module implements mlx-lm's model protocol (`__call__(inputs, cache)`, `.layers`,
-`make_cache()`), so mlx-lm's samplers, KV caches and LoRA layers drive it. mlx-lm is imported only when a
-cache is made: its package import pulls in transformers (and torch where installed), which the model itself
-does not need.
+`make_cache()`), so mlx-lm's samplers, KV caches and LoRA layers drive it. mlx-lm's cache module is imported only
+when a cache is made, and without mlx-lm's package import (`mlx_lm_parts`), which pulls in transformers (and torch
+where installed).
 """
 
 from __future__ import annotations
@@ -117,12 +117,18 @@ class Model(nn.Module):
         h = self.transformer(inputs, cache, mask)
         return self.transformer.token_embeddings.as_linear(h)  # tied head: logits = h @ E^T
 
+    def prefill(self, inputs: mx.array, cache) -> None:
+        """Run `inputs` through the layers into `cache` without the output head: a prompt's leading tokens need no
+        logits, and a head whose product runs eagerly (a swapped-in layer computing in C) would compute the lazy
+        logits of `self(inputs, cache)` all the same (~10% of a 4-bit 270M prompt on the CPU)."""
+        mx.eval(self.transformer(inputs, cache))
+
     @property
     def layers(self):
         return self.transformer.layers
 
     def make_cache(self) -> list:
-        from mlx_lm.models.cache import KVCache
+        from .mlx_lm_parts import part
 
         # KVCache allocates on first use, so each layer's cache takes that layer's own KV-head count.
-        return [KVCache() for _ in self.layers]
+        return [part("models.cache").KVCache() for _ in self.layers]

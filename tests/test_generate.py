@@ -230,6 +230,55 @@ def test_batch_equals_single(loaded):
     assert gen.batch_generate(model, tok, prompts, max_tokens=12) == single
 
 
+@pytest.mark.parametrize("case", ["greedy", "sampled", "penalty", "chunks", "rotating"])
+def test_generate_step_equals_mlx_lms(loaded, case):
+    """Our one-sequence loop against mlx-lm's generate_step (an independent implementation of the same loop):
+    the same tokens and log-probabilities, greedy, sampled (same seed), with a logits processor that reads the
+    prompt's tokens too, with the prompt in several prefill chunks, and with a rotating cache that wraps."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+
+    model, tok = loaded
+    ids = mx.array(tok.encode("The quick brown fox jumps over the lazy dog because it was " * 3))
+    kw = {"max_tokens": 14}
+    if case == "sampled":
+        kw["sampler"] = gen.make_sampler(temp=0.9, top_p=0.95)
+    if case == "penalty":
+        kw["logits_processors"] = gen.make_logits_processors(repetition_penalty=1.5, repetition_context_size=40)
+    if case == "chunks":
+        kw["prefill_step_size"] = 7
+    size = 10 if case == "rotating" else None
+    runs = []
+    for loop in ("ours", "mlx-lm"):
+        mx.random.seed(3)
+        cache = gen.make_cache(model, size)
+        if loop == "ours":
+            steps = gen.generate_step(ids, model, cache, **kw)
+        else:
+            steps = mlx_lm_generate_step(ids, model, prompt_cache=cache, **kw)
+        runs.append([(int(t), np.array(lp)) for t, lp in steps])
+    ours, theirs = runs
+    assert [t for t, _ in ours] == [t for t, _ in theirs] and len(ours) == 14
+    for (_, a), (_, b) in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_generation_imports_neither_transformers_nor_torch(tiny):
+    """Generating text takes mlx-lm's light modules only (mlx_lm_parts); mlx_lm's own package import (transformers,
+    and torch where installed) still works afterwards, with the same classes."""
+    import subprocess
+    import sys
+
+    code = (f"import sys\nfrom openelm_mlx.generate import load, generate\nm, t = load({str(tiny[1])!r})\n"
+            "text = generate(m, t, 'Hello there', max_tokens=5)\n"
+            "from openelm_mlx.generate import make_sampler, make_logits_processors\n"
+            "make_sampler(temp=0.5); make_logits_processors(repetition_penalty=1.2)\n"
+            "print(len(text) > 0, 'transformers' in sys.modules, 'torch' in sys.modules)\n"
+            "import mlx_lm.models.cache as c\nfrom mlx_lm import load as mlx_lm_load\nimport mlx_lm.models.cache\n"
+            "print(callable(mlx_lm_load), mlx_lm.models.cache.KVCache is c.KVCache, 'transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False", "False", "True", "True", "True"]
+
+
 def test_rotating_and_quantized_kv_caches(tmp_path):
     # head_dim 32 so the KV cache can be quantized in groups of 32
     ref = build_model(get_preset("tiny").replace(head_dim=32), seed=1).eval()

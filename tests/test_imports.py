@@ -92,7 +92,8 @@ def test_the_import_graph_has_no_cycle():
 def test_the_model_file_knows_nothing_of_the_cpu_layer():
     graph = package_imports()
     assert not {d for d in graph["openelm_mlx.model"] if d.startswith("openelm_mlx.cpu")}
-    assert graph["openelm_mlx.model"] <= {"openelm_mlx.config"}
+    assert graph["openelm_mlx.model"] <= {"openelm_mlx.config", "openelm_mlx.mlx_lm_parts"}  # the latter: a leaf
+    assert graph["openelm_mlx.mlx_lm_parts"] == set()
 
 
 def test_importing_the_trainer_imports_no_mlx():

@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import switches
 from ..config import layer_plan
+from ..mlx_lm_parts import part
 from ..model import RMS_NORM_EPS, Attention, Model, TransformerBlock
 from . import decode, half, quantized
 
@@ -174,15 +175,11 @@ class CPUKVCache:
         return 0 if self._k is None else self._k.nbytes + self._v.nbytes
 
     def make_mask(self, *args, **kwargs):
-        from mlx_lm.models.cache import create_attention_mask
-
-        return create_attention_mask(*args, offset=self.offset, **kwargs)
+        return part("models.cache").create_attention_mask(*args, offset=self.offset, **kwargs)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
         """mlx-lm's QuantizedKVCache of these positions (--kv-bits); the model then takes the MLX path."""
-        from mlx_lm.models.cache import KVCache
-
-        plain = KVCache()
+        plain = part("models.cache").KVCache()
         if self._k is not None:
             plain.keys, plain.values = self.keys, self.values
         plain.offset = self.offset
@@ -191,9 +188,7 @@ class CPUKVCache:
     @classmethod
     def merge(cls, caches):
         """The batch cache of several caches (mlx-lm's BatchGenerator, when requests join a batch)."""
-        from mlx_lm.models.cache import BatchKVCache
-
-        return BatchKVCache.merge(caches)
+        return part("models.cache").BatchKVCache.merge(caches)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
