@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import cli
+from .cpu.quantized import exact_products
 from .textfiles import DataError, jsonl_text_rows
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -83,7 +84,8 @@ def score(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_siz
         for row, i in enumerate(batch):
             inp, tgt = pairs[i]
             inputs[row, :len(inp)], targets[row, :len(tgt)] = inp, tgt
-        logits = model(mx.array(inputs)).astype(mx.float32)
+        with exact_products():  # float activations in quantized products, as mlx-lm scores
+            logits = model(mx.array(inputs)).astype(mx.float32)
         tgt = mx.array(targets)
         picked = mx.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         logprobs = picked - mx.logsumexp(logits, axis=-1)

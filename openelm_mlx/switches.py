@@ -62,6 +62,10 @@ SWITCHES = {s.name: s for s in (
            "best integer kernel this CPU has), float (its exact float kernel), avx2 / avxvnni / avx512vnni (force "
            "a variant) or off (MLX's kernel)",
            choices=("on", "off", "float", "avx2", "avxvnni", "avx512vnni")),
+    Switch("OPENELM_MLX_INT8_PREFILL", "flag", True,
+           "many-row products of 4-bit (groups 64/128) and 8-bit weights on the CPU run csrc/qgemv.c's integer "
+           "GEMM: activations rounded to int8 per group as in decode, VNNI dot products (cpu/quantized.py); off: "
+           "the float path (exact de-quantized weights)"),
     Switch("OPENELM_MLX_TILED_PREFILL", "flag", True,
            "many-row products of quantized and half-precision weights on the CPU expand the weight to float32 a "
            "tile at a time in C and multiply by the optimized BLAS (csrc/qgemv.c openelm_wide_gemm); off: MLX "

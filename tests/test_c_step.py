@@ -176,7 +176,9 @@ def test_chat_turns_with_cache_trimming_are_identical(tmp_path, count_c_steps):
 
     def conversation(c_step):
         replies, computed = [], []
-        with switches.override(C_STEP=c_step):
+        # qgemv.c's float kernels on both sides: with int8 activations a random tiny model's near-tied logits
+        # flipped a token of the third reply between the two sides (float rounding of MLX's decode attention)
+        with switches.override(C_STEP=c_step, QGEMV="float"):
             chat = Conversation(model, tok, system="Be brief.")
             assert type(chat.cache[0]) is (step.CPUKVCache if c_step else KVCache)
             for text in ("Hello there", "Tell me more", "And then?"):

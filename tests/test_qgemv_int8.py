@@ -61,18 +61,18 @@ def quantized_weight(n: int, k: int, group: int, bits: int, seed: int):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("rows", [1, 3, 4, 11])  # from 4 rows on: the tiled (prefill) kernel, 4-bit groups >= 64
+@pytest.mark.parametrize("rows", [1, 3, 4, 11, 37])  # from 4 rows on: the prefill GEMM (4-bit groups >= 64)
 def test_int8_kernels_equal_their_emulation_and_the_float64_product_within_the_bound(variants, bits, group, rows):
     wq, scales, biases = quantized_weight(200, 384, group, bits, seed=bits * group + rows)
     x = mx.random.normal((rows, 384))
-    x = x * mx.array(([1.0, 0.0, 30.0] * 4)[:rows])[:, None]  # all-zero rows (no step) and large ones
+    x = x * mx.array(([1.0, 0.0, 30.0] * 13)[:rows])[:, None]  # all-zero rows (no step) and large ones
     xs = np.array(x)
     exact = xs.astype(np.float64) @ np.array(
         mx.dequantize(wq, scales, biases, group_size=group, bits=bits)).astype(np.float64).T
     emulated, bound = int8_emulation(xs, wq, scales, biases, group, bits)
     assert np.all(np.abs(emulated - exact) <= bound + 1e-9)  # the bound holds for the arithmetic itself
     results = {v: np.array(quantized._qgemv(x, wq, scales, biases, group, bits, kernel=v)) for v in variants}
-    got = results[variants[0]]
+    got = results[variants[-1]]  # the widest variant (the GEMM wherever one runs)
     assert got.shape == (rows, 200)
     scale = np.abs(xs).max(-1, keepdims=True) * np.abs(np.array(mx.dequantize(
         wq, scales, biases, group_size=group, bits=bits))).sum(-1)[None]  # |x|_inf * sum|w| per output
@@ -81,11 +81,14 @@ def test_int8_kernels_equal_their_emulation_and_the_float64_product_within_the_b
     if rows > 1:
         assert np.all(got[1::3] == 0)  # x = 0: no step to divide by, y exactly 0
     for name, y in results.items():  # every CPU variant: the same bits
-        assert np.array_equal(y, got), name
+        if name == "avx2" and bits == 8 and rows >= 4:  # its one-row kernel, not the GEMM: another sum order
+            assert np.all(np.abs(y - got) <= 1e-6 * scale + 1e-7)
+        else:
+            assert np.array_equal(y, got), name
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [2, 7])  # 7: the tiled kernel
+@pytest.mark.parametrize("rows", [2, 7, 21])  # 7, 21: the prefill GEMM (one tile, several)
 def test_int8_kernels_split_over_threads_equal_one_thread(variants, bits, rows):
     wq, scales, biases = quantized_weight(301, 512, 64, bits, seed=5)  # 301 rows: an uneven split
     x = mx.random.normal((rows, 512))
@@ -148,16 +151,25 @@ def test_whole_model_decode_with_int8_activations(variants, bits, group, monkeyp
         assert rel(got, want) < rel(want, full) / 5
 
 
-def test_int8_prefill_is_opt_in_and_off_in_training(variants, monkeypatch):
+def test_int8_prefill_is_the_default_and_off_in_training(variants, monkeypatch):
+    """Prompts (many rows) take the integer GEMM by default; switched off, in a training step (eager_autodiff) or
+    with the float kernel chosen, the exact de-quantized product."""
     layer = nn.QuantizedLinear(256, 96, bias=False, group_size=64, bits=4)
     quantized.use_blas_for_quantized(layer)
+    layer.eval()  # as the loaders leave a model (a new module is in training mode: the exact path)
     x = mx.random.normal((2, 5, 256))  # 10 rows: a prefill
     exact = np.array(x @ mx.dequantize(layer.weight, layer.scales, layer.biases, group_size=64, bits=4).T)
-    tiled = np.array(quantized._qgemv(x, layer.weight, layer.scales, layer.biases, 64, 4))
-    assert np.abs(tiled - exact).max() > 1e-4  # the int8 rounding shows
-    np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)  # default: BLAS
-    monkeypatch.setattr(quantized, "INT8_PREFILL", True)
-    assert np.array_equal(np.array(quantized.quantized_linear(layer, x)), tiled)
+    gemm = np.array(quantized._qgemv(x, layer.weight, layer.scales, layer.biases, 64, 4))
+    assert np.abs(gemm - exact).max() > 1e-4  # the int8 rounding shows
+    assert np.array_equal(np.array(quantized.quantized_linear(layer, x)), gemm)  # the default
+    with switches.override(INT8_PREFILL=False):
+        np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)
+    with quantized.exact_products():  # scoring (perplexity, lm-eval): the exact path, one row or many
+        np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)
+        np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x[:, :1])), exact[:, :1], atol=2e-5)
+    layer.train()  # training mode: the exact path
+    np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)
+    layer.eval()
     with quantized.eager_autodiff():  # a training step: the exact path
         np.testing.assert_allclose(np.array(quantized.quantized_linear(layer, x)), exact, atol=2e-5)
     monkeypatch.setitem(switches._overrides, quantized.QGEMV_ENV_VAR, "float")

@@ -45,10 +45,23 @@ QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 STEP_SOURCE = Path(__file__).with_name("csrc") / "step.c"  # built into the same library (cpu/step.py)
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
 TILED_PREFILL = "OPENELM_MLX_TILED_PREFILL"  # see wide_gemm
-INT8_PREFILL = False  # many-row products (prefill) in qgemv.c's tiled integer kernel too (see int8_prefill_applies)
+INT8_PREFILL = "OPENELM_MLX_INT8_PREFILL"  # many-row products in qgemv.c's integer GEMM (int8_prefill_applies)
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
+_exact = contextvars.ContextVar("openelm_mlx_exact_quantized_products", default=False)
+
+
+@contextlib.contextmanager
+def exact_products():
+    """Quantized products with float activations (qgemv.c's float kernel, de-quantize + BLAS), not the int8
+    activations the CPU's prompts and decode steps use by default: scoring (perplexity, lm-eval) then reports the
+    quantized weights' quality as mlx-lm computes it."""
+    token = _exact.set(True)
+    try:
+        yield
+    finally:
+        _exact.reset(token)
 
 
 @contextlib.contextmanager
@@ -198,16 +211,17 @@ def qgemv_variants() -> tuple[str, ...]:
 
 
 def qgemv_kernel() -> str:
-    """Which csrc/qgemv.c kernel few-row products use: "float" (OPENELM_MLX_QGEMV=float: unpacked weights times
-    float x, exact to float32 rounding), or an integer kernel (int8 activations): the variant named by the
-    variable when the CPU has it, else the best one (AVX-VNNI, AVX512-VNNI, then AVX2)."""
+    """Which csrc/qgemv.c kernel quantized products use: "float" (OPENELM_MLX_QGEMV=float, or inside
+    exact_products: unpacked weights times float x, exact to float32 rounding), or an integer kernel (int8
+    activations): the variant named by the variable when the CPU has it, else the best one (AVX512-VNNI, AVX-VNNI,
+    then AVX2: the prefill GEMM is twice as wide with AVX-512; one-row products ran alike with either VNNI)."""
     setting = switches.get(QGEMV_ENV_VAR)
     have = qgemv_variants()
-    if setting == "float" or not have:
+    if setting == "float" or not have or _exact.get():
         return "float"
     if setting in have:
         return setting
-    return next(v for v in ("avxvnni", "avx512vnni", "avx2") if v in have)
+    return next(v for v in ("avx512vnni", "avxvnni", "avx2") if v in have)
 
 
 def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
@@ -247,11 +261,14 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
 
 
 def int8_prefill_applies(layer: nn.Module, x: mx.array) -> bool:
-    """Whether a many-row product (prefill) runs in csrc/qgemv.c's tiled integer kernel instead of de-quantize +
-    BLAS: only with INT8_PREFILL set, an integer kernel chosen, 8 bits or 4-bit groups of 64/128, and outside
-    eager_autodiff (training keeps the exact float path)."""
-    return (INT8_PREFILL and not _detach_outputs.get() and (layer.bits == 8 or layer.group_size >= 64)
-            and qgemv_applies(layer, x) and qgemv_kernel() != "float")
+    """Whether a many-row product (prefill) runs in csrc/qgemv.c's integer GEMM (int8 activations, as decode)
+    instead of de-quantize + BLAS: switched on (OPENELM_MLX_INT8_PREFILL), an integer kernel chosen, 4-bit groups
+    of 64/128 or 8 bits with VNNI (AVX2's maddubs would saturate on 8-bit weights), the layer in eval mode and
+    outside eager_autodiff (training keeps the exact float path)."""
+    inference = switches.get(INT8_PREFILL) and not layer.training and not _detach_outputs.get()
+    kernel = qgemv_kernel() if inference else "float"
+    return (kernel != "float" and (layer.group_size >= 64 if layer.bits == 4 else kernel != "avx2")
+            and qgemv_applies(layer, x))
 
 
 def quantized_linear(layer: nn.Module, x: mx.array) -> mx.array:

@@ -16,6 +16,7 @@
  * a tiled form for many rows of x (prefill; opt-in from Python). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -162,9 +163,7 @@ typedef struct ijob {
     float *y;
     int m, n, k, group_size, bits, r0, r1;
     void (*rows_fn)(const struct ijob *);
-    void (*tiles_fn)(const struct ijob *, const float *);
-    const float *offt, *xsumt;  /* ng x m: off and xsum transposed, for the tiles */
-    int per_unit;               /* rows a unit (int8_unit) */
+    int per_unit; /* rows a unit (int8_unit) */
 } ijob_t;
 
 /* The float steps after the integer dot products, one compiled copy for every variant (so they round alike):
@@ -274,176 +273,190 @@ __attribute__((target("avx2,fma"))) static inline __m256i dot8_avx2(__m256i acc,
         return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
     }
 
-/* The tiled kernels unpack each weight chunk once (prep: into a, b) for all the rows of x it meets (dotp). */
-__attribute__((target("avx2,fma"))) static inline void prep4_avx2(__m256i v, __m256i *a, __m256i *b) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    *a = _mm256_and_si256(v, m4);
-    *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-}
-__attribute__((target("avx2,fma"))) static inline __m256i dot4p_avx2(__m256i acc, __m256i lo, __m256i hi,
-                                                                      const int8_t *xc, const int32_t *xl) {
-    (void)xl;
-    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xc)),
-                                       _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xc + 32))));
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-}
-__attribute__((target("avx2,fma"))) static inline void prep8_avx2(__m256i v, __m256i *a, __m256i *b) {
-    *b = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
-    *a = _mm256_abs_epi8(*b);
-}
-__attribute__((target("avx2,fma"))) static inline __m256i dot8p_avx2(__m256i acc, __m256i aq, __m256i qc,
-                                                                      const int8_t *xc, const int32_t *xl) {
-    const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xc), qc));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
-    return _mm256_add_epi32(acc, _mm256_loadu_si256((const __m256i *)xl));
-}
-
-#define DEFINE_VNNI_PREPARED(SUFFIX, TARGET, DPBUSD)                                                            \
-    __attribute__((target(TARGET))) static inline void prep4_##SUFFIX(__m256i v, __m256i *a, __m256i *b) {     \
-        const __m256i m4 = _mm256_set1_epi8(0x0F);                                                               \
-        *a = _mm256_and_si256(v, m4);                                                                            \
-        *b = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);                                                      \
-    }                                                                                                            \
-    __attribute__((target(TARGET))) static inline __m256i dot4p_##SUFFIX(__m256i acc, __m256i lo, __m256i hi,  \
-                                                                         const int8_t *xc, const int32_t *xl) { \
-        (void)xl;                                                                                                \
-        acc = DPBUSD(acc, lo, _mm256_loadu_si256((const __m256i *)xc));                                          \
-        return DPBUSD(acc, hi, _mm256_loadu_si256((const __m256i *)(xc + 32)));                                  \
-    }                                                                                                            \
-    __attribute__((target(TARGET))) static inline void prep8_##SUFFIX(__m256i v, __m256i *a, __m256i *b) {     \
-        *a = v;                                                                                                  \
-        *b = v;                                                                                                  \
-    }                                                                                                            \
-    __attribute__((target(TARGET))) static inline __m256i dot8p_##SUFFIX(__m256i acc, __m256i v, __m256i unused, \
-                                                                         const int8_t *xc, const int32_t *xl) { \
-        (void)unused;                                                                                            \
-        (void)xl;                                                                                                \
-        return DPBUSD(acc, v, _mm256_loadu_si256((const __m256i *)xc));                                          \
-    }
-
-DEFINE_VNNI_PREPARED(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
-DEFINE_VNNI_PREPARED(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
 DEFINE_VNNI_DOTS(avxvnni, "avx2,fma,avxvnni", _mm256_dpbusd_avx_epi32)
 DEFINE_VNNI_DOTS(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", _mm256_dpbusd_epi32)
 DEFINE_INT8_ROWS(rows_int8_avx2, "avx2,fma", dot4_avx2, dot8_avx2)
 DEFINE_INT8_ROWS(rows_int8_avxvnni, "avx2,fma,avxvnni", dot4_avxvnni, dot8_avxvnni)
 DEFINE_INT8_ROWS(rows_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dot4_avx512vnni, dot8_avx512vnni)
 
-/* ---- Many rows of x (prefill): tiles of TR weight rows x TC rows of x ----
- * Each weight chunk loaded is used against TC rows of x, and each x chunk against TR weight rows; a group's int32
- * sums become floats once per group (scale s * dx, then float32 accumulation as above). The offset and bias terms,
- * sum_g s * off + b * xsum for every (weight row, x row), are a small float product done separately per unit
- * (vectorized over the rows of x, whose off and xsum are stored transposed). 4 bits need groups of 64 or 128 here
- * (a 32-group takes half a chunk); Python keeps the other cases on de-quantize + BLAS. */
-#ifndef TILE_R_VEX
-#define TILE_R_VEX 2
-#define TILE_C_VEX 3
-#define TILE_R_EVEX 4
-#define TILE_C_EVEX 3
-#endif
-#define PREFILL_UNIT_ROWS 16 /* weight rows per unit (a multiple of every tile's rows) */
+/* ---- Many rows of x (prefill): an integer GEMM with the rows of x in the vector lanes ----
+ * x is quantized as above (same rounding, same layout within a row), then laid out in tiles of LANES rows: for
+ * every 4 consecutive bytes of a row, the 4 bytes of each of the tile's rows side by side, one vector. A weight
+ * row's 4 bytes are broadcast to every lane and multiplied into that vector with dpbusd (unsigned weight bytes
+ * times signed x bytes, summed in fours into int32 lanes): GEMM_R weight rows share each x vector, each lane sums
+ * one (x row, weight row) pair, and a group's int32 sums become floats once per group for the whole tile:
+ *     y[i, r] += s[r, g] * (dx[i, g] * dot + off[i, g]) + b[r, g] * xsum[i, g],
+ * the one-row kernel's terms. 4-bit weights are unpacked per block of rows into bytes in the x layout's order (a
+ * 32-byte chunk: its 32 low nibbles, then its 32 high ones), 8-bit ones are used as stored. AVX2 without VNNI
+ * emulates dpbusd with maddubs + madd, exact for 4-bit weights (pairs <= 2 * 15 * 127); for 8-bit weights it is
+ * not used (the one-row kernel runs). Every lane computes the same float steps in the same order, so the 256- and
+ * 512-bit variants give the same bits. The old kernel here (weights in the lanes, small tiles, a float step per
+ * (row, row, group) and a horizontal sum per output) was slower than de-quantize + BLAS. */
 
-/* e[r * m + c] = sum_g s[r, g] * off[g, c] + b[r, g] * xsum[g, c] for rows r of one unit (off, xsum: ng x m).
- * One compiled copy for every variant. */
-__attribute__((target("avx2,fma"), noinline)) static void unit_offsets(const float *sr, const float *br, int rows,
-                                                                       int ng, const float *offt,
-                                                                       const float *xsumt, int m, float *e) {
-    for (int r = 0; r < rows; r++) {
-        float *er = e + (size_t)r * m;
-        for (int c = 0; c < m; c++) er[c] = 0.0f;
+#define GEMM_BLOCK 32 /* weight rows unpacked at a time (32 x k bytes) */
+
+static void quantize_row(const float *x, int k, int group_size, int bits, int8_t *xq, int32_t *xl, float *dx,
+                         float *off, float *xsum);
+
+typedef struct gjob {
+    const uint32_t *w;
+    const float *scales, *biases;
+    const float *x;
+    int8_t *xt;               /* tiles x k x lanes bytes */
+    float *dxt, *offt, *xst;  /* tiles x ng x lanes each */
+    float *y;
+    int m, n, k, group_size, bits, lanes, per_unit, failed;
+    void (*tile_fn)(const struct gjob *, int r0, int r1, const uint8_t *wu);
+} gjob_t;
+
+/* Quantize rows [t * lanes, (t + 1) * lanes) of x into tile t (rows past m: zeros, whose sums are dropped). */
+static void gemm_prepare_unit(const void *ctx, int t) {
+    gjob_t *j = (gjob_t *)ctx;
+    const int k = j->k, ng = k / j->group_size, L = j->lanes;
+    int8_t *row = malloc((size_t)k + sizeof(int32_t) * (k / 4) + 3 * sizeof(float) * ng);
+    if (!row) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    int32_t *xl = (int32_t *)(row + ((k + 3) & ~3));
+    float *dx = (float *)(xl + k / 4), *off = dx + ng, *xsum = off + ng;
+    int8_t *xt = j->xt + (size_t)t * k * L;
+    for (int i = 0; i < L; i++) {
+        const int r = t * L + i;
+        if (r < j->m) {
+            quantize_row(j->x + (size_t)r * k, k, j->group_size, j->bits, row, xl, dx, off, xsum);
+        } else {
+            memset(row, 0, (size_t)k);
+            for (int g = 0; g < ng; g++) dx[g] = off[g] = xsum[g] = 0.0f;
+        }
+        for (int q = 0; q < k / 4; q++) memcpy(xt + ((size_t)q * L + i) * 4, row + 4 * q, 4);
         for (int g = 0; g < ng; g++) {
-            const float s = sr[(size_t)r * ng + g], b = br[(size_t)r * ng + g];
-            const float *o = offt + (size_t)g * m, *x = xsumt + (size_t)g * m;
-            for (int c = 0; c < m; c++) er[c] += s * o[c] + b * x[c];
+            const size_t at = ((size_t)t * ng + g) * L + i;
+            j->dxt[at] = dx[g], j->offt[at] = off[g], j->xst[at] = xsum[g];
+        }
+    }
+    free(row);
+}
+
+/* Weight rows [r0, r1) (r1 - r0 <= GEMM_BLOCK) as bytes in the x layout's order: wu[(r - r0) * k + e]. */
+__attribute__((target("avx2,fma"))) static void gemm_unpack(const gjob_t *j, int r0, int r1, uint8_t *wu) {
+    const int k = j->k, words = k * j->bits / 32;
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *src = (const uint8_t *)(j->w + (size_t)r * words);
+        uint8_t *dst = wu + (size_t)(r - r0) * k;
+        for (int c = 0; c < k / 64; c++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(src + 32 * c));
+            _mm256_storeu_si256((__m256i *)(dst + 64 * c), _mm256_and_si256(v, m4));
+            _mm256_storeu_si256((__m256i *)(dst + 64 * c + 32), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
         }
     }
 }
 
-__attribute__((target("avx2,fma"), noinline)) static float hsum_lanes(const float *a) {
-    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
-}
-
-#define DEFINE_INT8_TILES(NAME, TARGET, SUFFIX, TR, TC)                                                         \
-    __attribute__((target(TARGET))) static void NAME(const ijob_t *j, const float *e) {                        \
-        const int ng = j->k / j->group_size, words = j->k * j->bits / 32, m = j->m;                             \
-        const int cpg = j->bits == 4 ? j->group_size / 64 : j->group_size / 32;                                 \
-        const int xstride = j->bits == 4 ? 64 : 32; /* x bytes per chunk */                                     \
-        for (int r0 = j->r0; r0 < j->r1; r0 += TR) {                                                            \
-            const uint32_t *wr[TR];                                                                             \
-            const float *sr[TR];                                                                                \
-            for (int r = 0; r < TR; r++) { /* rows past the end repeat the last one; their sums are dropped */ \
-                const int row = r0 + r < j->r1 ? r0 + r : j->r1 - 1;                                            \
-                wr[r] = j->w + (size_t)row * words;                                                             \
-                sr[r] = j->scales + (size_t)row * ng;                                                           \
-            }                                                                                                   \
-            for (int c0 = 0; c0 < m; c0 += TC) {                                                                \
-                const int8_t *xr[TC];                                                                           \
-                const int32_t *xlr[TC];                                                                         \
-                const float *dxr[TC];                                                                           \
-                for (int c = 0; c < TC; c++) {                                                                  \
-                    const int i = c0 + c < m ? c0 + c : m - 1;                                                  \
-                    xr[c] = j->xq + (size_t)i * j->k;                                                           \
-                    xlr[c] = j->xl + (size_t)i * (j->k / 4);                                                    \
-                    dxr[c] = j->dx + (size_t)i * ng;                                                            \
+/* One kernel per vector width and dot-product instruction: every x tile against weight rows [r0, r1) of wu. */
+#define DEFINE_INT8_GEMM(NAME, TARGET, L, R, VI, VF, ZI, ZF, LOADI, BCAST, DPBUSD, CVT, FMA, LOADF, SETF, STOREF)  \
+    __attribute__((target(TARGET))) static void NAME(const gjob_t *j, int r0, int r1, const uint8_t *wu) {      \
+        const int k = j->k, ng = k / j->group_size, qpg = j->group_size / 4, tiles = (j->m + L - 1) / L;        \
+        for (int t = 0; t < tiles; t++) {                                                                       \
+            const int8_t *xt = j->xt + (size_t)t * k * L;                                                       \
+            const float *dxt = j->dxt + (size_t)t * ng * L, *offt = j->offt + (size_t)t * ng * L;               \
+            const float *xst = j->xst + (size_t)t * ng * L;                                                     \
+            for (int rb = r0; rb < r1; rb += R) {                                                               \
+                const uint8_t *wr[R];                                                                           \
+                const float *sr[R], *br[R];                                                                     \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { /* rows past r1 repeat the last one; their sums are dropped */   \
+                    const int row = rb + r < r1 ? rb + r : r1 - 1;                                              \
+                    wr[r] = wu + (size_t)(row - r0) * k;                                                        \
+                    sr[r] = j->scales + (size_t)row * ng, br[r] = j->biases + (size_t)row * ng;                 \
                 }                                                                                               \
-                __m256 acc[TR][TC];                                                                             \
-                for (int r = 0; r < TR; r++)                                                                    \
-                    for (int c = 0; c < TC; c++) acc[r][c] = _mm256_setzero_ps();                               \
+                VF y[R];                                                                                        \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) y[r] = ZF;                                                          \
                 for (int g = 0; g < ng; g++) {                                                                  \
-                    __m256i iv[TR][TC];                                                                         \
-                    for (int r = 0; r < TR; r++)                                                                \
-                        for (int c = 0; c < TC; c++) iv[r][c] = _mm256_setzero_si256();                         \
-                    for (int ch = g * cpg; ch < (g + 1) * cpg; ch++) {                                          \
-                        for (int r = 0; r < TR; r++) {                                                          \
-                            const __m256i v = _mm256_loadu_si256((const __m256i *)(wr[r] + 8 * ch));            \
-                            __m256i a, b;                                                                       \
-                            if (j->bits == 4) {                                                                 \
-                                prep4_##SUFFIX(v, &a, &b);                                                      \
-                                for (int c = 0; c < TC; c++)                                                    \
-                                    iv[r][c] = dot4p_##SUFFIX(iv[r][c], a, b, xr[c] + xstride * ch, NULL);      \
-                            } else {                                                                            \
-                                prep8_##SUFFIX(v, &a, &b);                                                      \
-                                for (int c = 0; c < TC; c++)                                                    \
-                                    iv[r][c] = dot8p_##SUFFIX(iv[r][c], a, b, xr[c] + xstride * ch,             \
-                                                              xlr[c] + 8 * ch);                                 \
-                            }                                                                                   \
-                        }                                                                                       \
+                    VI acc[R];                                                                                  \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = ZI;                                                    \
+                    const int8_t *xg = xt + (size_t)g * qpg * 4 * L;                                            \
+                    _Pragma("GCC unroll 4") for (int q = 0; q < qpg; q++) {                                                             \
+                        const VI xv = LOADI(xg + (size_t)q * 4 * L);                                            \
+                        const int e = g * j->group_size + 4 * q;                                                \
+                        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = DPBUSD(acc[r], BCAST(wr[r] + e), xv);              \
                     }                                                                                           \
-                    for (int r = 0; r < TR; r++)                                                                \
-                        for (int c = 0; c < TC; c++)                                                            \
-                            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv[r][c]),                           \
-                                                        _mm256_set1_ps(sr[r][g] * dxr[c][g]), acc[r][c]);       \
+                    const VF dxv = LOADF(dxt + (size_t)g * L), offv = LOADF(offt + (size_t)g * L);              \
+                    const VF xsv = LOADF(xst + (size_t)g * L);                                                  \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                               \
+                        y[r] = FMA(SETF(sr[r][g]), FMA(dxv, CVT(acc[r]), offv), y[r]);                          \
+                        y[r] = FMA(SETF(br[r][g]), xsv, y[r]);                                                  \
+                    }                                                                                           \
                 }                                                                                               \
-                for (int r = 0; r < TR && r0 + r < j->r1; r++)                                                  \
-                    for (int c = 0; c < TC && c0 + c < m; c++) {                                                \
-                        float lanes[8];                                                                         \
-                        _mm256_storeu_ps(lanes, acc[r][c]);                                                     \
-                        j->y[(size_t)(c0 + c) * j->n + r0 + r] =                                                \
-                            hsum_lanes(lanes) + e[(size_t)(r0 + r - j->r0) * m + c0 + c];                       \
-                    }                                                                                           \
+                for (int r = 0; r < R && rb + r < r1; r++) {                                                    \
+                    float lanes[L];                                                                             \
+                    STOREF(lanes, y[r]);                                                                        \
+                    for (int i = 0; i < L && t * L + i < j->m; i++) j->y[(size_t)(t * L + i) * j->n + rb + r] = lanes[i]; \
+                }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
     }
 
-/* Tile shapes: VEX code has 16 vector registers, EVEX (AVX-512VL) 32. */
-DEFINE_INT8_TILES(tiles_int8_avx2, "avx2,fma", avx2, TILE_R_VEX, TILE_C_VEX)
-DEFINE_INT8_TILES(tiles_int8_avxvnni, "avx2,fma,avxvnni", avxvnni, TILE_R_VEX, TILE_C_VEX)
-DEFINE_INT8_TILES(tiles_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", avx512vnni, TILE_R_EVEX, TILE_C_EVEX)
-
-static void int8_tile_unit(const void *ctx, int unit) {
-    ijob_t j = *(const ijob_t *)ctx;
-    const int ng = j.k / j.group_size;
-    j.r0 = unit * PREFILL_UNIT_ROWS;
-    j.r1 = j.r0 + PREFILL_UNIT_ROWS < j.n ? j.r0 + PREFILL_UNIT_ROWS : j.n;
-    float *e = malloc(sizeof(float) * (size_t)PREFILL_UNIT_ROWS * j.m);
-    if (!e) { /* no scratch: this unit's rows one x row at a time (same values up to float rounding) */
-        j.rows_fn(&j);
+#define LOADI_256(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
+#define LOADI_512(p) _mm512_loadu_si512((const void *)(p))
+#define BCAST32_256(p) _mm256_set1_epi32(*(const int32_t *)(const void *)(p))
+#define BCAST32_512(p) _mm512_set1_epi32(*(const int32_t *)(const void *)(p))
+/* dpbusd on AVX2: maddubs (unsigned x signed bytes -> int16 pairs; 4-bit weights cannot saturate) + madd by 1 */
+#define DPBUSD_AVX2(acc, a, b) \
+    _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((a), (b)), _mm256_set1_epi16(1)))
+DEFINE_INT8_GEMM(gemm_int8_avxvnni, "avx2,fma,avxvnni", 8, 4, __m256i, __m256, _mm256_setzero_si256(),
+                 _mm256_setzero_ps(), LOADI_256, BCAST32_256,
+                 _mm256_dpbusd_avx_epi32, _mm256_cvtepi32_ps, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps,
+                 _mm256_storeu_ps)
+DEFINE_INT8_GEMM(gemm_int8_avx512vnni, "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni", 16, 8, __m512i, __m512,
+                 _mm512_setzero_si512(), _mm512_setzero_ps(), LOADI_512, BCAST32_512,
+                 _mm512_dpbusd_epi32, _mm512_cvtepi32_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps,
+                 _mm512_storeu_ps)
+DEFINE_INT8_GEMM(gemm_int8_avx2, "avx2,fma", 8, 4, __m256i, __m256, _mm256_setzero_si256(), _mm256_setzero_ps(),
+                 LOADI_256, BCAST32_256, DPBUSD_AVX2, _mm256_cvtepi32_ps,
+                 _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_storeu_ps)
+/* Weight rows [unit * per_unit, ...) against every tile, GEMM_BLOCK rows unpacked at a time (4 bits). */
+static void gemm_unit(const void *ctx, int unit) {
+    gjob_t *j = (gjob_t *)ctx;
+    const int r0 = unit * j->per_unit, r1 = r0 + j->per_unit < j->n ? r0 + j->per_unit : j->n;
+    uint8_t *wu = j->bits == 4 ? malloc((size_t)GEMM_BLOCK * j->k) : NULL;
+    if (j->bits == 4 && !wu) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    unit_offsets(j.scales + (size_t)j.r0 * ng, j.biases + (size_t)j.r0 * ng, j.r1 - j.r0, ng, j.offt, j.xsumt,
-                 j.m, e);
-    j.tiles_fn(&j, e);
-    free(e);
+    for (int b = r0; b < r1; b += GEMM_BLOCK) {
+        const int e = b + GEMM_BLOCK < r1 ? b + GEMM_BLOCK : r1;
+        if (wu) {
+            gemm_unpack(j, b, e, wu);
+            j->tile_fn(j, b, e, wu);
+        } else { /* 8 bits: the stored bytes are the unpacked ones */
+            j->tile_fn(j, b, e, (const uint8_t *)(j->w + (size_t)b * (j->k / 4)));
+        }
+    }
+    free(wu);
+}
+
+/* y (m x n) = x (m x k) @ dequantize(w).T by the GEMM above: 0, or 2 when memory ran out. */
+static int int8_gemm(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y, int m,
+                     int n, int k, int group_size, int bits, int threads, int variant) {
+    const int L = variant == VAR_AVX512VNNI ? 16 : 8, tiles = (m + L - 1) / L, ng = k / group_size;
+    gjob_t j = {w, scales, biases, x, NULL, NULL, NULL, NULL, y, m, n, k, group_size, bits, L, 0, 0,
+                variant == VAR_AVX512VNNI ? gemm_int8_avx512vnni
+                : variant == VAR_AVXVNNI  ? gemm_int8_avxvnni
+                                          : gemm_int8_avx2};
+    char *buf = malloc((size_t)tiles * L * k + 3 * sizeof(float) * (size_t)tiles * ng * L);
+    if (!buf) return 2;
+    j.xt = (int8_t *)buf;
+    j.dxt = (float *)(buf + (size_t)tiles * L * k), j.offt = j.dxt + (size_t)tiles * ng * L;
+    j.xst = j.offt + (size_t)tiles * ng * L;
+    run_parallel(gemm_prepare_unit, &j, tiles, threads);
+    if (!j.failed) {
+        /* units of whole GEMM_BLOCKs, ~POOL_UNITS_PER_THREAD a thread */
+        const int blocks = (n + GEMM_BLOCK - 1) / GEMM_BLOCK, per = threads * POOL_UNITS_PER_THREAD;
+        j.per_unit = GEMM_BLOCK * ((blocks + per - 1) / per);
+        run_parallel(gemm_unit, &j, (n + j.per_unit - 1) / j.per_unit, threads);
+    }
+    free(buf);
+    return j.failed ? 2 : 0;
 }
 
 static void int8_unit(const void *ctx, int unit) {
@@ -485,20 +498,22 @@ static void quantize_row(const float *x, int k, int group_size, int bits, int8_t
 }
 
 /* y (m x n) = x (m x k) @ dequantize(w).T with int8 activations (see above), split over `threads` threads by
- * output rows. variant: 0 picks the best this CPU has (AVX-VNNI, AVX512-VNNI, AVX2), else one VAR_* value.
+ * output rows. variant: 0 picks the best this CPU has (AVX512-VNNI, AVX-VNNI, AVX2), else one VAR_* value.
  * Returns 0; 1 for a shape or parameter it does not handle (as openelm_qgemv); 2 allocation failure; 3 a CPU
  * without AVX2/FMA or without the requested variant. */
 EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x,
                               float *y, int m, int n, int k, int group_size, int bits, int threads, int variant) {
     const int have = openelm_qgemv_int8_variants();
     if (variant == 0)
-        variant = have & VAR_AVXVNNI ? VAR_AVXVNNI : have & VAR_AVX512VNNI ? VAR_AVX512VNNI : VAR_AVX2;
+        variant = have & VAR_AVX512VNNI ? VAR_AVX512VNNI : have & VAR_AVXVNNI ? VAR_AVXVNNI : VAR_AVX2;
     if (!(have & variant) || (variant & (variant - 1))) return 3;
     if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128)) return 1;
     const int chunk = 256 / bits, ng = k / group_size;
     if (m < 1 || n < 1 || k % chunk || k % group_size) return 1;
     if (threads < 1) threads = 1;
     if (threads > 16) threads = 16;
+    if (m >= PREFILL_MIN_ROWS && (bits == 4 ? group_size >= 64 : variant != VAR_AVX2))
+        return int8_gemm(w, scales, biases, x, y, m, n, k, group_size, bits, threads, variant);
     const size_t xq_bytes = ((size_t)m * k + 63) & ~(size_t)63;
     char *buf = aligned_alloc(64, xq_bytes + sizeof(int32_t) * (size_t)m * (k / 4) + 3 * sizeof(float) * m * ng);
     if (!buf) return 2;
@@ -511,30 +526,9 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
     void (*rows_fn)(const ijob_t *) = variant == VAR_AVXVNNI      ? rows_int8_avxvnni
                                       : variant == VAR_AVX512VNNI ? rows_int8_avx512vnni
                                                                   : rows_int8_avx2;
-    if (m >= PREFILL_MIN_ROWS && (bits == 8 || group_size >= 64)) {
-        float *t = malloc(sizeof(float) * 2 * (size_t)m * ng);
-        if (!t) {
-            free(buf);
-            return 2;
-        }
-        for (int i = 0; i < m; i++)
-            for (int g = 0; g < ng; g++) {
-                t[(size_t)g * m + i] = off[(size_t)i * ng + g];
-                t[(size_t)(ng + g) * m + i] = xsum[(size_t)i * ng + g];
-            }
-        void (*tiles_fn)(const ijob_t *, const float *) = variant == VAR_AVXVNNI      ? tiles_int8_avxvnni
-                                                          : variant == VAR_AVX512VNNI ? tiles_int8_avx512vnni
-                                                                                      : tiles_int8_avx2;
-        const ijob_t job = {w,  scales, biases, xq, xl,      dx, off, xsum, y, m, n, k, group_size, bits, 0, 0,
-                            rows_fn, tiles_fn, t, t + (size_t)m * ng};
-        run_parallel(int8_tile_unit, &job, (n + PREFILL_UNIT_ROWS - 1) / PREFILL_UNIT_ROWS, threads);
-        free(t);
-    } else {
-        const int per = pool_unit_rows(n, k, threads);
-        const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn,
-                            NULL, NULL, NULL, per};
-        run_parallel(int8_unit, &job, (n + per - 1) / per, threads);
-    }
+    const int per = pool_unit_rows(n, k, threads);
+    const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn, per};
+    run_parallel(int8_unit, &job, (n + per - 1) / per, threads);
     free(buf);
     return 0;
 }
