@@ -5,7 +5,8 @@ Apple's recipe: that is the reference trainer's job), saves it as an MLX directo
 copies and quantized versions made by the converter exactly as `python -m openelm_mlx.convert -q` makes them
 (float16 source, group 64 unless named: uniform 8-bit, uniform 4-bit, the 4-bit default recipe `openelm_4_8`,
 the mixed recipes), and scores each on the same held-out tokens with `openelm_mlx.perplexity` (BOS-first windows).
-Quantized models are scored as our CPU backend runs them, with float32 scales and activations.
+Quantized models are scored as our CPU backend runs them, with float32 scales and activations, and again with the
+int8 activations our quantized products use when generating on the CPU (rows "..., int8 activations").
 
 With `--llama-cpp-dir`, the same float32 weights also go through llama.cpp: exported with convert/mlx_to_hf.py,
 converted by its convert_hf_to_gguf.py (f32), quantized by its llama-quantize (Q8_0, Q4_0 with its default
@@ -210,15 +211,20 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def score(row: dict, tok: Tokenizer, held: list[int], sequence_length: int) -> dict:
-    """Perplexity of one directory; quantized ones as our CPU backend runs them (float32 scales/activations)."""
+def score(row: dict, tok: Tokenizer, held: list[int], sequence_length: int, exact: bool = True) -> dict:
+    """Perplexity of one directory; quantized ones as our CPU backend runs them (float32 scales), with float32
+    activations (exact: how `openelm_mlx.perplexity` scores) or, exact=False, with the int8 activations that
+    generation's quantized products use on the CPU (a row of its own)."""
     model, _ = load_model(row["path"])
     result = {"precision": precision_of(row["path"], model), "bits_per_weight": bits_per_weight(model), **row}
+    if not exact:
+        result["name"] = f"{row['name']}, int8 activations"
     if read_quantization(row["path"]):
         cpu.prepare(model, "prefill", "float32")
     start = time.perf_counter()
-    ppl, nll, n = perplexity(model, tok, held, sequence_length, batch_size=8)
-    log(f"{row['name']}: perplexity {ppl:.3f} on {n} tokens ({n / (time.perf_counter() - start):.0f} tokens/s)")
+    ppl, nll, n = perplexity(model, tok, held, sequence_length, batch_size=8, exact=exact)
+    log(f"{result['name']}: perplexity {ppl:.3f} on {n} tokens ({n / (time.perf_counter() - start):.0f} "
+        f"tokens/s)")
     return {**result, "perplexity": ppl, "nll": nll}
 
 
@@ -265,7 +271,11 @@ def main(argv=None) -> None:
         todo += llamacpp_variants(float_dir, out, Path(args.tokenizer), llama)
     else:
         log("llama.cpp rows skipped: pass --llama-cpp-dir (a llama.cpp checkout with build/bin/llama-quantize)")
-    rows = [score(row, tok, held, args.sequence_length) for row in todo]
+    rows = []
+    for row in todo:
+        rows.append(score(row, tok, held, args.sequence_length))
+        if read_quantization(row["path"]):  # ours, quantized: also as generation computes it
+            rows.append(score(row, tok, held, args.sequence_length, exact=False))
     if llama is not None:  # the f32 round trip through llama.cpp's files reproduces our float32 perplexity exactly
         ppl = {r["name"]: r["perplexity"] for r in rows}
         assert ppl["llama.cpp f32"] == ppl["float32"], (ppl["llama.cpp f32"], ppl["float32"])

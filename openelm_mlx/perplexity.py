@@ -11,6 +11,7 @@ BOS-first scoring is how Apple evaluates OpenELM (lm-evaluation-harness with `ad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -62,11 +63,12 @@ def windows(ids: Sequence[int], sequence_length: int, bos_id: int) -> list[tuple
 
 
 def score(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
-          verbose: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+          verbose: bool = False, exact: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per target token: its log-probability and whether it is the argmax, for each (inputs, targets) pair.
 
     `inputs` and `targets` of a pair have equal length (targets are the next tokens). Pairs are batched by
-    length and right-padded; padding never reaches a real position under the causal mask.
+    length and right-padded; padding never reaches a real position under the causal mask. `exact`: quantized
+    products with float activations, as mlx-lm scores (False: the int8 activations the CPU's generation uses).
     """
     from tqdm import tqdm
 
@@ -84,7 +86,7 @@ def score(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_siz
         for row, i in enumerate(batch):
             inp, tgt = pairs[i]
             inputs[row, :len(inp)], targets[row, :len(tgt)] = inp, tgt
-        with exact_products():  # float activations in quantized products, as mlx-lm scores
+        with exact_products() if exact else contextlib.nullcontext():
             logits = model(mx.array(inputs)).astype(mx.float32)
         tgt = mx.array(targets)
         picked = mx.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
@@ -99,12 +101,13 @@ def score(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_siz
 
 
 def perplexity(model, tokenizer, ids_or_text, sequence_length: int = 512, batch_size: int = 8,
-               verbose: bool = False) -> tuple[float, float, int]:
-    """(perplexity, mean NLL in nats, number of predicted tokens) of a text or of its token ids (no BOS)."""
+               verbose: bool = False, exact: bool = True) -> tuple[float, float, int]:
+    """(perplexity, mean NLL in nats, number of predicted tokens) of a text or of its token ids (no BOS); `exact`
+    as in `score`."""
     ids = tokenizer.encode(ids_or_text, add_bos=False) if isinstance(ids_or_text, str) else list(ids_or_text)
     if not ids:
         raise ValueError("no tokens to score")
-    scored = score(model, windows(ids, sequence_length, tokenizer.bos_id), batch_size, verbose)
+    scored = score(model, windows(ids, sequence_length, tokenizer.bos_id), batch_size, verbose, exact)
     n = sum(len(lp) for lp, _ in scored)
     nll = -float(sum(lp.astype(np.float64).sum() for lp, _ in scored)) / n
     return math.exp(nll), nll, n
