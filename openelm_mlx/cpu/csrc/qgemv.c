@@ -213,9 +213,34 @@ __attribute__((target("avx2,fma"), noinline)) static void finish_rows(const floa
  * 8192 x 1280 products, alternating builds, 1 and 2 threads, a 2-core AMD EPYC; 2 to 16 rows ahead were alike). */
 #define PREFETCH_ROWS 4
 #define DEFINE_INT8_ROWS(NAME, TARGET, DOT4, DOT8)                                                              \
+    /* one weight row's 8 float lanes; inlined with constant bits and chunks per group (cpg; 0: 4-bit groups of \
+     * 32, two groups a chunk) so each case is its own loop */                                                   \
+    __attribute__((target(TARGET), always_inline)) static inline __m256 NAME##_row(                            \
+        const uint32_t *wr, const float *sr, const float *dx, const int8_t *xq, const int32_t *xl, int ng,      \
+        const int bits, const int cpg) {                                                                         \
+        __m256 acc = _mm256_setzero_ps();                                                                        \
+        if (cpg == 0) {                                                                                          \
+            for (int c = 0; c < ng / 2; c++) {                                                                   \
+                const __m256i iv = DOT4(_mm256_setzero_si256(),                                                  \
+                                        _mm256_loadu_si256((const __m256i *)(wr + 8 * c)), xq + 64 * c);         \
+                const __m256 sd = _mm256_set_m128(_mm_set1_ps(sr[2 * c + 1] * dx[2 * c + 1]),                    \
+                                                  _mm_set1_ps(sr[2 * c] * dx[2 * c]));                           \
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), sd, acc);                                          \
+            }                                                                                                    \
+            return acc;                                                                                          \
+        }                                                                                                        \
+        for (int g = 0; g < ng; g++) {                                                                           \
+            __m256i iv = _mm256_setzero_si256();                                                                 \
+            for (int c = g * cpg; c < (g + 1) * cpg; c++) {                                                      \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 8 * c));                             \
+                iv = bits == 4 ? DOT4(iv, v, xq + 64 * c) : DOT8(iv, v, xq + 32 * c, xl + 8 * c);                \
+            }                                                                                                    \
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), _mm256_set1_ps(sr[g] * dx[g]), acc);                  \
+        }                                                                                                        \
+        return acc;                                                                                              \
+    }                                                                                                            \
     __attribute__((target(TARGET))) static void NAME(const ijob_t *j) {                                       \
-        const int ng = j->k / j->group_size, words = j->k * j->bits / 32;                                        \
-        const int cpg = j->bits == 4 ? j->group_size / 64 : j->group_size / 32; /* chunks per group */          \
+        const int ng = j->k / j->group_size, words = j->k * j->bits / 32, gs = j->group_size;                  \
         for (int r0 = j->r0; r0 < j->r1; r0 += 4) {                                                              \
             const int rows = j->r1 - r0 < 4 ? j->r1 - r0 : 4;                                                    \
             for (int i = 0; i < j->m; i++) {                                                                     \
@@ -235,26 +260,12 @@ __attribute__((target("avx2,fma"), noinline)) static void finish_rows(const floa
                                          _MM_HINT_T0);                                                           \
                         }                                                                                        \
                     }                                                                                            \
-                    __m256 acc = _mm256_setzero_ps();                                                            \
-                    if (j->bits == 4 && j->group_size == 32) {                                                   \
-                        for (int c = 0; c < ng / 2; c++) {                                                       \
-                            __m256i iv = _mm256_setzero_si256();                                                 \
-                            iv = DOT4(iv, _mm256_loadu_si256((const __m256i *)(wr + 8 * c)), xq + 64 * c);       \
-                            const __m256 sd = _mm256_set_m128(_mm_set1_ps(sr[2 * c + 1] * dx[2 * c + 1]),        \
-                                                              _mm_set1_ps(sr[2 * c] * dx[2 * c]));               \
-                            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), sd, acc);                              \
-                        }                                                                                        \
-                    } else {                                                                                     \
-                        for (int g = 0; g < ng; g++) {                                                           \
-                            __m256i iv = _mm256_setzero_si256();                                                 \
-                            for (int c = g * cpg; c < (g + 1) * cpg; c++) {                                      \
-                                const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 8 * c));             \
-                                iv = j->bits == 4 ? DOT4(iv, v, xq + 64 * c)                                     \
-                                                  : DOT8(iv, v, xq + 32 * c, xl + 8 * c);                        \
-                            }                                                                                    \
-                            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iv), _mm256_set1_ps(sr[g] * dx[g]), acc);  \
-                        }                                                                                        \
-                    }                                                                                            \
+                    const __m256 acc = j->bits == 4 ? (gs == 32   ? NAME##_row(wr, sr, dx, xq, xl, ng, 4, 0)      \
+                                                       : gs == 64 ? NAME##_row(wr, sr, dx, xq, xl, ng, 4, 1)      \
+                                                                  : NAME##_row(wr, sr, dx, xq, xl, ng, 4, 2))     \
+                                                    : (gs == 32   ? NAME##_row(wr, sr, dx, xq, xl, ng, 8, 1)      \
+                                                       : gs == 64 ? NAME##_row(wr, sr, dx, xq, xl, ng, 8, 2)      \
+                                                                  : NAME##_row(wr, sr, dx, xq, xl, ng, 8, 4));    \
                     _mm256_storeu_ps(lanes + 8 * rr, acc);                                                       \
                 }                                                                                                \
                 finish_rows(lanes, rows, j->scales + (size_t)r0 * ng, j->biases + (size_t)r0 * ng,               \
