@@ -62,6 +62,9 @@ SWITCHES = {s.name: s for s in (
            "best integer kernel this CPU has), float (its exact float kernel), avx2 / avxvnni / avx512vnni (force "
            "a variant) or off (MLX's kernel)",
            choices=("on", "off", "float", "avx2", "avxvnni", "avx512vnni")),
+    Switch("OPENELM_MLX_SPLIT_SGEMM", "flag", True,
+           "large float32 products on the CPU run OpenBLAS single-threaded on blocks of output columns split over "
+           "our thread pool (csrc/gemv_shim.c) instead of on OpenBLAS's own threads"),
     Switch("OPENELM_MLX_INT8_PREFILL", "flag", True,
            "many-row products of 4-bit (groups 64/128) and 8-bit weights on the CPU run csrc/qgemv.c's integer "
            "GEMM: activations rounded to int8 per group as in decode, VNNI dot products (cpu/quantized.py); off: "

@@ -311,6 +311,42 @@ def test_gemv_shim_computes_every_few_row_form_exactly_and_routes_it_by_the_swit
         assert (result["kernel"] > 0, result["sgemv"] > 0) == (route == "kernel", route == "sgemv"), (name, result)
 
 
+SPLIT_FORMS = """
+import json, ctypes
+import openelm_mlx
+import mlx.core as mx
+import numpy as np
+from openelm_mlx.cpu import blas
+mx.random.seed(0)
+x, w, wt = mx.random.normal((300, 96)), mx.random.normal((700, 96)), mx.random.normal((96, 700))
+shim = ctypes.CDLL(blas.status().gemv_shim)
+report = {"line": blas.describe()}
+for name, f, want in (("x @ w.T", lambda: x @ w.T, lambda: np.array(x, np.float64) @ np.array(w, np.float64).T),
+                      ("x @ wt", lambda: x @ wt, lambda: np.array(x, np.float64) @ np.array(wt, np.float64))):
+    before = shim.openelm_gemv_shim_forwarded(2)
+    out = f()
+    mx.eval(out)
+    report[name] = {"err": float(np.abs(np.array(out, np.float64) - want()).max()),
+                    "split": shim.openelm_gemv_shim_forwarded(2) - before}
+print(json.dumps(report))
+"""
+
+
+@linux_only
+@pytest.mark.parametrize("threads,switch,split", [("2", "1", True), ("1", "1", False), ("2", "0", False)])
+def test_large_products_split_over_our_threads(tmp_path, threads, switch, split):
+    """With OPENBLAS_NUM_THREADS > 1 large products run OpenBLAS single-threaded on blocks of output columns over
+    the shim's pool (both layouts of b), equal to the float64 product; one thread, or the switch off: OpenBLAS."""
+    system_openblas()
+    proc = run(SPLIT_FORMS, None, env_extra={blas.CACHE_ENV_VAR: str(tmp_path), "OPENBLAS_NUM_THREADS": threads,
+                                             blas.SPLIT_ENV_VAR: switch})
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ("large products split over 2 threads" in report.pop("line")) == split
+    for name, result in report.items():
+        assert result["err"] < 1e-3, (name, result)  # float32 rounding of 96-term dot products
+        assert (result["split"] > 0) == split, (name, result)
+
+
 @linux_only
 def test_gemv_shim_off_switch_and_missing_compiler_keep_openblas(tmp_path):
     system_openblas()

@@ -36,6 +36,7 @@ from .. import switches
 
 ENV_VAR = "OPENELM_MLX_BLAS"
 GEMV_ENV_VAR = "OPENELM_MLX_GEMV"
+SPLIT_ENV_VAR = "OPENELM_MLX_SPLIT_SGEMM"
 CACHE_ENV_VAR = "OPENELM_MLX_CACHE"
 SHIM_SOURCE = Path(__file__).with_name("csrc") / "gemv_shim.c"
 # The shim's kernel variants (its VAR_* codes) and the rows M of the products each takes, (min, max): where it beat
@@ -62,6 +63,7 @@ class BlasStatus:
     gemv_shim: Optional[str] = None  # the loaded csrc/gemv_shim.c library, when few-row matmuls go through it
     gemv_reason: str = ""  # why not, for an OpenBLAS without it
     gemv_kernel: str = ""  # what the shim does with few-row products, e.g. "avx2 kernel for M 1-32, 2 threads"
+    split_threads: int = 1  # > 1: the shim splits large products over this many threads of its pool
 
 
 _status: Optional[BlasStatus] = None
@@ -211,6 +213,16 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def _blas_threads() -> int:
+    """The threads the BLAS would use: OPENBLAS_NUM_THREADS (or OMP_NUM_THREADS) where set, else every core."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        try:
+            return max(1, int(os.environ[name]))
+        except (KeyError, ValueError):
+            continue
+    return min(_cores(), 16)
+
+
 def _configure_kernel(shim: ctypes.CDLL, setting: str) -> str:
     """Tell the shim which few-row products its kernel takes (by the switch and this CPU); returns what it does."""
     if setting == "sgemv":
@@ -223,25 +235,27 @@ def _configure_kernel(shim: ctypes.CDLL, setting: str) -> str:
     return f"{variant} kernel for M {lo}-{hi}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str, str]:
+def _load_gemv_shim(blas_path: str) -> tuple[Optional[str], str, str, int]:
     """Put the shim's cblas_sgemm into the global scope, bound to `blas_path` and configured; must run before that
-    BLAS goes global, so that libmlx finds the shim first. Returns (path, why not, what its kernel does)."""
+    BLAS goes global, so that libmlx finds the shim first. Returns (path, why not, what its kernel does, the threads
+    it splits large products over)."""
     setting = switches.get(GEMV_ENV_VAR)
     if setting == "off":
-        return None, f"turned off by {GEMV_ENV_VAR}", ""
+        return None, f"turned off by {GEMV_ENV_VAR}", "", 1
     path, problem = build_gemv_shim()
     if path is None:
-        return None, problem, ""
+        return None, problem, "", 1
     try:
         shim = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
         code = shim.openelm_gemv_shim_init(os.fsencode(blas_path))
         kernel = _configure_kernel(shim, setting) if code == 0 else ""
+        split = shim.openelm_gemv_shim_split(_blas_threads()) if code == 0 and switches.get(SPLIT_ENV_VAR) else 1
     except (OSError, AttributeError) as exc:
-        return None, f"{path} could not be loaded ({exc})", ""
+        return None, f"{path} could not be loaded ({exc})", "", 1
     if code != 0:
-        return None, f"{path} could not bind cblas_sgemm/cblas_sgemv of {blas_path} (code {code})", ""
+        return None, f"{path} could not bind cblas_sgemm/cblas_sgemv of {blas_path} (code {code})", "", 1
     _handles.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))  # promoted to global only once bound
-    return path, "", kernel
+    return path, "", kernel, split
 
 
 def _load(path: str, source: str) -> tuple[Optional[BlasStatus], str]:
@@ -249,10 +263,10 @@ def _load(path: str, source: str) -> tuple[Optional[BlasStatus], str]:
     if probe is None:
         return None, problem
     kind, version = _identify(probe)
-    shim, shim_problem, kernel = _load_gemv_shim(path) if kind == "openblas" else (None, "", "")
+    shim, shim_problem, kernel, split = _load_gemv_shim(path) if kind == "openblas" else (None, "", "", 1)
     _handles.append(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL))
     return BlasStatus(loaded=True, path=path, kind=kind, source=source, version=version, gemv_shim=shim,
-                      gemv_reason=shim_problem, gemv_kernel=kernel), ""
+                      gemv_reason=shim_problem, gemv_kernel=kernel, split_threads=split), ""
 
 
 def preload() -> BlasStatus:
@@ -331,6 +345,8 @@ def describe() -> str:
             gemv = ", decode's M=1 matmuls via cblas_sgemv"
         elif s.gemv_reason:
             gemv = f", few-row matmuls on sgemm: {s.gemv_reason}"
+        if s.split_threads > 1:
+            gemv += f", large products split over {s.split_threads} threads of ours"
         return (f"BLAS: {name} {s.path}{version} (from {s.source}, loaded before mlx"
                 f"{f', {threads} threads' if threads else ''}{gemv})")
     if s.kind == "platform":

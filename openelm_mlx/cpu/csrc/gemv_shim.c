@@ -9,6 +9,10 @@
  *   below, which reads each weight row once and computes all M outputs from it (float32 accumulation; AVX2 + FMA
  *   where the CPU has them, by run-time dispatch, else portable C), split over the thread pool of pool.h;
  * - other row-major products with M == 1 go to the BLAS's cblas_sgemv (it streams the matrix once);
+ * - other row-major products, with openelm_gemv_shim_split(threads > 1), go to the BLAS's cblas_sgemm in blocks
+ *   of output columns split over this library's pool, the BLAS itself set to one thread: one set of threads for
+ *   every product (not OpenBLAS's, which wait for each other with sched_yield, and whose fixed shares wait for a
+ *   thread another process keeps off its core);
  * - everything else goes to the BLAS's cblas_sgemm, unchanged.
  * An output element is computed by one thread in an order that depends on k only (not on M, its tile or the thread
  * count): a row of a batched product equals that row computed alone, bit for bit. Built by openelm_mlx.cpu.blas
@@ -32,7 +36,9 @@ typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const fl
 
 static sgemm_fn blas_sgemm;
 static sgemv_fn blas_sgemv;
-static long sgemv_calls, kernel_calls;
+static void (*blas_set_threads)(int);
+static int split_threads = 1; /* > 1: large products split by columns over the pool (openelm_gemv_shim_split) */
+static long sgemv_calls, kernel_calls, split_calls;
 static int kernel_min_m = 1, kernel_max_m, kernel_threads = 1, kernel_variant;
 
 /* Bind the BLAS at `path`; 0 on success. Call it before this library enters the global scope: a cblas_sgemm
@@ -45,7 +51,21 @@ EXPORT int openelm_gemv_shim_init(const char *path) {
     if (!sgemm || !sgemv) return 2;
     blas_sgemm = sgemm;
     blas_sgemv = sgemv;
+    blas_set_threads = (void (*)(int))dlsym(lib, "openblas_set_num_threads");
     return 0;
+}
+
+/* Split large row-major products by output columns over `threads` threads of the pool, the BLAS set to one thread
+ * (needs OpenBLAS's openblas_set_num_threads); threads <= 1 leaves them to the BLAS. Returns the threads used. Call
+ * it before the library is promoted to the global scope. */
+EXPORT int openelm_gemv_shim_split(int threads) {
+    if (threads <= 1 || !blas_set_threads) {
+        split_threads = 1;
+        return 1;
+    }
+    blas_set_threads(1);
+    split_threads = threads > MAX_HELPERS + 1 ? MAX_HELPERS + 1 : threads;
+    return split_threads;
 }
 
 /* Linear-layout products (b transposed) with min_m <= M <= max_m rows go to the kernel `variant` (0: the best this
@@ -58,10 +78,10 @@ EXPORT void openelm_gemv_shim_configure(int min_m, int max_m, int threads, int v
     kernel_variant = variant;
 }
 
-/* How many calls went to sgemv (which == 0) or to the kernel (which == 1); tests read them to see that the shim is
- * the cblas_sgemm MLX calls and which way a product went. */
+/* How many calls went to sgemv (which == 0), to the kernel (1) or were split over the pool (2); tests read them to
+ * see that the shim is the cblas_sgemm MLX calls and which way a product went. */
 EXPORT long openelm_gemv_shim_forwarded(int which) {
-    return __atomic_load_n(which ? &kernel_calls : &sgemv_calls, __ATOMIC_RELAXED);
+    return __atomic_load_n(which == 2 ? &split_calls : which ? &kernel_calls : &sgemv_calls, __ATOMIC_RELAXED);
 }
 
 /* ---- The small-M kernel ----
@@ -225,6 +245,36 @@ EXPORT int openelm_smallm_sgemm(int order, int trans_a, int trans_b, int m, int 
     return 0;
 }
 
+/* ---- large products: the BLAS's sgemm on blocks of output columns, one block a unit ---- */
+#define SPLIT_MIN_COLS 128 /* columns a unit takes at least (narrower blocks lose the BLAS's blocking) */
+
+typedef struct {
+    int trans_a, trans_b, m, n, k, lda, ldb, ldc, cols;
+    float alpha, beta;
+    const float *a, *b;
+    float *c;
+} split_t;
+
+static void split_unit(const void *ctx, int unit) {
+    const split_t *s = ctx;
+    const int j0 = unit * s->cols, j1 = j0 + s->cols < s->n ? j0 + s->cols : s->n;
+    const float *b = s->trans_b == TRANS ? s->b + (size_t)j0 * s->ldb : s->b + j0; /* columns j0.. of op(b) */
+    blas_sgemm(ROW_MAJOR, s->trans_a, s->trans_b, s->m, j1 - j0, s->k, s->alpha, s->a, s->lda, b, s->ldb, s->beta,
+               s->c + j0, s->ldc);
+}
+
+static int split_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
+                       int lda, const float *b, int ldb, float beta, float *c, int ldc) {
+    if (split_threads <= 1 || order != ROW_MAJOR || n < 2 * SPLIT_MIN_COLS || m < 1 || k < 1 || !blas_sgemm)
+        return 1;
+    int cols = (n + split_threads * POOL_UNITS_PER_THREAD - 1) / (split_threads * POOL_UNITS_PER_THREAD);
+    cols = cols < SPLIT_MIN_COLS ? SPLIT_MIN_COLS : (cols + 15) / 16 * 16;
+    const split_t s = {trans_a, trans_b, m, n, k, lda, ldb, ldc, cols, alpha, beta, a, b, c};
+    run_parallel(split_unit, &s, (n + cols - 1) / cols, split_threads);
+    __atomic_add_fetch(&split_calls, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
 EXPORT void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                         int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     if (m >= kernel_min_m && m <= kernel_max_m &&
@@ -246,5 +296,6 @@ EXPORT void cblas_sgemm(int order, int trans_a, int trans_b, int m, int n, int k
         return;
     }
     if (!blas_sgemm) blas_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+    if (split_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0) return;
     blas_sgemm(order, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
