@@ -151,8 +151,10 @@ def test_quantized_model_generates_and_equals_dequantized(tiny, tmp_path, bits):
         np.testing.assert_allclose(np.array(qmodel(ids)), want, atol=1e-4, rtol=0)
     got = np.array(qmodel(ids))  # the default: int8 activations in the prompt's products, as in decode
     assert 1e-4 < np.linalg.norm(got - want) / np.linalg.norm(want) < 5e-2  # as test_qgemv_int8's whole model
-    got = tokens_of(qmodel, tok, PROMPT, max_tokens=16)
-    assert len(got) == 16 and got == tokens_of(deq, tok, PROMPT, max_tokens=16)
+    assert len(tokens_of(qmodel, tok, PROMPT, max_tokens=16)) == 16
+    with switches.override(QGEMV="float"):  # exact products throughout: the same greedy tokens (with int8
+        got = tokens_of(qmodel, tok, PROMPT, max_tokens=16)  # activations a random model's near-ties can flip)
+    assert got == tokens_of(deq, tok, PROMPT, max_tokens=16)
 
 
 @pytest.mark.slow  # runs the stored float16 quantized model, which is slow on MLX's CPU backend (the point)
