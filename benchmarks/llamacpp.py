@@ -7,8 +7,9 @@ quantized with `nn.quantize` (group 64, from float16, as the converter does) for
 `openelm_mlx.generate.load` (on the CPU: float16 weights kept half by cpu/half.py and computed in float32;
 quantized models with float32 scales).
 
-Each measurement runs in its own process, so its peak RSS is its own: llama.cpp's `llama-bench -p 512 -n 128 -r 1`
-(pp512: a 512-token prompt; tg128: 128 tokens decoded from an empty context), ours `stream_generate` on a 512-token
+Each measurement runs in its own process, so its peak RSS is its own: llama.cpp's `llama-bench -p 512 -n 128 -r 1
+-d 0,512` (pp512: a 512-token prompt; tg128: 128 tokens decoded from an empty context, and again after a 512-token
+context, the like-for-like of ours), ours `stream_generate` on a 512-token
 prompt then 128 decoded tokens (prompt tokens/s: time to the first token; decode: the other 127; decoding after
 the prompt reads a longer KV cache than tg128 does). Both warm up first as llama-bench does (a prompt of the
 measured length, then a token). The two alternate (their order flips every round); cells run
@@ -158,13 +159,17 @@ def run_ours(path: Path, threads: int, args) -> dict:
 
 
 def run_llama(gguf: Path, threads: int, args, llama: Path) -> dict:
+    """llama-bench pp/tg from an empty context (the issue's figures), and tg after a context as long as our prompt
+    (`-d`: "tg_depth", the like-for-like of our decode, which follows the prompt)."""
     out, rss = run_measured([str(llama / "build" / "bin" / "llama-bench"), "-m", str(gguf), "-p",
                              str(args.prompt_tokens), "-n", str(args.gen_tokens), "-t", str(threads), "-r", "1",
-                             "-o", "json"])
+                             "-d", f"0,{args.prompt_tokens}", "-o", "json"])
     tests = json.loads(out)
-    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0)
-    tg = next(t["avg_ts"] for t in tests if t["n_gen"] > 0)
-    return {"pp": pp, "tg": tg, "rss": rss, "commit": tests[0].get("build_commit", "?")}
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t.get("n_depth", 0) == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t.get("n_depth", 0) == 0)
+    deep = [t["avg_ts"] for t in tests if t["n_gen"] > 0 and t.get("n_depth", 0) > 0]
+    return {"pp": pp, "tg": tg, "tg_depth": deep[0] if deep else float("nan"), "rss": rss,
+            "commit": tests[0].get("build_commit", "?")}
 
 
 def greedy_agreement(mlx_dir: Path, gguf: Path, llama: Path, n: int = 24) -> str:
@@ -257,7 +262,8 @@ def main(argv=None) -> int:
                                    else run_ours(mlx_dir, t, args))
                             commit = res.pop("commit", commit)
                             results[side].append(res)
-                            log(f"  pp {res['pp']:.1f} tg {res['tg']:.1f} tok/s, peak RSS {res['rss']:.0f} MB")
+                            deep = f" (tg @depth {res['tg_depth']:.1f})" if "tg_depth" in res else ""
+                            log(f"  pp {res['pp']:.1f} tg {res['tg']:.1f}{deep} tok/s, peak RSS {res['rss']:.0f} MB")
                     row = {"load": load, "precision": precision, "threads": t}
                     for side, rs in results.items():
                         row[side] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
@@ -269,13 +275,16 @@ def main(argv=None) -> int:
 
     print(f"\nllama.cpp commit {commit}; prompt {args.prompt_tokens} / decode {args.gen_tokens} tokens; "
           f"medians of {args.rounds} alternating rounds; tokens/s; peak RSS MB")
+    print(f"(llama.cpp tg: tg{args.gen_tokens} from an empty context; 'tg @{args.prompt_tokens}': after a "
+          f"{args.prompt_tokens}-token context (llama-bench -d), as ours decodes after its prompt)")
     print("| load | precision | threads | llama.cpp pp | ours prompt | ratio | llama.cpp tg | ours decode | ratio | "
-          "llama.cpp RSS | ours RSS | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"llama.cpp tg @{args.prompt_tokens} | ratio | llama.cpp RSS | ours RSS | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         a, b = row["llama.cpp"], row["ours"]
         print(f"| {row['load']} | {row['precision']} | {row['threads']} | {a['pp']:.1f} | {b['pp']:.1f} | "
               f"{b['pp'] / a['pp']:.2f}x | {a['tg']:.1f} | {b['tg']:.1f} | {b['tg'] / a['tg']:.2f}x | "
+              f"{a['tg_depth']:.1f} | {b['tg'] / a['tg_depth']:.2f}x | "
               f"{a['rss']:.0f} | {b['rss']:.0f} | {b['rss'] / a['rss']:.2f}x |")
     if tmp is not None:
         tmp.cleanup()
