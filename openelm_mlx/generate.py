@@ -146,7 +146,6 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
     The prompt but its last token goes through in chunks of `prefill_step_size` (`Model.prefill`: no logits);
     logits processors see every token so far, the prompt's included; each next step is queued (mx.async_eval)
     before the current token is handed out."""
-    sampler = sampler or part("sample_utils").greedy_sampler
     processors = logits_processors or []
     seen = None  # the tokens so far, for the processors
 
@@ -158,7 +157,10 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
             for processor in processors:
                 logits = processor(seen, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        # greedy: the argmax of the logits themselves, so the log-probabilities stay lazy (computed only if read:
+        # MLX's CPU logsumexp over a 32000-token vocabulary is ~0.34 ms, 5-7% of a 4-bit 270M token)
+        token = mx.argmax(logits, axis=-1) if sampler is None else sampler(logprobs)
+        return token, logprobs.squeeze(0)
 
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
@@ -169,11 +171,11 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
         prompt = prompt[n:]
         mx.clear_cache()
     y, logprobs = step(prompt)
-    mx.async_eval(y, logprobs)
+    mx.async_eval(y)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
             next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
+            mx.async_eval(next_y)
         yield y.item(), logprobs
         if n + 1 < max_tokens:
             y, logprobs = next_y, next_logprobs
