@@ -142,7 +142,7 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
  * byte b holds element 2b in its low nibble, 2b+1 in its high one) meets 32 even then 32 odd elements of x. */
 
 enum { VAR_AVX2 = 1, VAR_AVXVNNI = 2, VAR_AVX512VNNI = 4 };
-#define PREFILL_MIN_ROWS 4 /* from this many rows of x on, the tiled kernel below */
+#define PREFILL_MIN_ROWS 4 /* from this many rows of x on, the integer GEMM below (int8_gemm) */
 
 /* Bit mask of the integer kernels this CPU can run (VAR_*). */
 EXPORT int openelm_qgemv_int8_variants(void) {
