@@ -19,12 +19,23 @@ PACKAGE = "mlx_lm"
 
 
 class _Deferred(types.ModuleType):
-    """mlx_lm before its __init__ ran: a name not found runs it (once), then is looked up again."""
+    """mlx_lm before its __init__ ran: the first lookup of a public name (not a dunder, which the import system
+    reads) runs it, once. Any public name, not only missing ones: a submodule imported meanwhile (mlx_lm.generate)
+    is bound on the package under a name __init__ rebinds (to the function `generate`)."""
 
-    def __getattr__(self, name: str):
-        if self.__dict__.get("_openelm_deferred_init", False):
-            self.__dict__["_openelm_deferred_init"] = False
-            self.__spec__.loader.exec_module(self)  # mlx_lm/__init__.py, in this module
+    def __getattribute__(self, name: str):
+        if not name.startswith("_"):
+            namespace = object.__getattribute__(self, "__dict__")
+            if namespace.get("_openelm_deferred_init", False):
+                namespace["_openelm_deferred_init"] = False
+                namespace["__spec__"].loader.exec_module(self)  # mlx_lm/__init__.py, in this module
+        return super().__getattribute__(name)
+
+    def __getattr__(self, name: str):  # a dunder __init__ defines (__version__) when looked up first
+        namespace = object.__getattribute__(self, "__dict__")
+        if namespace.get("_openelm_deferred_init", False):
+            namespace["_openelm_deferred_init"] = False
+            namespace["__spec__"].loader.exec_module(self)
             return getattr(self, name)
         raise AttributeError(f"module {PACKAGE!r} has no attribute {name!r}")
 

@@ -285,6 +285,12 @@ def test_generation_imports_neither_transformers_nor_torch(tiny):
             "print(callable(mlx_lm_load), mlx_lm.models.cache.KVCache is c.KVCache, 'transformers' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False", "False", "True", "True", "True"]
+    # a submodule imported before mlx_lm's __init__ ran (mlx_lm.generate, bound on the package as "generate")
+    # does not shadow the function __init__ binds under that name
+    code = ("from openelm_mlx.mlx_lm_parts import part\npart('sample_utils')\nimport importlib\n"
+            "importlib.import_module('mlx_lm.generate')\nfrom mlx_lm import generate\nprint(type(generate).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["function"]
 
 
 def test_rotating_and_quantized_kv_caches(tmp_path):
