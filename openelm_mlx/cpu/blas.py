@@ -345,8 +345,9 @@ def describe() -> str:
             gemv = ", decode's M=1 matmuls via cblas_sgemv"
         elif s.gemv_reason:
             gemv = f", few-row matmuls on sgemm: {s.gemv_reason}"
-        if s.split_threads > 1:
-            gemv += f", large products split over {s.split_threads} threads of ours"
+        if s.split_threads > 1:  # OpenBLAS itself then runs one thread a block
+            threads = None
+            gemv += f", large products split over {s.split_threads} threads of ours, OpenBLAS one thread a block"
         return (f"BLAS: {name} {s.path}{version} (from {s.source}, loaded before mlx"
                 f"{f', {threads} threads' if threads else ''}{gemv})")
     if s.kind == "platform":
