@@ -504,26 +504,44 @@ static void int8_unit(const void *ctx, int unit) {
 }
 
 /* Quantize row x (k floats) into xq (laid out for `bits`), dx, off, xsum per group, and xl. */
-static void quantize_row(const float *x, int k, int group_size, int bits, int8_t *xq, int32_t *xl, float *dx,
-                         float *off, float *xsum) {
+__attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int k, int group_size, int bits,
+                                                              int8_t *xq, int32_t *xl, float *dx, float *off,
+                                                              float *xsum) {
+    /* 8 lanes a step (the scalar loop was ~8% of a 4-bit prompt in perf): the same products and rounding per
+     * element (x * id, round to nearest even), the group's sum in 8 lanes, then the elements placed in the layout */
     const float c = (float)(1 << (bits - 1));
+    int32_t q[128]; /* group_size <= 128 */
     for (int g = 0; g < k / group_size; g++) {
         const float *xg = x + (size_t)g * group_size;
-        float amax = 0.0f, s = 0.0f;
-        for (int t = 0; t < group_size; t++) {
-            const float a = xg[t] < 0 ? -xg[t] : xg[t];
-            amax = a > amax ? a : amax;
-            s += xg[t];
+        __m256 m8 = _mm256_setzero_ps(), s8 = _mm256_setzero_ps();
+        for (int t = 0; t < group_size; t += 8) {
+            const __m256 v = _mm256_loadu_ps(xg + t);
+            m8 = _mm256_max_ps(m8, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v));
+            s8 = _mm256_add_ps(s8, v);
         }
+        float lanes[8], amax = 0.0f;
+        _mm256_storeu_ps(lanes, m8);
+        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        _mm256_storeu_ps(lanes, s8);
+        const float s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sq = 0;
-        for (int t = 0; t < group_size; t++) {
-            const int e = g * group_size + t;
-            const int q = _mm_cvtss_si32(_mm_set_ss(xg[t] * id)); /* round to nearest even */
-            /* at 4 bits element e of its 64-element chunk goes to slot e/2 (even) or 32 + e/2 (odd) */
-            const int slot = bits == 8 ? e : (e & ~63) + ((e & 1) << 5) + ((e & 63) >> 1);
-            xq[slot] = (int8_t)q;
-            sq += q;
+        const __m256 id8 = _mm256_set1_ps(id);
+        __m256i sq8 = _mm256_setzero_si256();
+        for (int t = 0; t < group_size; t += 8) {
+            const __m256i qi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + t), id8));
+            _mm256_storeu_si256((__m256i *)(q + t), qi);
+            sq8 = _mm256_add_epi32(sq8, qi);
+        }
+        int32_t qs[8], sq = 0;
+        _mm256_storeu_si256((__m256i *)qs, sq8);
+        for (int i = 0; i < 8; i++) sq += qs[i];
+        if (bits == 8) {
+            for (int t = 0; t < group_size; t++) xq[g * group_size + t] = (int8_t)q[t];
+        } else { /* element e of its 64-element chunk goes to slot e/2 (even) or 32 + e/2 (odd) */
+            for (int t = 0; t < group_size; t++) {
+                const int e = g * group_size + t;
+                xq[(e & ~63) + ((e & 1) << 5) + ((e & 63) >> 1)] = (int8_t)q[t];
+            }
         }
         dx[g] = amax / 127.0f;
         xsum[g] = s;
