@@ -88,10 +88,11 @@ def test_c_step_equals_the_mlx_step(bits, group_size, prefill, count_c_steps):
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
-@pytest.mark.parametrize("head_dim,groups", [(36, 3), (40, 10), (64, 5)])
+@pytest.mark.parametrize("head_dim,groups", [(36, 3), (40, 10), (64, 5), (16, 1), (32, 9)])
 def test_c_step_attention_shapes_equal_the_mlx_step(head_dim, groups, count_c_steps):
     """The step's attention over other shapes: head sizes that are not multiples of its 32- and 8-float chunks,
-    odd GQA groups (a head without a partner), groups of more query heads than one unit takes (10 > 8)."""
+    odd GQA groups (a head without a partner), groups of more query heads than one unit takes (10, 9 > 8: a unit
+    of one head), no GQA (one query head a KV head: units of one head, whose two scratch rows are its own)."""
     model = tiny(head_dim=head_dim, num_gqa_groups=groups, seed=head_dim)
     ids = ids_for(40, seed=head_dim)
     with switches.override(QGEMV="float"):

@@ -390,7 +390,7 @@ __attribute__((target("avx2,fma"))) static void attend_rows(const float *q, int 
 
 typedef struct {
     const float *q, *k, *v; /* q: n_q x d; k, v: this layer's n_kv x capacity x d */
-    float *out, *scores;    /* out: n_q x d; scores: n_q x (T + 8) scratch */
+    float *out, *scores;    /* out: n_q x d; scores: 2 rows of T + 8 floats a unit (units <= n_q) */
     int n_q, n_kv, d, T, capacity;
     float scale;
 } attn_job_t;
@@ -403,7 +403,7 @@ __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int u
     float qs[ATTN_HEADS * 512]; /* head_dim <= 512 (checked by the caller) */
     for (int i = 0; i < nh * d; i++) qs[i] = j->q[(size_t)h * d + i] * j->scale;
     attend_rows(qs, nh, j->T, 0, j->k + (size_t)g * j->capacity * d, j->v + (size_t)g * j->capacity * d, d,
-                j->out + (size_t)h * d, d, j->scores + (size_t)h * (j->T + 8), j->T + 8);
+                j->out + (size_t)h * d, d, j->scores + (size_t)unit * 2 * (j->T + 8), j->T + 8);
 }
 
 /* ---- causal attention of a prompt: L new positions against T = past + L keys, for MLX's prefill ----
@@ -473,11 +473,11 @@ EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, i
         max_ffn = L->ffn_dim > max_ffn ? L->ffn_dim : max_ffn;
     }
     const size_t floats = 3 * (size_t)D + max_qkv + (size_t)max_q * hd + 3 * (size_t)max_ffn +
-                          (size_t)max_q * (T + 8) + hd;
+                          2 * (size_t)max_q * (T + 8) + hd;
     float *buf = malloc(sizeof(float) * floats);
     if (!buf) return 6;
     float *x = buf, *xn = x + D, *o = xn + D, *qkv = o + D, *att = qkv + max_qkv, *gu = att + (size_t)max_q * hd;
-    float *act = gu + 2 * (size_t)max_ffn, *scores = act + max_ffn, *tmp = scores + (size_t)max_q * (T + 8);
+    float *act = gu + 2 * (size_t)max_ffn, *scores = act + max_ffn, *tmp = scores + 2 * (size_t)max_q * (T + 8);
     int status = embed_row(&m->embed, token, x);
     for (int l = 0; l < m->n_layers && !status; l++) {
         const step_layer_t *L = &m->layers[l];
