@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Optional
 
 import mlx.core as mx
@@ -59,7 +58,7 @@ def _c_causal(scale: float):
         qs, ks, vs = (np.ascontiguousarray(np.asarray(a)) for a in (q, k, v))  # evaluates them
         B, n_q, L, D = qs.shape
         out = np.empty_like(qs)
-        threads = min(os.cpu_count() or 1, quantized.MAX_STREAMS)
+        threads = quantized.pool_threads()
         status = library().openelm_causal_attention(
             qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, B, n_q, ks.shape[1], L, ks.shape[2],
             D, scale, threads)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Optional
 
 import mlx.core as mx
@@ -87,7 +86,7 @@ def hgemv(x: mx.array, w: mx.array, kernel: Optional[str] = None, threads: Optio
         raise ValueError(f"hgemv: x has {xs.shape[1]} columns, w {k}")
     y = np.empty((xs.shape[0], n), np.float32)
     if threads is None:
-        threads = min(os.cpu_count() or 1, quantized.MAX_STREAMS) if n * k >= quantized.QGEMV_THREAD_WEIGHTS else 1
+        threads = quantized.pool_threads(n * k)
     status = lib.openelm_hgemv(xs.ctypes.data, xs.shape[0], ws.ctypes.data, n, k, KINDS[w.dtype], y.ctypes.data,
                                threads, VARIANTS[kernel])
     if status != 0:

@@ -53,18 +53,22 @@ _exact = contextvars.ContextVar("openelm_mlx_exact_quantized_products", default=
 
 
 @contextlib.contextmanager
+def _set(flag: contextvars.ContextVar):
+    """`flag` true for the block (this context only: threads and other contexts keep their own value)."""
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
+
+
 def exact_products():
     """Quantized products with float activations (qgemv.c's float kernel, de-quantize + BLAS), not the int8
     activations the CPU's prompts and decode steps use by default: scoring (perplexity, lm-eval) then reports the
     quantized weights' quality as mlx-lm computes it."""
-    token = _exact.set(True)
-    try:
-        yield
-    finally:
-        _exact.reset(token)
+    return _set(_exact)
 
 
-@contextlib.contextmanager
 def eager_autodiff():
     """For an eager (uncompiled) value_and_grad: multi-row products return their output as plain values.
 
@@ -74,11 +78,7 @@ def eager_autodiff():
     product's gradient comes from its custom vjp, which needs only the primals, so the forward may hand back a copy
     of y's values with no history (this evaluates y: not allowed inside mx.compile).
     """
-    token = _detach_outputs.set(True)
-    try:
-        yield
-    finally:
-        _detach_outputs.reset(token)
+    return _set(_detach_outputs)
 
 
 def _values(x: mx.array) -> mx.array:
@@ -88,10 +88,18 @@ def _values(x: mx.array) -> mx.array:
     return mx.array(np.asarray(x))
 
 
+def pool_threads(weights: Optional[int] = None) -> int:
+    """Threads the C kernels split a product over: every core up to MAX_STREAMS, or 1 for a product of fewer than
+    QGEMV_THREAD_WEIGHTS `weights` (threads would cost more than they give)."""
+    if weights is not None and weights < QGEMV_THREAD_WEIGHTS:
+        return 1
+    return min(os.cpu_count() or 1, MAX_STREAMS)
+
+
 @functools.lru_cache(maxsize=1)
 def _extra_cpu_streams() -> tuple:
     """CPU streams besides the caller's, one per further core: MLX runs each stream on its own thread."""
-    return tuple(mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, MAX_STREAMS) - 1))
+    return tuple(mx.new_stream(mx.cpu) for _ in range(pool_threads() - 1))
 
 
 def _split_quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str):
@@ -168,7 +176,7 @@ def wide_gemm(x: mx.array, w: mx.array, scales: Optional[mx.array] = None, biase
     status = lib.openelm_wide_gemm(xs.ctypes.data, xs.shape[0], ws.ctypes.data,
                                    arrays[0].ctypes.data if affine else None, arrays[1].ctypes.data if affine else None,
                                    n, k, WIDE_KINDS["affine" if affine else w.dtype], group_size, bits,
-                                   y.ctypes.data, min(os.cpu_count() or 1, MAX_STREAMS), sgemm)
+                                   y.ctypes.data, pool_threads(), sgemm)
     if status != 0:
         raise RuntimeError(f"csrc/qgemv.c's openelm_wide_gemm refused a ({n}, {k}) product (status {status})")
     return mx.array(y.reshape(*x.shape[:-1], n))
@@ -247,7 +255,7 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     n, k = w.shape[0], xs.shape[1]
     y = np.empty((xs.shape[0], n), np.float32)
     if threads is None:
-        threads = min(os.cpu_count() or 1, MAX_STREAMS) if n * k >= QGEMV_THREAD_WEIGHTS else 1
+        threads = pool_threads(n * k)
     pointers = [a.ctypes.data for a in (*arrays, xs, y)]
     if kernel == "float":
         status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import operator
-import os
 from typing import Optional
 
 import mlx.core as mx
@@ -366,7 +365,7 @@ def one_token_step(model: Model, inputs: mx.array, cache, mask=None, *, threads:
         plan.model.variant = 0 if kernel == "float" else quantized.QGEMV_VARIANTS[kernel]
     if plan.half:
         plan.model.half_variant = half.VARIANTS[half.variant()]
-    plan.model.threads = threads or min(os.cpu_count() or 1, quantized.MAX_STREAMS)
+    plan.model.threads = threads or quantized.pool_threads()
     plan.model.thread_weights = quantized.QGEMV_THREAD_WEIGHTS if thread_weights is None else thread_weights
     kv = (_KV * len(cache))()
     for c, n_kv, slot in zip(cache, plan.n_kv, kv):

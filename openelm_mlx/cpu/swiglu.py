@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from typing import Optional
 
 import mlx.core as mx
@@ -45,7 +44,7 @@ def _c_swiglu(gate_up):
     gu = np.ascontiguousarray(np.asarray(gate_up))  # evaluates it
     F = gu.shape[-1] // 2
     out = np.empty(gu.shape[:-1] + (F,), np.float32)
-    threads = min(os.cpu_count() or 1, quantized.MAX_STREAMS)
+    threads = quantized.pool_threads()
     status = library().openelm_swiglu(gu.ctypes.data, out.ctypes.data, gu.size // (2 * F), F, threads)
     if status != 0:
         raise RuntimeError(f"csrc/step.c refused a SwiGLU of {gu.shape} (status {status})")

@@ -13,7 +13,7 @@
  * Built by openelm_mlx.quantized with the system C compiler on first use (openelm_mlx.blas.build_c_library).
  * Below it, openelm_qgemv_int8: the same product with int8 activations and integer dot products (the default),
  * following the scheme of llama.cpp's ggml-cpu Q4_0/Q8_0 dot products (written anew for MLX's affine format), with
- * a tiled form for many rows of x (prefill; opt-in from Python). */
+ * an integer GEMM for many rows of x (prefill: int8_gemm). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +22,7 @@
 
 #define OPENELM_POOL_SHARED /* csrc/step.c, built into the same library, runs its work on this pool too */
 #include "pool.h"
+#include "simd.h"
 
 /* pool.h's split of a product over threads, for csrc/step.c's float32 kernel too */
 int openelm_unit_rows(int n, int k, int threads) { return pool_unit_rows(n, k, threads); }
@@ -42,12 +43,6 @@ typedef struct {
     int n, k, group_size, bits, r0, r1, per_unit;
 } job_t;
 
-__attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
 
 /* Rows [r0, r1) of one row of x. xt holds x re-laid per chunk of 8 words: lane i of plane b is the element that
  * word i's b-th field multiplies (chunk * 8 * per_word + i * per_word + b), so each plane is one 8-lane FMA. */
@@ -78,7 +73,7 @@ __attribute__((target("avx2,fma"))) static void rows(const job_t *j) {
             }
             total = _mm256_fmadd_ps(s, _mm256_add_ps(a0, a1), total);
         }
-        float acc = hsum(total);
+        float acc = hsum8(total);
         for (int g = 0; g < ng; g++) acc += br[g] * j->xsum[g];
         j->y[r] = acc;
     }
@@ -172,11 +167,6 @@ typedef struct ijob {
  * does not depend on which rows share the call (the sums of a row never meet another row's), so any split of the
  * rows over threads gives the same bits. One call and one reduction per row here cost ~10% of a 4-bit decode
  * token (perf, one thread); a scalar loop over the groups before that was a chain of 2 dependent FMAs a group. */
-__attribute__((target("avx2,fma"))) static inline __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)); /* sums of a, b, c, d */
-}
-
 __attribute__((target("avx2,fma"), noinline)) static void finish_rows(const float *acc, int rows, const float *sr,
                                                                       const float *br, const float *off,
                                                                       const float *xsum, int ng, float *y) {
@@ -320,7 +310,8 @@ DEFINE_INT8_ROWS(rows_int8_avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", d
  * x is quantized as above (same rounding, same layout within a row), then laid out in tiles of LANES rows: for
  * every 4 consecutive bytes of a row, the 4 bytes of each of the tile's rows side by side, one vector. A weight
  * row's 4 bytes are broadcast to every lane and multiplied into that vector with dpbusd (unsigned weight bytes
- * times signed x bytes, summed in fours into int32 lanes): GEMM_R weight rows share each x vector, each lane sums
+ * times signed x bytes, summed in fours into int32 lanes): R weight rows (8 with 512-bit vectors, 4 with 256-bit
+ * ones) share each x vector, each lane sums
  * one (x row, weight row) pair, and a group's int32 sums become floats once per group for the whole tile:
  *     y[i, r] += s[r, g] * (dx[i, g] * dot + off[i, g]) + b[r, g] * xsum[i, g],
  * the one-row kernel's terms. 4-bit weights are unpacked per block of rows into bytes in the x layout's order (a
@@ -401,25 +392,31 @@ __attribute__((target("avx2,fma"))) static void gemm_unpack(const gjob_t *j, int
             for (int rb = r0; rb < r1; rb += R) {                                                               \
                 const uint8_t *wr[R];                                                                           \
                 const float *sr[R], *br[R];                                                                     \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) { /* rows past r1 repeat the last one; their sums are dropped */   \
+                _Pragma("GCC unroll 8")                                                                         \
+                for (int r = 0; r < R; r++) { /* rows past r1 repeat the last one; their sums are dropped */    \
                     const int row = rb + r < r1 ? rb + r : r1 - 1;                                              \
                     wr[r] = wu + (size_t)(row - r0) * k;                                                        \
                     sr[r] = j->scales + (size_t)row * ng, br[r] = j->biases + (size_t)row * ng;                 \
                 }                                                                                               \
                 VF y[R];                                                                                        \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) y[r] = ZF;                                                          \
+                _Pragma("GCC unroll 8")                                                                         \
+                for (int r = 0; r < R; r++) y[r] = ZF;                                                          \
                 for (int g = 0; g < ng; g++) {                                                                  \
                     VI acc[R];                                                                                  \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = ZI;                                                    \
+                    _Pragma("GCC unroll 8")                                                                     \
+                    for (int r = 0; r < R; r++) acc[r] = ZI;                                                    \
                     const int8_t *xg = xt + (size_t)g * qpg * 4 * L;                                            \
-                    _Pragma("GCC unroll 4") for (int q = 0; q < qpg; q++) {                                                             \
+                    _Pragma("GCC unroll 4")                                                                     \
+                    for (int q = 0; q < qpg; q++) {                                                             \
                         const VI xv = LOADI(xg + (size_t)q * 4 * L);                                            \
                         const int e = g * j->group_size + 4 * q;                                                \
-                        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r] = DPBUSD(acc[r], BCAST(wr[r] + e), xv);              \
+                        _Pragma("GCC unroll 8")                                                                 \
+                        for (int r = 0; r < R; r++) acc[r] = DPBUSD(acc[r], BCAST(wr[r] + e), xv);              \
                     }                                                                                           \
                     const VF dxv = LOADF(dxt + (size_t)g * L), offv = LOADF(offt + (size_t)g * L);              \
                     const VF xsv = LOADF(xst + (size_t)g * L);                                                  \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                                               \
+                    _Pragma("GCC unroll 8")                                                                     \
+                    for (int r = 0; r < R; r++) {                                                               \
                         y[r] = FMA(SETF(sr[r][g]), FMA(dxv, CVT(acc[r]), offv), y[r]);                          \
                         y[r] = FMA(SETF(br[r][g]), xsv, y[r]);                                                  \
                     }                                                                                           \
@@ -427,7 +424,8 @@ __attribute__((target("avx2,fma"))) static void gemm_unpack(const gjob_t *j, int
                 for (int r = 0; r < R && rb + r < r1; r++) {                                                    \
                     float lanes[L];                                                                             \
                     STOREF(lanes, y[r]);                                                                        \
-                    for (int i = 0; i < L && t * L + i < j->m; i++) j->y[(size_t)(t * L + i) * j->n + rb + r] = lanes[i]; \
+                    for (int i = 0; i < L && t * L + i < j->m; i++)                                             \
+                        j->y[(size_t)(t * L + i) * j->n + rb + r] = lanes[i];                                   \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
@@ -522,8 +520,7 @@ __attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int
         float lanes[8], amax = 0.0f;
         _mm256_storeu_ps(lanes, m8);
         for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
-        _mm256_storeu_ps(lanes, s8);
-        const float s = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6])) + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+        const float s = hsum8(s8);
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         const __m256 id8 = _mm256_set1_ps(id);
         __m256i sq8 = _mm256_setzero_si256();
@@ -757,7 +754,7 @@ __attribute__((target(HALF_TARGET), always_inline)) static inline void half_rows
             __m256 s = acc[p][i][0];
 #pragma GCC unroll 4
             for (int u = 1; u < U; u++) s = _mm256_add_ps(s, acc[p][i][u]);
-            j->y[(size_t)(b + i) * j->n + r + p] = hsum(s) + tail[i];
+            j->y[(size_t)(b + i) * j->n + r + p] = hsum8(s) + tail[i];
         }
     }
 }
@@ -834,10 +831,13 @@ EXPORT int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, 
  * MLX de-quantizes a whole weight on one thread (~2 ns a weight for 4 bits, ~1 ns to upcast float16) into a new
  * float32 array before its BLAS product. Here a tile of rows at a time (about TILE_BYTES of float32) is expanded on
  * the pool into one reused buffer that stays in cache, and multiplied by the caller's cblas_sgemm (the optimized
- * BLAS openelm_mlx loaded, with its own threads). kind: WIDE_AFFINE (4/8-bit, mlx.core.quantize's affine layout,
- * float32 scales and biases), WIDE_F16 or WIDE_BF16. */
+ * BLAS openelm_mlx loaded, behind csrc/gemv_shim.c, which splits large products over its own pool). kind:
+ * WIDE_AFFINE (4/8-bit, mlx.core.quantize's affine layout, float32 scales and biases), WIDE_F16 or WIDE_BF16. */
 
 enum { WIDE_AFFINE = 0, WIDE_F16 = 1, WIDE_BF16 = 2 };
+
+/* The HALF_* kind of a WIDE_F16 / WIDE_BF16 weight. */
+static inline int wide_half_kind(int kind) { return kind == WIDE_BF16 ? HALF_BFLOAT16 : HALF_FLOAT16; }
 #define TILE_BYTES (1 << 21)
 #define TILE_MIN_ROWS 512
 #define WIDE_UNIT_ROWS 8
@@ -857,7 +857,7 @@ static void wide_row_portable(const wide_job_t *j, int r, float *o) {
     const int k = j->k;
     if (j->kind != WIDE_AFFINE) {
         const uint16_t *h = (const uint16_t *)j->w + (size_t)r * k;
-        for (int c = 0; c < k; c++) o[c] = half_to_float(h[c], j->kind == WIDE_BF16 ? HALF_BFLOAT16 : HALF_FLOAT16);
+        for (int c = 0; c < k; c++) o[c] = half_to_float(h[c], wide_half_kind(j->kind));
         return;
     }
     const int per_word = 32 / j->bits, ng = k / j->group_size;
@@ -874,14 +874,10 @@ __attribute__((target("avx2,fma,f16c"))) static void wide_row_avx2(const wide_jo
     const int k = j->k;
     if (j->kind != WIDE_AFFINE) {
         const uint16_t *h = (const uint16_t *)j->w + (size_t)r * k;
+        const int hk = wide_half_kind(j->kind);
         int c = 0;
-        for (; c + 8 <= k; c += 8) {
-            const __m128i v = _mm_loadu_si128((const __m128i *)(h + c));
-            _mm256_storeu_ps(o + c, j->kind == WIDE_F16 ? _mm256_cvtph_ps(v)
-                                                        : _mm256_castsi256_ps(_mm256_slli_epi32(
-                                                              _mm256_cvtepu16_epi32(v), 16)));
-        }
-        for (; c < k; c++) o[c] = half_to_float(h[c], j->kind == WIDE_BF16 ? HALF_BFLOAT16 : HALF_FLOAT16);
+        for (; c + 8 <= k; c += 8) _mm256_storeu_ps(o + c, half_load8(h + c, hk)); /* hgemv's conversion */
+        for (; c < k; c++) o[c] = half_to_float(h[c], hk);
         return;
     }
     const int ng = k / j->group_size, gs = j->group_size;

@@ -59,6 +59,8 @@ typedef struct {
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include "simd.h"
+
 /* From qgemv.c (the same library). */
 typedef void (*unit_fn)(const void *ctx, int unit);
 void run_parallel(unit_fn fn, const void *ctx, int total, int threads);
@@ -72,12 +74,6 @@ int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, int kin
 void openelm_half_row_to_float(const uint16_t *h, int k, int kind, float *out);
 int openelm_unit_rows(int n, int k, int threads);
 
-__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-    return _mm_cvtss_f32(h);
-}
 
 __attribute__((target("avx2,fma"))) static inline float dot(const float *a, const float *b, int n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -276,10 +272,6 @@ EXPORT int openelm_swiglu(const float *gu, float *out, int rows, int F, int thre
  * (one dot product and horizontal sum per key, the value sum through memory) that ran a 270M model's 511-token
  * prompt attention at ~40 GFLOP/s on 2 threads. */
 
-__attribute__((target("avx2,fma"))) static inline __m128 hsum4x8(__m256 a, __m256 b, __m256 c, __m256 d) {
-    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1)); /* sums of a, b, c, d */
-}
 
 /* s0[t] = q0 . k_t, s1[t] = q1 . k_t for t < n (k: n rows of d floats). */
 __attribute__((target("avx2,fma"))) static void scores2(const float *q0, const float *q1, const float *k, int d,
@@ -388,6 +380,9 @@ __attribute__((target("avx2,fma"))) static void attend_rows(const float *q, int 
  * 0.97 against 0.70 ms a token for a 4-bit 270M model at 513 positions, 2 threads, one-off, idle). */
 #define ATTN_HEADS 8 /* at most this many query heads a unit */
 
+/* Query heads a unit takes of a KV head's `group`, and so units = n_kv * ceil(group / that). */
+static inline int attn_unit_heads(int group) { return group < ATTN_HEADS ? group : ATTN_HEADS; }
+
 typedef struct {
     const float *q, *k, *v; /* q: n_q x d; k, v: this layer's n_kv x capacity x d */
     float *out, *scores;    /* out: n_q x d; scores: 2 rows of T + 8 floats a unit (units <= n_q) */
@@ -397,7 +392,7 @@ typedef struct {
 
 __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int unit) {
     const attn_job_t *j = ctx;
-    const int d = j->d, group = j->n_q / j->n_kv, per = group < ATTN_HEADS ? group : ATTN_HEADS;
+    const int d = j->d, group = j->n_q / j->n_kv, per = attn_unit_heads(group);
     const int units = (group + per - 1) / per, g = unit / units; /* GQA: heads [g * group, (g + 1) * group) */
     const int h = g * group + unit % units * per, nh = h + per <= (g + 1) * group ? per : (g + 1) * group - h;
     float qs[ATTN_HEADS * 512]; /* head_dim <= 512 (checked by the caller) */
@@ -498,8 +493,8 @@ EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, i
         const attn_job_t job = {q, kv[l].k, kv[l].v, att, scores, L->n_q, L->n_kv, hd, T, kv[l].capacity,
                                 m->scale};
         const long work = (long)L->n_q * T * hd;
-        const int group = L->n_q / L->n_kv, per = group < ATTN_HEADS ? group : ATTN_HEADS;
-        const int units = L->n_kv * ((group + per - 1) / per);
+        const int group = L->n_q / L->n_kv, per = attn_unit_heads(group);
+        const int units = L->n_kv * ((group + per - 1) / per); /* <= n_q: the scratch holds 2 rows a unit */
         run_parallel(attn_unit, &job, units, work >= m->thread_weights ? m->threads : 1);
         if ((status = project(m, &L->out, att, o))) break;
         for (int i = 0; i < D; i++) x[i] += o[i];
