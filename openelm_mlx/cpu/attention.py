@@ -9,7 +9,6 @@ mx.fast.scaled_dot_product_attention with the causal mask within float32 roundin
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from typing import Optional
 
@@ -75,14 +74,7 @@ def _c_causal(scale: float):
     return attention
 
 
-@functools.lru_cache(maxsize=1)
 def library():
-    """The kernel library (cpu.quantized.kernel_library: qgemv.c + step.c) with the attention's signature set, or
-    None where it cannot be built or run."""
-    lib = quantized.kernel_library()[0]
-    if lib is None:
-        return None
-    lib.openelm_causal_attention.restype = ctypes.c_int
-    lib.openelm_causal_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float,
-                                                                                          ctypes.c_int]
-    return lib
+    """The kernel library (cpu.quantized.kernel_library: qgemv.c + step.c, signatures set there), or None where it
+    cannot be built or run."""
+    return quantized.kernel_library()[0]
