@@ -251,28 +251,32 @@ def test_c_causal_attention_equals_sdpa(B, n_q, n_kv, L, past):
         np.testing.assert_array_equal(np.array(a), np.array(b))
 
 
-def test_prompts_use_the_c_attention_and_match_the_mlx_one(pair):
+def test_prompts_use_the_c_attention_and_match_the_mlx_one(pair, monkeypatch):
     ref, model = pair
     ids = mx.array(ids_for(ref.config, 150, seed=7))
     calls = []
     original = attention._c_causal
-    attention._c_causal = lambda scale: (lambda *a: calls.append(1) or original(scale)(*a))
-    try:
-        with_c = np.array(model(ids))
-        cache = model.make_cache()  # a prompt in two pieces: the second attends to cached keys too
-        pieces = np.array(mx.concatenate([model(ids[:, :90], cache=cache), model(ids[:, 90:], cache=cache)], 1))
-    finally:
-        attention._c_causal = original
+    monkeypatch.setattr(attention, "_c_causal", lambda scale: (lambda *a: calls.append(1) or original(scale)(*a)))
+    with_c = np.array(model(ids))
+    cache = model.make_cache()  # a prompt in two pieces: the second attends to cached keys too
+    pieces = np.array(mx.concatenate([model(ids[:, :90], cache=cache), model(ids[:, 90:], cache=cache)], 1))
+    without = check_c_prompt(ref, model, ids, with_c, calls, 3 * len(model.layers), "C_ATTENTION")
+    np.testing.assert_allclose(pieces, without, atol=1e-4, rtol=0)
+
+
+def check_c_prompt(ref, model, ids, with_c, calls, expected_calls, switch):
+    """A prompt's logits with a C op (`calls`: one entry per call of it) equal those with `switch` off (MLX's op)
+    and the torch reference's; returns those with the switch off. Skips where the C kernels cannot run."""
     if not calls:
         pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
-    assert len(calls) == 3 * len(model.layers)
-    with switches.override(C_ATTENTION=False):
+    assert len(calls) == expected_calls
+    with switches.override(**{switch: False}):
         without = np.array(model(ids))
     np.testing.assert_allclose(with_c, without, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(pieces, without, atol=1e-4, rtol=0)
     with torch.no_grad():
         want = ref(torch.from_numpy(np.array(ids))).numpy()
     np.testing.assert_allclose(with_c, want, atol=1e-4, rtol=0)
+    return without
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 16), (1, 37, 2 * 19), (2, 300, 2 * 1536)])
@@ -300,22 +304,11 @@ def test_c_swiglu_equals_mlx(shape):
     np.testing.assert_array_equal(np.array(g_c), np.array(g_mlx))
 
 
-def test_prompts_use_the_c_swiglu_and_match_the_mlx_one(pair):
+def test_prompts_use_the_c_swiglu_and_match_the_mlx_one(pair, monkeypatch):
     ref, model = pair
     ids = mx.array(ids_for(ref.config, 40, seed=3))
     calls = []
     original = swiglu._c_swiglu
-    swiglu._c_swiglu = lambda x: calls.append(1) or original(x)
-    try:
-        with_c = np.array(model(ids))
-    finally:
-        swiglu._c_swiglu = original
-    if not calls:
-        pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
-    assert len(calls) == len(model.layers)
-    with switches.override(C_SWIGLU=False):
-        without = np.array(model(ids))
-    np.testing.assert_allclose(with_c, without, atol=1e-4, rtol=0)
-    with torch.no_grad():
-        want = ref(torch.from_numpy(np.array(ids))).numpy()
-    np.testing.assert_allclose(with_c, want, atol=1e-4, rtol=0)
+    monkeypatch.setattr(swiglu, "_c_swiglu", lambda x: calls.append(1) or original(x))
+    with_c = np.array(model(ids))
+    check_c_prompt(ref, model, ids, with_c, calls, len(model.layers), "C_SWIGLU")

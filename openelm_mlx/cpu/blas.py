@@ -336,7 +336,7 @@ def describe() -> str:
     s = status()
     if s.loaded:
         name = {"openblas": "OpenBLAS", "mkl": "Intel MKL"}.get(s.kind, "CBLAS library")
-        threads = _threads(s.kind)
+        threads = _threads(s.kind) if s.split_threads <= 1 else None  # split: OpenBLAS runs one thread a block
         version = f" [{s.version}]" if s.version else ""
         gemv = ""
         if s.gemv_shim and s.gemv_kernel:
@@ -345,8 +345,7 @@ def describe() -> str:
             gemv = ", decode's M=1 matmuls via cblas_sgemv"
         elif s.gemv_reason:
             gemv = f", few-row matmuls on sgemm: {s.gemv_reason}"
-        if s.split_threads > 1:  # OpenBLAS itself then runs one thread a block
-            threads = None
+        if s.split_threads > 1:
             gemv += f", large products split over {s.split_threads} threads of ours, OpenBLAS one thread a block"
         return (f"BLAS: {name} {s.path}{version} (from {s.source}, loaded before mlx"
                 f"{f', {threads} threads' if threads else ''}{gemv})")
