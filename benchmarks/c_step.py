@@ -1,10 +1,11 @@
 """Decode speed with the one-token step in C (OPENELM_MLX_C_STEP=1) against the MLX step (=0), same model.
 
 One random-weight OpenELM-270M-shaped model (no download) is saved as float32, float16 / bfloat16 (kept half by
-cpu.half; `--precisions f16,bf16`) and quantized 8- and 4-bit (group 64, from float16 as the converter does). Each measurement is llamacpp.py's "ours" child in its own process
-(`openelm_mlx.generate.load`, `stream_generate` on a `--prompt-tokens` prompt then `--gen-tokens` tokens with EOS
-banned; its thread count through quantized.MAX_STREAMS and OPENBLAS_NUM_THREADS); the two settings alternate,
-their order flipping every round. Reported: medians of decode and prompt tokens/s, and the ratio C / MLX.
+cpu.half; `--precisions f16,bf16`) and quantized 8- and 4-bit (group 64, from float16 as the converter does).
+Each measurement is llamacpp.py's "ours" child in its own process (`openelm_mlx.generate.load`,
+`stream_generate` on a `--prompt-tokens` prompt then `--gen-tokens` tokens with EOS banned; its thread count
+through quantized.MAX_STREAMS and OPENBLAS_NUM_THREADS); the two settings alternate, their order flipping every
+round. Reported: medians of decode and prompt tokens/s, and the ratio C / MLX.
 
     python benchmarks/c_step.py                                   # f32,f16,q8,q4 x 1,2 threads, 3 rounds
     python benchmarks/c_step.py --precisions q4 --threads 1 --rounds 1 --prompt-tokens 64 --gen-tokens 32

@@ -9,10 +9,10 @@ quantized models with float32 scales).
 
 Each measurement runs in its own process, so its peak RSS is its own: llama.cpp's `llama-bench -p 512 -n 128 -r 1
 -d 0,512` (pp512: a 512-token prompt; tg128: 128 tokens decoded from an empty context, and again after a 512-token
-context, the like-for-like of ours), ours `stream_generate` on a 512-token
-prompt then 128 decoded tokens (prompt tokens/s: time to the first token; decode: the other 127; decoding after
-the prompt reads a longer KV cache than tg128 does). Both warm up first as llama-bench does (a prompt of the
-measured length, then a token). The two alternate (their order flips every round); cells run
+context, the like-for-like of ours), ours `stream_generate` on a 512-token prompt then 128 decoded tokens (prompt
+tokens/s: time to the first token; decode: the other 127; decoding after the prompt reads a longer KV cache than
+tg128 does). Both warm up first as llama-bench does (a prompt of the measured length, then a token). The two
+alternate (their order flips every round); cells run
 at 1 thread and at all cores (`--threads`), idle and beside one busy background process (`--loads`: a Python
 busy loop started for those cells only). Ours gets its thread count through `quantized.MAX_STREAMS` (the
 qgemv threads and CPU streams) and OPENBLAS_NUM_THREADS. At f32 the greedy continuation of a short prompt is
