@@ -164,8 +164,7 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
 
     while prompt.size > 1:
         n = min(prefill_step_size, prompt.size - 1)
-        model.prefill(prompt[:n][None], cache)
-        mx.eval([c.state for c in cache])
+        model.prefill(prompt[:n][None], cache)  # evaluated there, the caches' keys and values with it
         if processors:
             seen = prompt[:n] if seen is None else mx.concatenate([seen, prompt[:n]])
         prompt = prompt[n:]
