@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-from .generate import make_logits_processors, stream_generate
+from .generate import make_logits_processors, steps_eagerly, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
 
@@ -452,11 +452,12 @@ class Engine:
                 if processors:
                     context = mx.concatenate([context, prompt[:self.prefill_step_size]])
                 prompt = prompt[self.prefill_step_size:]
+            eager = steps_eagerly(self.model, cache)  # C steps: nothing to queue ahead (as in generate_step)
             y, logprobs = step(prompt)
             mx.async_eval(y, logprobs)
             while True:
                 more = decoded.tokens + 1 < p.max_tokens
-                if more:  # queue the next step before reading this token, as generate_step does
+                if more and not eager:  # queue the next step before reading this token, as generate_step does
                     next_y, next_logprobs = step(y)
                     mx.async_eval(next_y, next_logprobs)
                 token = y.item()
@@ -469,7 +470,7 @@ class Engine:
                 if -1 not in self._active:  # cancelled (and released); let the step queued ahead finish
                     mx.synchronize()
                     return
-                y, logprobs = next_y, next_logprobs
+                y, logprobs = step(y) if eager else (next_y, next_logprobs)
                 if self._waiting:  # company: emit the token already sampled, then join the batch
                     token = y.item()
                     decoded.generated.append(token)

@@ -138,6 +138,13 @@ class GenerationResponse:
     finish_reason: Optional[str] = None
 
 
+def steps_eagerly(model: Model, cache: list) -> bool:
+    """Whether `model`'s one-token steps with `cache` compute when called rather than queue lazily (the CPU layer's
+    C step: `CPUModel.steps_eagerly`)."""
+    check = getattr(model, "steps_eagerly", None)
+    return bool(check is not None and check(cache))
+
+
 def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: int = 256,
                   sampler: Optional[Callable] = None, logits_processors: Optional[list] = None,
                   prefill_step_size: int = DEFAULT_PREFILL_STEP) -> Iterator[tuple[int, mx.array]]:
@@ -169,15 +176,19 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
             seen = prompt[:n] if seen is None else mx.concatenate([seen, prompt[:n]])
         prompt = prompt[n:]
         mx.clear_cache()
+    # A step computed when called (the CPU's C step) has nothing to overlap: each token is then handed out before
+    # the next step runs, or the first token would wait for the second's step.
+    eager = steps_eagerly(model, cache)
     y, logprobs = step(prompt)
     mx.async_eval(y)
     for n in range(max_tokens):
-        if n + 1 < max_tokens:
+        more = n + 1 < max_tokens
+        if more and not eager:
             next_y, next_logprobs = step(y)
             mx.async_eval(next_y)
         yield y.item(), logprobs
-        if n + 1 < max_tokens:
-            y, logprobs = next_y, next_logprobs
+        if more:
+            y, logprobs = step(y) if eager else (next_y, next_logprobs)
 
 
 def stream_generate(model: Model, tokenizer: Tokenizer, prompt: Prompt, *, max_tokens: int = 256,

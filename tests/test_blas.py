@@ -377,3 +377,36 @@ def test_gemv_shim_build_is_cached_and_leaves_no_temporary_files(tmp_path, monke
         mtime = os.stat(path).st_mtime_ns
         assert blas.build_gemv_shim() == (path, "") and os.stat(path).st_mtime_ns == mtime  # built once
     assert [p.name for p in tmp_path.iterdir()] == [Path(path).name]
+
+
+FAULTS_CODE = """
+import json, resource, sys
+import numpy as np
+from openelm_mlx import cpu
+
+kept = cpu.keep_freed_buffers()
+faults = []
+for _ in range(4):  # a prompt's products: large outputs made, filled and dropped, again and again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.empty(48 << 20, np.uint8)
+    a[::4096] = 1
+    del a
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+@pytest.mark.parametrize("keep", [True, False])
+def test_freed_buffers_are_reused_without_page_faults(keep):
+    """With cpu.keep_freed_buffers a 48 MB buffer (above glibc's 32 MB dynamic mmap limit) freed and made again
+    reuses its pages; without it (OPENELM_MLX_KEEP_FREED=0) every allocation is mapped and faulted in afresh."""
+    out = run(FAULTS_CODE, None, env_extra={"OPENELM_MLX_KEEP_FREED": "1" if keep else "0"})
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["kept"] is keep
+    first, *again = result["faults"]  # (numpy asks for huge pages: a fault may map 2 MB)
+    assert first > 0  # the first buffer is faulted in either way
+    if keep:
+        assert max(again) <= 2  # its pages reused
+    else:
+        assert min(again) > 0  # mapped and zeroed afresh each time

@@ -164,6 +164,23 @@ def test_greedy_generation_is_identical(bits, count_c_steps):
     assert len(set(want)) > 3  # a real continuation, not one token repeated
 
 
+def test_generate_step_hands_out_each_token_before_the_next_c_step(count_c_steps):
+    """The C step computes when called: our generate_step yields token n before computing step n + 1 (queued
+    ahead, the first token would wait for the second's step), and makes no step after the last token."""
+    from openelm_mlx.generate import generate_step
+
+    model = tiny(4, seed=3)
+    cache = model.make_cache()
+    assert model.steps_eagerly(cache)
+    seen = []
+    for token, _ in generate_step(ids_for(9, seed=3)[0], model, cache, max_tokens=5):
+        seen.append(count_c_steps())
+    assert seen == [1, 2, 3, 4, 5]  # counts so far: the last prompt token's step, then one per token handed out
+    assert count_c_steps() == 5 and cache[0].offset == 9 + 4
+    with switches.override(C_STEP=False):
+        assert not model.steps_eagerly(cache)
+
+
 def test_chat_turns_with_cache_trimming_are_identical(tmp_path, count_c_steps):
     from mlx_lm.models.cache import KVCache
     from model_dirs import reference_model, save_tiny

@@ -25,6 +25,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from .. import switches
+
 TASKS = ("prefill", "decode", "lora", "fuse")
 
 
@@ -52,8 +54,37 @@ def prepare(model, task: str, dtype: Optional[str] = None) -> dict:
     done["dtype"] = dtype_policy.apply(model, dtype, task)  # also switches kept half layers to cpu.half's
     done["half_layers"] = half.count(model)
     if active():
+        keep_freed_buffers()
         done["quantized_layers"] = quantized.use_blas_for_quantized(model)
         done["blocks"] = decode.use_cpu_blocks(model)
         if task == "decode":
             done["c_step"] = step.use_c_step(model)
     return done
+
+
+MMAP_THRESHOLD = 256 << 20  # allocations below this come from the heap (glibc's default: 128 KB, rising to 32 MB)
+TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept for reuse, not given back
+
+
+def keep_freed_buffers() -> bool:
+    """Make glibc keep freed buffers for reuse (once per process; whether it applies). A prompt's C products
+    return numpy arrays of 5-40 MB; glibc maps each afresh and unmaps it on free, so every product page-faults
+    its output in again (7% of a 2-thread float16 prompt's time, in the kernel). Kept in the heap, a 512-token
+    prompt ran +8-10% (8-bit and float16, 2 threads) at the same peak RSS: docs/cpu-backend.md. Off by
+    OPENELM_MLX_KEEP_FREED=0; nothing happens off glibc."""
+    global _kept
+    if _kept is None:
+        _kept = False
+        if switches.get("OPENELM_MLX_KEEP_FREED") and sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                mallopt = ctypes.CDLL("libc.so.6").mallopt
+            except (OSError, AttributeError):  # musl and other C libraries
+                return False
+            _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _kept
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_kept = None

@@ -401,6 +401,12 @@ class CPUModel(Model):
         logits = one_token_step(self, inputs, cache, mask)
         return logits if logits is not None else super().__call__(inputs, cache, mask)
 
+    def steps_eagerly(self, cache) -> bool:
+        """Whether one-token calls with `cache` run in C as they are made (nothing queued for MLX to overlap):
+        generate_step and the server then hand each token out before computing the next."""
+        return (isinstance(cache, (list, tuple)) and bool(cache) and all(type(c) is CPUKVCache for c in cache)
+                and available(self))
+
     def make_cache(self) -> list:
         """CPU caches when the C step can run this model, else mlx-lm's."""
         if available(self):
