@@ -52,7 +52,8 @@ SWITCHES = {s.name: s for s in (
            "the SwiGLU of a prompt on the CPU runs in C, csrc/step.c (cpu/swiglu.py; else MLX's silu)"),
     Switch("OPENELM_MLX_KEEP_FREED", "flag", True,
            "on Linux (glibc) the CPU keeps freed buffers up to 256 MB in the heap instead of unmapping them, so a "
-           "prompt's products do not page-fault fresh output buffers each time (cpu/__init__.py)"),
+           "prompt's products do not page-fault fresh output buffers each time, and MLX's own buffer cache is "
+           "off (the heap is the one cache: -30 MB peak RSS) (cpu/__init__.py)"),
     Switch("OPENELM_MLX_C_STEP", "flag", True,
            "one-token steps (batch 1) on the CPU run as one C call, csrc/step.c, with the CPU's own KV cache "
            "(cpu/step.py)"),

@@ -392,7 +392,12 @@ for _ in range(4):  # a prompt's products: large outputs made, filled and droppe
     a[::4096] = 1
     del a
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"kept": kept, "faults": faults}))
+import mlx.core as mx
+
+a = mx.random.normal((2 << 20,))  # 8 MB
+mx.eval(a)
+del a  # MLX's own cache keeps freed buffers unless the heap is the cache
+print(json.dumps({"kept": kept, "faults": faults, "mlx_cache": mx.get_cache_memory()}))
 """
 
 
@@ -400,7 +405,8 @@ print(json.dumps({"kept": kept, "faults": faults}))
 @pytest.mark.parametrize("keep", [True, False])
 def test_freed_buffers_are_reused_without_page_faults(keep):
     """With cpu.keep_freed_buffers a 48 MB buffer (above glibc's 32 MB dynamic mmap limit) freed and made again
-    reuses its pages; without it (OPENELM_MLX_KEEP_FREED=0) every allocation is mapped and faulted in afresh."""
+    reuses its pages, and MLX's freed buffers go to that heap; without it (OPENELM_MLX_KEEP_FREED=0) every
+    allocation is mapped and faulted in afresh, and MLX caches its own."""
     out = run(FAULTS_CODE, None, env_extra={"OPENELM_MLX_KEEP_FREED": "1" if keep else "0"})
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["kept"] is keep
@@ -408,5 +414,7 @@ def test_freed_buffers_are_reused_without_page_faults(keep):
     assert first > 0  # the first buffer is faulted in either way
     if keep:
         assert max(again) <= 2  # its pages reused
+        assert result["mlx_cache"] == 0  # one cache, glibc's heap
     else:
         assert min(again) > 0  # mapped and zeroed afresh each time
+        assert result["mlx_cache"] >= 8 << 20

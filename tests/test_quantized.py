@@ -256,3 +256,16 @@ def test_qgemv_threads_work_in_a_forked_child():
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's qgemv call hung")
+
+
+def test_output_is_written_in_place_of_its_mlx_array():
+    """quantized.Output: what a C kernel writes into `view` is the MLX array's own memory (no copy afterwards),
+    and each Output is new memory (two are never one buffer)."""
+    from openelm_mlx.cpu.quantized import Output
+
+    a, b = Output((3, 5)), Output((3, 5))
+    a.view[:] = np.arange(15, dtype=np.float32).reshape(3, 5)
+    b.view[:] = 7
+    assert np.shares_memory(np.asarray(a.array()), a.view)
+    np.testing.assert_array_equal(np.asarray(a.array() + 0), np.arange(15).reshape(3, 5))
+    assert (np.asarray(b.array()) == 7).all()

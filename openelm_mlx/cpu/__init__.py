@@ -67,10 +67,12 @@ TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept for reuse, not gi
 
 
 def keep_freed_buffers() -> bool:
-    """Make glibc keep freed buffers for reuse (once per process; whether it applies). A prompt's C products
-    return numpy arrays of 5-40 MB; glibc maps each afresh and unmaps it on free, so every product page-faults
-    its output in again (7% of a 2-thread float16 prompt's time, in the kernel). Kept in the heap, a 512-token
-    prompt ran +8-10% (8-bit and float16, 2 threads) at the same peak RSS: docs/cpu-backend.md. Off by
+    """Make glibc keep freed buffers for reuse, and MLX hand its freed buffers to glibc (once per process; whether
+    it applies). A prompt's C products return arrays of 5-40 MB; glibc mapped each afresh and unmapped it on
+    free, so every product zeroed and faulted its output in again (7% of a 2-thread float16 prompt's time, in
+    the kernel). Kept in glibc's heap, a 512-token prompt ran +8-10% (8-bit and float16, 2 threads); and with
+    the heap as the one cache, MLX's own buffer cache (limit 0) no longer holds a second set of freed buffers:
+    -30 MB peak RSS at every precision of the 270M benchmark, speed alike (docs/cpu-backend.md). Off by
     OPENELM_MLX_KEEP_FREED=0; nothing happens off glibc."""
     global _kept
     if _kept is None:
@@ -83,6 +85,10 @@ def keep_freed_buffers() -> bool:
             except (OSError, AttributeError):  # musl and other C libraries
                 return False
             _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            if _kept:
+                import mlx.core as mx
+
+                mx.set_cache_limit(0)
     return _kept
 
 

@@ -56,15 +56,15 @@ def _c_causal(scale: float):
     def attention(q, k, v):
         qs, ks, vs = (np.ascontiguousarray(np.asarray(a)) for a in (q, k, v))  # evaluates them
         B, n_q, L, D = qs.shape
-        out = np.empty_like(qs)
+        out = quantized.Output(qs.shape)
         threads = quantized.pool_threads()
         status = library().openelm_causal_attention(
-            qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.ctypes.data, B, n_q, ks.shape[1], L, ks.shape[2],
+            qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.view.ctypes.data, B, n_q, ks.shape[1], L, ks.shape[2],
             D, scale, threads)
         if status != 0:
             raise RuntimeError(f"csrc/step.c refused a causal attention of q {qs.shape}, k {ks.shape} "
                                f"(status {status})")
-        return mx.array(out)
+        return out.array()
 
     @attention.vjp
     def attention_vjp(primals, cotangent, output):

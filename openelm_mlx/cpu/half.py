@@ -84,15 +84,15 @@ def hgemv(x: mx.array, w: mx.array, kernel: Optional[str] = None, threads: Optio
     n, k = ws.shape
     if xs.shape[1] != k:
         raise ValueError(f"hgemv: x has {xs.shape[1]} columns, w {k}")
-    y = np.empty((xs.shape[0], n), np.float32)
+    out = quantized.Output((*x.shape[:-1], n))
     if threads is None:
         threads = quantized.pool_threads(n * k)
-    status = lib.openelm_hgemv(xs.ctypes.data, xs.shape[0], ws.ctypes.data, n, k, KINDS[w.dtype], y.ctypes.data,
+    status = lib.openelm_hgemv(xs.ctypes.data, xs.shape[0], ws.ctypes.data, n, k, KINDS[w.dtype], out.view.ctypes.data,
                                threads, VARIANTS[kernel])
     if status != 0:
         raise RuntimeError(f"csrc/qgemv.c's openelm_hgemv ({kernel}) refused a ({n}, {k}) {w.dtype} product "
                            f"with {xs.shape[0]} rows (status {status})")
-    return mx.array(y.reshape(*x.shape[:-1], n))
+    return out.array()
 
 
 @functools.lru_cache(maxsize=None)

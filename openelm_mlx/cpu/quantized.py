@@ -172,14 +172,30 @@ def wide_gemm(x: mx.array, w: mx.array, scales: Optional[mx.array] = None, biase
     ws = np.ascontiguousarray(np.asarray(w if affine else w.view(mx.uint16)))
     arrays = [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in (scales, biases)] if affine else []
     n, k = w.shape[0], xs.shape[1]
-    y = np.empty((xs.shape[0], n), np.float32)
+    out = Output((*x.shape[:-1], n))
     status = lib.openelm_wide_gemm(xs.ctypes.data, xs.shape[0], ws.ctypes.data,
                                    arrays[0].ctypes.data if affine else None, arrays[1].ctypes.data if affine else None,
                                    n, k, WIDE_KINDS["affine" if affine else w.dtype], group_size, bits,
-                                   y.ctypes.data, pool_threads(), sgemm)
+                                   out.view.ctypes.data, pool_threads(), sgemm)
     if status != 0:
         raise RuntimeError(f"csrc/qgemv.c's openelm_wide_gemm refused a ({n}, {k}) product (status {status})")
-    return mx.array(y.reshape(*x.shape[:-1], n))
+    return out.array()
+
+
+class Output:
+    """A float32 result of `shape` for a C kernel to write into `view`: the memory of a new MLX array (`array()`),
+    so nothing is copied into MLX afterwards (a prompt's product held its output twice, in numpy and in MLX); a
+    numpy array copied by `array()` should MLX ever hand out read-only or strided memory."""
+
+    def __init__(self, shape: tuple):
+        self._array = mx.zeros(shape, mx.float32)
+        mx.eval(self._array)
+        self.view = np.asarray(self._array)
+        if not (self.view.flags.writeable and self.view.flags.c_contiguous):
+            self._array, self.view = None, np.empty(shape, np.float32)
+
+    def array(self) -> mx.array:
+        return self._array if self._array is not None else mx.array(self.view)
 
 
 def qgemv_library() -> tuple[Optional[ctypes.CDLL], str]:
@@ -257,10 +273,10 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     if not all(a.flags.c_contiguous for a in arrays):
         arrays = [np.ascontiguousarray(a) for a in arrays]
     n, k = w.shape[0], xs.shape[1]
-    y = np.empty((xs.shape[0], n), np.float32)
+    out = Output((*x.shape[:-1], n))
     if threads is None:
         threads = pool_threads(n * k)
-    pointers = [a.ctypes.data for a in (*arrays, xs, y)]
+    pointers = [a.ctypes.data for a in (*arrays, xs, out.view)]
     if kernel == "float":
         status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
     else:
@@ -269,7 +285,7 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     if status != 0:
         raise RuntimeError(f"csrc/qgemv.c ({kernel}) refused a {bits}-bit ({n}, {k}) product, group {group_size} "
                            f"(status {status}); qgemv_applies should have kept it on MLX's kernel")
-    return mx.array(y.reshape(*x.shape[:-1], n))
+    return out.array()
 
 
 def int8_prefill_applies(layer: nn.Module, x: mx.array) -> bool:

@@ -41,12 +41,12 @@ def c_swiglu(gate_up: mx.array) -> Optional[mx.array]:
 def _c_swiglu(gate_up):
     gu = np.ascontiguousarray(np.asarray(gate_up))  # evaluates it
     F = gu.shape[-1] // 2
-    out = np.empty(gu.shape[:-1] + (F,), np.float32)
+    out = quantized.Output(gu.shape[:-1] + (F,))
     threads = quantized.pool_threads()
-    status = library().openelm_swiglu(gu.ctypes.data, out.ctypes.data, gu.size // (2 * F), F, threads)
+    status = library().openelm_swiglu(gu.ctypes.data, out.view.ctypes.data, gu.size // (2 * F), F, threads)
     if status != 0:
         raise RuntimeError(f"csrc/step.c refused a SwiGLU of {gu.shape} (status {status})")
-    return mx.array(out)
+    return out.array()
 
 
 @_c_swiglu.vjp
