@@ -226,19 +226,27 @@ def test_batched_decode_only_on_a_batch_cache(pair):
         assert not decode.uses_batched_decode(block, x, mask, cache)
 
 
-@pytest.mark.parametrize("B,n_q,n_kv,L,past", [(1, 4, 4, 2, 0), (2, 12, 3, 37, 0), (1, 20, 5, 300, 0),
-                                               (2, 8, 2, 17, 45), (1, 6, 2, 70, 250)])
-def test_c_causal_attention_equals_sdpa(B, n_q, n_kv, L, past):
-    """csrc/step.c's prompt attention: equal to mx.fast.scaled_dot_product_attention with the causal mask (keys of
-    `past` cached positions first, GQA, rows that see 1 to past + L keys, lengths not multiples of its 8 lanes)."""
+@pytest.mark.parametrize("variant", list(attention.VARIANTS))
+@pytest.mark.parametrize("B,n_q,n_kv,L,past,D", [(1, 4, 4, 2, 0, 64), (2, 12, 3, 37, 0, 64), (1, 20, 5, 300, 0, 64),
+                                                 (2, 8, 2, 17, 45, 64), (1, 6, 2, 70, 250, 64),
+                                                 (1, 4, 2, 35, 30, 128)])
+def test_c_causal_attention_equals_sdpa(B, n_q, n_kv, L, past, D, variant):
+    """csrc/step.c's prompt attention, each variant: equal to mx.fast.scaled_dot_product_attention with the causal
+    mask (keys of `past` cached positions first, GQA, rows that see 1 to past + L keys, lengths not multiples of
+    the 8 lanes, the 16-row units or the AVX-512 variant's 4-row groups and 32-key steps)."""
     if attention.c_causal_attention(*(mx.zeros((1, 1, 2, 8)) for _ in range(3)), 1.0) is None:
         pytest.skip("the C kernels need an x86-64 CPU with AVX2/FMA and a C compiler")
+    if variant not in attention.variants():
+        pytest.skip(f"this CPU cannot run the {variant} variant")
     mx.random.seed(L + past)
-    q = mx.random.normal((B, n_q, L, 64)) * 3  # large scores: the softmax's max subtraction and exp range matter
-    k, v = (mx.random.normal((B, n_kv, past + L, 64)) for _ in range(2))
-    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal")
-    got = attention.c_causal_attention(q, k, v, 0.125)
+    q = mx.random.normal((B, n_q, L, D)) * 3  # large scores: the softmax's max subtraction and exp range matter
+    k, v = (mx.random.normal((B, n_kv, past + L, D)) for _ in range(2))
+    scale = D ** -0.5
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal")
+    got = attention.c_causal_attention(q, k, v, scale, variant)
     np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5, rtol=0)  # outputs of size ~1: rounding
+    if variant != "avx2" or D != 64:
+        return
     with switches.override(C_ATTENTION=False):
         assert attention.c_causal_attention(q, k, v, 0.125) is None
     # its gradient is the MLX path's (blockwise_causal_attention's VJP)
@@ -256,7 +264,8 @@ def test_prompts_use_the_c_attention_and_match_the_mlx_one(pair, monkeypatch):
     ids = mx.array(ids_for(ref.config, 150, seed=7))
     calls = []
     original = attention._c_causal
-    monkeypatch.setattr(attention, "_c_causal", lambda scale: (lambda *a: calls.append(1) or original(scale)(*a)))
+    monkeypatch.setattr(attention, "_c_causal",
+                        lambda *key: (lambda *a: calls.append(1) or original(*key)(*a)))
     with_c = np.array(model(ids))
     cache = model.make_cache()  # a prompt in two pieces: the second attends to cached keys too
     pieces = np.array(mx.concatenate([model(ids[:, :90], cache=cache), model(ids[:, 90:], cache=cache)], 1))

@@ -35,23 +35,35 @@ def blockwise_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: flo
     return mx.concatenate(blocks, axis=2)  # (B, n_q, L, head_dim)
 
 
-def c_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> Optional[mx.array]:
+VARIANTS = {"avx2": 1, "avx512": 2}  # step.c's CAUSAL_AVX2 / CAUSAL_AVX512
+
+
+def variants() -> list[str]:
+    """The variants of `openelm_causal_attention` this CPU runs (AVX-512: head_dim a multiple of 64 only)."""
+    lib = library()
+    have = lib.openelm_causal_variants() if lib is not None else 0
+    return [name for name, bit in VARIANTS.items() if have & bit]
+
+
+def c_causal_attention(q: mx.array, k: mx.array, v: mx.array, scale: float,
+                       variant: Optional[str] = None) -> Optional[mx.array]:
     """The causal attention of a prompt by csrc/step.c (`openelm_causal_attention`: only the visible keys scored,
-    an 8-lane exp, (head, 16-row block) units on the thread pool), float32, GQA; None where it cannot run here
-    (switched off, no library, other dtypes, inside mx.compile / vmap). Differentiable: its gradient is that of
-    `blockwise_causal_attention`."""
+    (head, 16-row block) units on the thread pool; with AVX-512, keys transposed and 4 query rows a pass, else two
+    rows and an 8-lane exp), float32, GQA; None where it cannot run here (switched off, no library, other dtypes,
+    inside mx.compile / vmap). `variant` (a name in VARIANTS) forces one; by default the best for this CPU and
+    head_dim. Differentiable: its gradient is that of `blockwise_causal_attention`."""
     if not switches.get(SWITCH) or not all(a.dtype == mx.float32 for a in (q, k, v)):
         return None
     if library() is None:
         return None
     try:
-        return _c_causal(float(scale))(q, k, v)
+        return _c_causal(float(scale), VARIANTS[variant] if variant else 0)(q, k, v)
     except ValueError:  # its inputs cannot be evaluated inside mx.compile or vmap: the MLX ops then
         return None
 
 
 @functools.lru_cache(maxsize=8)
-def _c_causal(scale: float):
+def _c_causal(scale: float, variant: int = 0):
     @mx.custom_function
     def attention(q, k, v):
         qs, ks, vs = (np.ascontiguousarray(np.asarray(a)) for a in (q, k, v))  # evaluates them
@@ -60,7 +72,7 @@ def _c_causal(scale: float):
         threads = quantized.pool_threads()
         status = library().openelm_causal_attention(
             qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.view.ctypes.data, B, n_q, ks.shape[1], L, ks.shape[2],
-            D, scale, threads)
+            D, scale, threads, variant)
         if status != 0:
             raise RuntimeError(f"csrc/step.c refused a causal attention of q {qs.shape}, k {ks.shape} "
                                f"(status {status})")

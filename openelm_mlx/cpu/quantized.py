@@ -225,7 +225,9 @@ def kernel_library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.openelm_wide_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.openelm_causal_attention.restype = ctypes.c_int  # step.c's prompt pieces (cpu/attention.py, cpu/swiglu.py)
-    lib.openelm_causal_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
+    lib.openelm_causal_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+                                             + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
+    lib.openelm_causal_variants.restype = ctypes.c_int
     lib.openelm_swiglu.restype = ctypes.c_int
     lib.openelm_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     return lib, ""

@@ -410,41 +410,199 @@ __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int u
 
 typedef struct {
     const float *q, *k, *v; /* q, out: (B, n_q, L, d); k, v: (B, n_kv, T, d), all contiguous */
+    const float *kt;        /* the AVX-512 variant's transposed keys: (B, n_kv, d, Tp) */
     float *out;
-    int n_q, n_kv, L, T, d, blocks; /* blocks: units per (batch, head) */
+    int n_q, n_kv, L, T, Tp, d, blocks; /* blocks: units per (batch, head) */
     float scale;
     int *failed; /* set when a unit could not get its scratch memory */
 } causal_job_t;
 
+typedef struct {
+    int r0, r1, past; /* query rows [r0, r1) of the unit's head; positions cached before the prompt */
+    size_t bg, row;   /* its (sequence, KV head) index; the offset of its first row in q and out */
+    float *buf, *qs;  /* scratch (free buf), and the rows' queries times the scale, after `lead` floats of it */
+} causal_span_t;
+
+/* Unit `unit`'s rows (a (sequence, head, block of CAUSAL_ROWS rows) triple) and scaled queries; 0 when out of
+ * memory (recorded in j->failed). */
+static int causal_span(const causal_job_t *j, int unit, size_t lead, causal_span_t *u) {
+    const int d = j->d, bh = unit / j->blocks, b = bh / j->n_q, h = bh % j->n_q;
+    u->r0 = unit % j->blocks * CAUSAL_ROWS;
+    u->r1 = u->r0 + CAUSAL_ROWS < j->L ? u->r0 + CAUSAL_ROWS : j->L;
+    u->past = j->T - j->L;
+    u->bg = (size_t)b * j->n_kv + h / (j->n_q / j->n_kv);
+    u->row = (((size_t)b * j->n_q + h) * j->L + u->r0) * d;
+    u->buf = malloc(sizeof(float) * (lead + (size_t)CAUSAL_ROWS * d));
+    if (!u->buf) {
+        __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    u->qs = u->buf + lead;
+    for (size_t i = 0; i < (size_t)(u->r1 - u->r0) * d; i++) u->qs[i] = j->q[u->row + i] * j->scale;
+    return 1;
+}
+
 __attribute__((target("avx2,fma"))) static void causal_unit(const void *ctx, int unit) {
     const causal_job_t *j = ctx;
-    const int d = j->d, bh = unit / j->blocks, r0 = unit % j->blocks * CAUSAL_ROWS;
-    const int b = bh / j->n_q, h = bh % j->n_q, g = h / (j->n_q / j->n_kv);
-    const int r1 = r0 + CAUSAL_ROWS < j->L ? r0 + CAUSAL_ROWS : j->L, past = j->T - j->L;
-    const size_t kv = ((size_t)b * j->n_kv + g) * j->T * d, row = (((size_t)b * j->n_q + h) * j->L + r0) * d;
-    const int stride = past + r1 + 8;
-    float *buf = malloc(sizeof(float) * ((size_t)2 * stride + (size_t)CAUSAL_ROWS * d));
-    if (!buf) {
-        __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED);
-        return;
+    causal_span_t u;
+    const int stride = j->T + 8;
+    if (!causal_span(j, unit, 2 * (size_t)stride, &u)) return;
+    const size_t kv = u.bg * j->T * j->d;
+    attend_rows(u.qs, u.r1 - u.r0, u.past + u.r0 + 1, 1, j->k + kv, j->v + kv, j->d, j->out + u.row, j->d, u.buf,
+                stride);
+    free(u.buf);
+}
+
+/* ---- the same with AVX-512, keys transposed: a prompt's attention as small matrix products ----
+ * The keys of each KV head are first transposed to d rows of Tp positions (zero-padded to a multiple of 32), so
+ * that 32 keys' scores of 4 query rows are 8 vector accumulators fed by broadcasts of the queries (no horizontal
+ * sums), and the values' weighted sums hold 4 rows x 64 dimensions in 16 accumulators, each value row loaded once
+ * for the 4 rows. The softmax between is the AVX2 path's (max_of, exp_sum). For head_dim a multiple of 64. */
+
+#define CAUSAL_GROUP 4 /* query rows a pass */
+
+typedef struct {
+    const float *k;
+    float *kt;
+    int T, Tp, d;
+} transpose_job_t;
+
+static void transpose_unit(const void *ctx, int unit) { /* unit: one KV head (of one sequence) */
+    const transpose_job_t *j = ctx;
+    const float *k = j->k + (size_t)unit * j->T * j->d;
+    float *kt = j->kt + (size_t)unit * j->d * j->Tp;
+    for (int t0 = 0; t0 < j->T; t0 += 16) /* 16 keys x d: rows read contiguously, written 16 floats a row */
+        for (int c = 0; c < j->d; c++)
+            for (int t = t0; t < t0 + 16 && t < j->T; t++) kt[(size_t)c * j->Tp + t] = k[(size_t)t * j->d + c];
+    for (int c = 0; c < j->d; c++)
+        for (int t = j->T; t < j->Tp; t++) kt[(size_t)c * j->Tp + t] = 0.0f;
+}
+
+/* s row i (stride floats) = q_i . k_t for t < n rounded up to 32, R rows of q (scaled, d floats each). */
+__attribute__((target("avx512f"), always_inline)) static inline void scores_t512(const float *q, int d,
+                                                                                  const float *kt, int Tp, int n,
+                                                                                  float *s, int stride,
+                                                                                  const int R) {
+    for (int t = 0; t < n; t += 32) {
+        __m512 acc[CAUSAL_GROUP][2];
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        const float *kc = kt + t;
+        for (int c = 0; c < d; c++) {
+            const __m512 k0 = _mm512_loadu_ps(kc + (size_t)c * Tp), k1 = _mm512_loadu_ps(kc + (size_t)c * Tp + 16);
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                const __m512 qv = _mm512_set1_ps(q[(size_t)i * d + c]);
+                acc[i][0] = _mm512_fmadd_ps(qv, k0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(qv, k1, acc[i][1]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            _mm512_storeu_ps(s + (size_t)i * stride + t, acc[i][0]);
+            _mm512_storeu_ps(s + (size_t)i * stride + t + 16, acc[i][1]);
+        }
     }
-    float *qs = buf + 2 * (size_t)stride;
-    for (size_t i = 0; i < (size_t)(r1 - r0) * d; i++) qs[i] = j->q[row + i] * j->scale;
-    attend_rows(qs, r1 - r0, past + r0 + 1, 1, j->k + kv, j->v + kv, d, j->out + row, d, buf, stride);
-    free(buf);
+}
+
+/* out row i (stride ld) = inv[i] * sum_t p_i[t] v_t for t < n, R rows of p (stride floats), d a multiple of 64. */
+__attribute__((target("avx512f"), always_inline)) static inline void values_t512(const float *p, int stride,
+                                                                                  const float *v, int d, int n,
+                                                                                  const float *inv, float *out,
+                                                                                  size_t ld, const int R) {
+    for (int dc = 0; dc < d; dc += 64) {
+        __m512 acc[CAUSAL_GROUP][4];
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+        for (int t = 0; t < n; t++) {
+            const float *vt = v + (size_t)t * d + dc;
+            const __m512 v0 = _mm512_loadu_ps(vt), v1 = _mm512_loadu_ps(vt + 16), v2 = _mm512_loadu_ps(vt + 32),
+                         v3 = _mm512_loadu_ps(vt + 48);
+#pragma GCC unroll 4
+            for (int i = 0; i < R; i++) {
+                const __m512 w = _mm512_set1_ps(p[(size_t)i * stride + t]);
+                acc[i][0] = _mm512_fmadd_ps(w, v0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(w, v1, acc[i][1]);
+                acc[i][2] = _mm512_fmadd_ps(w, v2, acc[i][2]);
+                acc[i][3] = _mm512_fmadd_ps(w, v3, acc[i][3]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < R; i++) {
+            const __m512 f = _mm512_set1_ps(inv[i]);
+            float *o = out + (size_t)i * ld + dc;
+            _mm512_storeu_ps(o, _mm512_mul_ps(acc[i][0], f));
+            _mm512_storeu_ps(o + 16, _mm512_mul_ps(acc[i][1], f));
+            _mm512_storeu_ps(o + 32, _mm512_mul_ps(acc[i][2], f));
+            _mm512_storeu_ps(o + 48, _mm512_mul_ps(acc[i][3], f));
+        }
+    }
+}
+
+/* R query rows (scaled), row i seeing keys [0, seen0 + i): scores, softmax, values. */
+__attribute__((target("avx512f,avx2,fma"), always_inline)) static inline void group_t512(
+    const float *q, int seen0, const float *kt, int Tp, const float *v, int d, float *out, size_t ld, float *s,
+    int stride, const int R) {
+    const int n = seen0 + R - 1; /* the most keys a row of the group sees */
+    scores_t512(q, d, kt, Tp, n, s, stride, R);
+    float inv[CAUSAL_GROUP];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; i++) {
+        float *si = s + (size_t)i * stride;
+        const int ni = seen0 + i;
+        inv[i] = 1.0f / exp_sum(si, ni, max_of(si, ni));
+        for (int t = ni; t < n; t++) si[t] = 0.0f; /* keys row i does not see */
+    }
+    values_t512(s, stride, v, d, n, inv, out, ld, R);
+}
+
+__attribute__((target("avx512f,avx2,fma"))) static void causal512_unit(const void *ctx, int unit) {
+    const causal_job_t *j = ctx;
+    causal_span_t u;
+    const int d = j->d, stride = (j->T + 31) / 32 * 32 + 32;
+    if (!causal_span(j, unit, (size_t)CAUSAL_GROUP * stride, &u)) return;
+    const float *kt = j->kt + u.bg * d * j->Tp, *v = j->v + u.bg * j->T * d;
+    const int m = u.r1 - u.r0;
+    int i = 0;
+    for (; i + CAUSAL_GROUP <= m; i += CAUSAL_GROUP)
+        group_t512(u.qs + (size_t)i * d, u.past + u.r0 + i + 1, kt, j->Tp, v, d, j->out + u.row + (size_t)i * d, d,
+                   u.buf, stride, CAUSAL_GROUP);
+    for (; i < m; i++)
+        group_t512(u.qs + (size_t)i * d, u.past + u.r0 + i + 1, kt, j->Tp, v, d, j->out + u.row + (size_t)i * d, d,
+                   u.buf, stride, 1);
+    free(u.buf);
+}
+
+enum { CAUSAL_AVX2 = 1, CAUSAL_AVX512 = 2 };
+
+/* Bit mask of the causal attention variants this CPU can run (0: none, the library's AVX2 + FMA missing). */
+EXPORT int openelm_causal_variants(void) {
+    if (!openelm_qgemv_supported()) return 0;
+    return CAUSAL_AVX2 | (__builtin_cpu_supports("avx512f") ? CAUSAL_AVX512 : 0);
 }
 
 /* out = softmax(q k^T * scale, causal) v for B sequences: q (B, n_q, L, d), k and v (B, n_kv, T, d) with T >= L
  * (the last L key positions are the queries'), GQA (query head h reads KV head h / (n_q / n_kv)); float32,
- * contiguous. Returns 0, 5 bad arguments, 6 no memory, 7 unsupported CPU. */
+ * contiguous. variant: 0 the best this CPU has for d (AVX-512 where d is a multiple of 64), else CAUSAL_AVX2 or
+ * CAUSAL_AVX512. Returns 0, 5 bad arguments, 6 no memory, 7 unsupported CPU or variant. */
 EXPORT int openelm_causal_attention(const float *q, const float *k, const float *v, float *out, int B, int n_q,
-                                    int n_kv, int L, int T, int d, float scale, int threads) {
-    if (!openelm_qgemv_supported()) return 7;
+                                    int n_kv, int L, int T, int d, float scale, int threads, int variant) {
+    const int have = openelm_causal_variants();
+    if (variant == 0) variant = (have & CAUSAL_AVX512) && d % 64 == 0 ? CAUSAL_AVX512 : CAUSAL_AVX2;
+    if (!(have & variant) || (variant == CAUSAL_AVX512 && d % 64)) return 7;
     if (B < 1 || L < 1 || T < L || d < 1 || d > 512 || n_kv < 1 || n_q % n_kv) return 5;
     const int blocks = (L + CAUSAL_ROWS - 1) / CAUSAL_ROWS;
     int failed = 0;
-    const causal_job_t job = {q, k, v, out, n_q, n_kv, L, T, d, blocks, scale, &failed};
-    run_parallel(causal_unit, &job, B * n_q * blocks, threads);
+    const int Tp = (T + 31) / 32 * 32;
+    float *kt = NULL;
+    if (variant == CAUSAL_AVX512) { /* the keys transposed first, a unit per (sequence, KV head) */
+        if (!(kt = malloc(sizeof(float) * (size_t)B * n_kv * d * Tp))) return 6;
+        const transpose_job_t tj = {k, kt, T, Tp, d};
+        run_parallel(transpose_unit, &tj, B * n_kv, threads);
+    }
+    const causal_job_t job = {q, k, v, kt, out, n_q, n_kv, L, T, Tp, d, blocks, scale, &failed};
+    run_parallel(kt ? causal512_unit : causal_unit, &job, B * n_q * blocks, threads);
+    free(kt);
     return failed ? 6 : 0;
 }
 
@@ -514,10 +672,11 @@ EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, i
 }
 
 #else /* not x86-64: the Python side keeps MLX's path */
+EXPORT int openelm_causal_variants(void) { return 0; }
 EXPORT int openelm_causal_attention(const float *q, const float *k, const float *v, float *out, int B, int n_q,
-                                    int n_kv, int L, int T, int d, float scale, int threads) {
+                                    int n_kv, int L, int T, int d, float scale, int threads, int variant) {
     (void)q, (void)k, (void)v, (void)out, (void)B, (void)n_q, (void)n_kv, (void)L, (void)T, (void)d, (void)scale;
-    (void)threads;
+    (void)threads, (void)variant;
     return 7;
 }
 EXPORT int openelm_swiglu(const float *gu, float *out, int rows, int F, int threads) {
