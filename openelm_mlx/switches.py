@@ -50,6 +50,9 @@ SWITCHES = {s.name: s for s in (
            "attention, block by block)"),
     Switch("OPENELM_MLX_C_SWIGLU", "flag", True,
            "the SwiGLU of a prompt on the CPU runs in C, csrc/step.c (cpu/swiglu.py; else MLX's silu)"),
+    Switch("OPENELM_MLX_C_PROMPT", "flag", True,
+           "a prompt's RMSNorms, residual adds, QK-norm, RoPE and KV-cache writes on the CPU run in C on the thread "
+           "pool, csrc/step.c (cpu/prompt.py; else MLX's one-threaded ops)"),
     Switch("OPENELM_MLX_KEEP_FREED", "flag", True,
            "on Linux (glibc) the CPU keeps freed buffers up to 256 MB in the heap instead of unmapping them, so a "
            "prompt's products do not page-fault fresh output buffers each time, and MLX's own buffer cache is "

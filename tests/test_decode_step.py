@@ -260,17 +260,56 @@ def test_c_causal_attention_equals_sdpa(B, n_q, n_kv, L, past, D, variant):
 
 
 def test_prompts_use_the_c_attention_and_match_the_mlx_one(pair, monkeypatch):
+    """CPUAttention's prompt path (where the C block of cpu/prompt.py does not run: here switched off)."""
     ref, model = pair
     ids = mx.array(ids_for(ref.config, 150, seed=7))
     calls = []
     original = attention._c_causal
     monkeypatch.setattr(attention, "_c_causal",
                         lambda *key: (lambda *a: calls.append(1) or original(*key)(*a)))
-    with_c = np.array(model(ids))
-    cache = model.make_cache()  # a prompt in two pieces: the second attends to cached keys too
-    pieces = np.array(mx.concatenate([model(ids[:, :90], cache=cache), model(ids[:, 90:], cache=cache)], 1))
-    without = check_c_prompt(ref, model, ids, with_c, calls, 3 * len(model.layers), "C_ATTENTION")
+    with switches.override(C_PROMPT=False):
+        with_c = np.array(model(ids))
+        cache = model.make_cache()  # a prompt in two pieces: the second attends to cached keys too
+        pieces = np.array(mx.concatenate([model(ids[:, :90], cache=cache), model(ids[:, 90:], cache=cache)], 1))
+        without = check_c_prompt(ref, model, ids, with_c, calls, 3 * len(model.layers), "C_ATTENTION")
     np.testing.assert_allclose(pieces, without, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("pieces", [(150,), (200, 100), (1, 40), (37, 1, 20)])
+def test_prompts_run_the_c_block_and_match_the_mlx_one(pair, monkeypatch, pieces):
+    """cpu/prompt.py's block (norms, QK-norm, RoPE, cache writes and residuals in C): logits equal the MLX
+    block's and the torch reference's without a cache; with the CPU's KV cache, prompts in pieces (one-token
+    steps between them; one crossing the cache's 256-position growth) leave the same logits, keys, values and
+    offsets as the MLX path."""
+    from openelm_mlx.cpu import prompt
+    from openelm_mlx.cpu.step import CPUKVCache
+
+    ref, model = pair
+    ids = mx.array(ids_for(ref.config, sum(pieces), seed=11))
+    calls = []
+    original = prompt.block_forward
+    monkeypatch.setattr(prompt, "block_forward", lambda *a: calls.append(1) or original(*a))
+    with_c = np.array(model(ids))
+    check_c_prompt(ref, model, ids, with_c, calls, len(model.layers), "C_PROMPT")
+
+    def in_pieces():
+        cache = [CPUKVCache() for _ in model.layers]
+        outs, at = [], 0
+        for n in pieces:
+            outs.append(model(ids[:, at:at + n], cache=cache))
+            at += n
+        return np.array(mx.concatenate(outs, 1)), cache
+
+    calls.clear()
+    got, c_cache = in_pieces()
+    assert len(calls) == len(model.layers) * sum(n > 1 for n in pieces)
+    with switches.override(C_PROMPT=False):
+        want, mlx_cache = in_pieces()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    for a, b in zip(c_cache, mlx_cache):
+        assert a.offset == b.offset == sum(pieces)
+        np.testing.assert_allclose(np.array(a.keys), np.array(b.keys), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.array(a.values), np.array(b.values), atol=1e-5, rtol=0)
 
 
 def check_c_prompt(ref, model, ids, with_c, calls, expected_calls, switch):

@@ -10,6 +10,7 @@ remedies, each a swap of a layer's class or a process-wide setting, never a bran
   rows, a transient float32 copy + BLAS for many);
 - `quantized`: quantized layers that de-quantize + BLAS for many rows, and `csrc/qgemv.c` for decode's few;
 - `attention`: the causal attention of a prompt in C (or block by block in MLX);
+- `prompt`: a prompt's norms, RoPE, cache writes and residual adds in C on the thread pool;
 - `decode`: a compiled one-token step (single sequences and batches);
 - `step`: the whole one-token step in C (csrc/step.c), with a KV cache of its own;
 - `head`: LoRA's tied output head and loss in numpy;

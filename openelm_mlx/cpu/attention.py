@@ -72,7 +72,7 @@ def _c_causal(scale: float, variant: int = 0):
         threads = quantized.pool_threads()
         status = library().openelm_causal_attention(
             qs.ctypes.data, ks.ctypes.data, vs.ctypes.data, out.view.ctypes.data, B, n_q, ks.shape[1], L, ks.shape[2],
-            D, scale, threads, variant)
+            ks.shape[2], D, 0, scale, threads, variant)
         if status != 0:
             raise RuntimeError(f"csrc/step.c refused a causal attention of q {qs.shape}, k {ks.shape} "
                                f"(status {status})")

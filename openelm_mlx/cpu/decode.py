@@ -22,6 +22,7 @@ import mlx.nn as nn
 
 from .. import switches
 from ..model import RMS_NORM_EPS, Attention, FeedForward, TransformerBlock
+from . import prompt
 from .attention import QUERY_BLOCK, blockwise_causal_attention, c_causal_attention
 from .swiglu import c_swiglu, mlx_swiglu
 
@@ -112,6 +113,10 @@ class CPUTransformerBlock(TransformerBlock):
             return self.decode_step(x, cache)
         if uses_batched_decode(self, x, mask, cache):
             return self.decode_step(x, cache, mask)
+        if prompt.applies(self, x, mask, cache):  # a prompt: its element-wise work in C (cpu/prompt.py)
+            out = prompt.block_forward(self, x, cache)
+            if out is not None:
+                return out
         return super().__call__(x, mask, cache)
 
     def decode_step(self, x: mx.array, cache, mask=None) -> mx.array:

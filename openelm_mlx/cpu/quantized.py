@@ -224,10 +224,15 @@ def kernel_library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.openelm_wide_gemm.restype = ctypes.c_int
     lib.openelm_wide_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    lib.openelm_causal_attention.restype = ctypes.c_int  # step.c's prompt pieces (cpu/attention.py, cpu/swiglu.py)
-    lib.openelm_causal_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    # step.c's prompt pieces (cpu/attention.py, cpu/swiglu.py, cpu/prompt.py)
+    lib.openelm_causal_attention.restype = ctypes.c_int
+    lib.openelm_causal_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 8
                                              + [ctypes.c_float, ctypes.c_int, ctypes.c_int])
     lib.openelm_causal_variants.restype = ctypes.c_int
+    lib.openelm_rms_norm_rows.restype = ctypes.c_int
+    lib.openelm_rms_norm_rows.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.openelm_prompt_qkv.restype = ctypes.c_int
+    lib.openelm_prompt_qkv.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int]
     lib.openelm_swiglu.restype = ctypes.c_int
     lib.openelm_swiglu.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int] * 3
     return lib, ""

@@ -409,17 +409,19 @@ __attribute__((target("avx2,fma"))) static void attn_unit(const void *ctx, int u
 #define CAUSAL_ROWS 16 /* query rows per unit */
 
 typedef struct {
-    const float *q, *k, *v; /* q, out: (B, n_q, L, d); k, v: (B, n_kv, T, d), all contiguous */
+    const float *q, *k, *v; /* q: (B, n_q, L, d); k, v: (B, n_kv, capacity, d), positions [0, T) used */
     const float *kt;        /* the AVX-512 variant's transposed keys: (B, n_kv, d, Tp) */
-    float *out;
-    int n_q, n_kv, L, T, Tp, d, blocks; /* blocks: units per (batch, head) */
+    float *out;             /* (B, n_q, L, d), or with heads_last (B, L, n_q, d) */
+    int n_q, n_kv, L, T, Tp, d, blocks, capacity, heads_last; /* blocks: units per (batch, head) */
     float scale;
     int *failed; /* set when a unit could not get its scratch memory */
 } causal_job_t;
 
 typedef struct {
     int r0, r1, past; /* query rows [r0, r1) of the unit's head; positions cached before the prompt */
-    size_t bg, row;   /* its (sequence, KV head) index; the offset of its first row in q and out */
+    size_t bg, row;   /* its (sequence, KV head) index; the offset of its first row in q */
+    float *out;       /* its first output row, rows `ld` floats apart */
+    size_t ld;
     float *buf, *qs;  /* scratch (free buf), and the rows' queries times the scale, after `lead` floats of it */
 } causal_span_t;
 
@@ -432,6 +434,8 @@ static int causal_span(const causal_job_t *j, int unit, size_t lead, causal_span
     u->past = j->T - j->L;
     u->bg = (size_t)b * j->n_kv + h / (j->n_q / j->n_kv);
     u->row = (((size_t)b * j->n_q + h) * j->L + u->r0) * d;
+    u->out = j->out + (j->heads_last ? (((size_t)b * j->L + u->r0) * j->n_q + h) * d : u->row);
+    u->ld = j->heads_last ? (size_t)j->n_q * d : (size_t)d;
     u->buf = malloc(sizeof(float) * (lead + (size_t)CAUSAL_ROWS * d));
     if (!u->buf) {
         __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED);
@@ -447,9 +451,8 @@ __attribute__((target("avx2,fma"))) static void causal_unit(const void *ctx, int
     causal_span_t u;
     const int stride = j->T + 8;
     if (!causal_span(j, unit, 2 * (size_t)stride, &u)) return;
-    const size_t kv = u.bg * j->T * j->d;
-    attend_rows(u.qs, u.r1 - u.r0, u.past + u.r0 + 1, 1, j->k + kv, j->v + kv, j->d, j->out + u.row, j->d, u.buf,
-                stride);
+    const size_t kv = u.bg * j->capacity * j->d;
+    attend_rows(u.qs, u.r1 - u.r0, u.past + u.r0 + 1, 1, j->k + kv, j->v + kv, j->d, u.out, u.ld, u.buf, stride);
     free(u.buf);
 }
 
@@ -464,12 +467,12 @@ __attribute__((target("avx2,fma"))) static void causal_unit(const void *ctx, int
 typedef struct {
     const float *k;
     float *kt;
-    int T, Tp, d;
+    int T, Tp, d, capacity;
 } transpose_job_t;
 
 static void transpose_unit(const void *ctx, int unit) { /* unit: one KV head (of one sequence) */
     const transpose_job_t *j = ctx;
-    const float *k = j->k + (size_t)unit * j->T * j->d;
+    const float *k = j->k + (size_t)unit * j->capacity * j->d;
     float *kt = j->kt + (size_t)unit * j->d * j->Tp;
     for (int t0 = 0; t0 < j->T; t0 += 16) /* 16 keys x d: rows read contiguously, written 16 floats a row */
         for (int c = 0; c < j->d; c++)
@@ -561,15 +564,15 @@ __attribute__((target("avx512f,avx2,fma"))) static void causal512_unit(const voi
     causal_span_t u;
     const int d = j->d, stride = (j->T + 31) / 32 * 32 + 32;
     if (!causal_span(j, unit, (size_t)CAUSAL_GROUP * stride, &u)) return;
-    const float *kt = j->kt + u.bg * d * j->Tp, *v = j->v + u.bg * j->T * d;
+    const float *kt = j->kt + u.bg * d * j->Tp, *v = j->v + u.bg * j->capacity * d;
     const int m = u.r1 - u.r0;
     int i = 0;
     for (; i + CAUSAL_GROUP <= m; i += CAUSAL_GROUP)
-        group_t512(u.qs + (size_t)i * d, u.past + u.r0 + i + 1, kt, j->Tp, v, d, j->out + u.row + (size_t)i * d, d,
-                   u.buf, stride, CAUSAL_GROUP);
+        group_t512(u.qs + (size_t)i * d, u.past + u.r0 + i + 1, kt, j->Tp, v, d, u.out + i * u.ld, u.ld, u.buf,
+                   stride, CAUSAL_GROUP);
     for (; i < m; i++)
-        group_t512(u.qs + (size_t)i * d, u.past + u.r0 + i + 1, kt, j->Tp, v, d, j->out + u.row + (size_t)i * d, d,
-                   u.buf, stride, 1);
+        group_t512(u.qs + (size_t)i * d, u.past + u.r0 + i + 1, kt, j->Tp, v, d, u.out + i * u.ld, u.ld, u.buf,
+                   stride, 1);
     free(u.buf);
 }
 
@@ -581,29 +584,116 @@ EXPORT int openelm_causal_variants(void) {
     return CAUSAL_AVX2 | (__builtin_cpu_supports("avx512f") ? CAUSAL_AVX512 : 0);
 }
 
-/* out = softmax(q k^T * scale, causal) v for B sequences: q (B, n_q, L, d), k and v (B, n_kv, T, d) with T >= L
- * (the last L key positions are the queries'), GQA (query head h reads KV head h / (n_q / n_kv)); float32,
- * contiguous. variant: 0 the best this CPU has for d (AVX-512 where d is a multiple of 64), else CAUSAL_AVX2 or
- * CAUSAL_AVX512. Returns 0, 5 bad arguments, 6 no memory, 7 unsupported CPU or variant. */
+/* out = softmax(q k^T * scale, causal) v for B sequences: q (B, n_q, L, d), k and v (B, n_kv, capacity, d) of
+ * which positions [0, T) are used, T >= L (the last L key positions are the queries'), GQA (query head h reads KV
+ * head h / (n_q / n_kv)); float32, contiguous. out: (B, n_q, L, d), or (B, L, n_q, d) with heads_last (what the
+ * output projection reads). variant: 0 the best this CPU has for d (AVX-512 where d is a multiple of 64), else
+ * CAUSAL_AVX2 or CAUSAL_AVX512. Returns 0, 5 bad arguments, 6 no memory, 7 unsupported CPU or variant. */
 EXPORT int openelm_causal_attention(const float *q, const float *k, const float *v, float *out, int B, int n_q,
-                                    int n_kv, int L, int T, int d, float scale, int threads, int variant) {
+                                    int n_kv, int L, int T, int capacity, int d, int heads_last, float scale,
+                                    int threads, int variant) {
     const int have = openelm_causal_variants();
     if (variant == 0) variant = (have & CAUSAL_AVX512) && d % 64 == 0 ? CAUSAL_AVX512 : CAUSAL_AVX2;
     if (!(have & variant) || (variant == CAUSAL_AVX512 && d % 64)) return 7;
-    if (B < 1 || L < 1 || T < L || d < 1 || d > 512 || n_kv < 1 || n_q % n_kv) return 5;
+    if (B < 1 || L < 1 || T < L || capacity < T || d < 1 || d > 512 || n_kv < 1 || n_q % n_kv) return 5;
     const int blocks = (L + CAUSAL_ROWS - 1) / CAUSAL_ROWS;
     int failed = 0;
     const int Tp = (T + 31) / 32 * 32;
     float *kt = NULL;
     if (variant == CAUSAL_AVX512) { /* the keys transposed first, a unit per (sequence, KV head) */
         if (!(kt = malloc(sizeof(float) * (size_t)B * n_kv * d * Tp))) return 6;
-        const transpose_job_t tj = {k, kt, T, Tp, d};
+        const transpose_job_t tj = {k, kt, T, Tp, d, capacity};
         run_parallel(transpose_unit, &tj, B * n_kv, threads);
     }
-    const causal_job_t job = {q, k, v, kt, out, n_q, n_kv, L, T, Tp, d, blocks, scale, &failed};
+    const causal_job_t job = {q, k, v, kt, out, n_q, n_kv, L, T, Tp, d, blocks, capacity, heads_last != 0, scale,
+                              &failed};
     run_parallel(kt ? causal512_unit : causal_unit, &job, B * n_q * blocks, threads);
     free(kt);
     return failed ? 6 : 0;
+}
+
+/* ---- a prompt's element-wise pieces between its projections, rows split over the pool ----
+ * MLX's CPU backend runs RMSNorm, RoPE, the residual adds and the head transpositions as one-threaded loops, so
+ * on 2 threads the other core waited through them (~10% of a 4-bit prompt's time). The same arithmetic as the C
+ * step's rms_norm and rope, a block of rows a unit. */
+
+#define PROMPT_ROWS 16 /* rows (positions) a unit */
+
+typedef struct {
+    const float *x, *u, *w;
+    float *h, *out;
+    int rows, dim;
+    float eps;
+} norm_job_t;
+
+static void norm_unit(const void *ctx, int unit) {
+    const norm_job_t *j = ctx;
+    const int r1 = (unit + 1) * PROMPT_ROWS < j->rows ? (unit + 1) * PROMPT_ROWS : j->rows;
+    for (int r = unit * PROMPT_ROWS; r < r1; r++) {
+        const size_t at = (size_t)r * j->dim;
+        const float *x = j->x + at;
+        if (j->u) { /* the residual add first: h = x + u, then its norm */
+            for (int i = 0; i < j->dim; i++) j->h[at + i] = x[i] + j->u[at + i];
+            x = j->h + at;
+        }
+        rms_norm(x, j->w, j->dim, j->eps, j->out + at);
+    }
+}
+
+/* out = rms_norm(x) * w per row (rows x dim); with u (not NULL): h = x + u, out = rms_norm(h) * w. Returns 0, 5
+ * bad arguments, 7 unsupported CPU. */
+EXPORT int openelm_rms_norm_rows(const float *x, const float *u, const float *w, float *h, float *out, int rows,
+                                 int dim, float eps, int threads) {
+    if (!openelm_qgemv_supported()) return 7;
+    if (rows < 0 || dim < 1 || (u && !h)) return 5;
+    const norm_job_t job = {x, u, w, h, out, rows, dim, eps};
+    run_parallel(norm_unit, &job, (rows + PROMPT_ROWS - 1) / PROMPT_ROWS, threads);
+    return 0;
+}
+
+typedef struct {
+    const float *qkv, *qw, *kw, *cos, *sin;
+    float *q, *k, *v;
+    int L, n_q, n_kv, d, capacity, offset, blocks;
+    float eps;
+} qkv_job_t;
+
+static void qkv_unit(const void *ctx, int unit) {
+    const qkv_job_t *j = ctx;
+    const int d = j->d, b = unit / j->blocks, l0 = unit % j->blocks * PROMPT_ROWS, heads = j->n_q + 2 * j->n_kv;
+    const int l1 = l0 + PROMPT_ROWS < j->L ? l0 + PROMPT_ROWS : j->L;
+    float tmp[512]; /* d <= 512 */
+    for (int l = l0; l < l1; l++) {
+        const float *row = j->qkv + ((size_t)b * j->L + l) * heads * d; /* [Q heads | K heads | V heads] */
+        const float *cos = j->cos + (size_t)l * d, *sin = j->sin + (size_t)l * d;
+        for (int h = 0; h < j->n_q; h++) {
+            float *q = j->q + (((size_t)b * j->n_q + h) * j->L + l) * d;
+            rms_norm(row + (size_t)h * d, j->qw, d, j->eps, q);
+            rope(q, cos, sin, d, tmp);
+        }
+        for (int h = 0; h < j->n_kv; h++) {
+            const size_t at = (((size_t)b * j->n_kv + h) * j->capacity + j->offset + l) * d;
+            rms_norm(row + (size_t)(j->n_q + h) * d, j->kw, d, j->eps, j->k + at);
+            rope(j->k + at, cos, sin, d, tmp);
+            memcpy(j->v + at, row + (size_t)(j->n_q + j->n_kv + h) * d, sizeof(float) * d);
+        }
+    }
+}
+
+/* A prompt's qkv_proj output (B, L, (n_q + 2 n_kv) * d) split into heads: q (B, n_q, L, d) QK-normed (qw) and
+ * rotated; keys QK-normed (kw) and rotated, and values, written into k, v (B, n_kv, capacity, d) at positions
+ * [offset, offset + L) (a KV cache's buffers). cos, sin: the RoPE rows of positions offset .. offset + L - 1
+ * (L x d each, sin signed). Returns 0, 5 bad arguments, 7 unsupported CPU. */
+EXPORT int openelm_prompt_qkv(const float *qkv, const float *qw, const float *kw, const float *cos, const float *sin,
+                              float *q, float *k, float *v, int B, int L, int n_q, int n_kv, int d, int capacity,
+                              int offset, float eps, int threads) {
+    if (!openelm_qgemv_supported()) return 7;
+    if (B < 1 || L < 1 || n_q < 1 || n_kv < 1 || d < 2 || d > 512 || d % 2 || offset < 0 || offset + L > capacity)
+        return 5;
+    const int blocks = (L + PROMPT_ROWS - 1) / PROMPT_ROWS;
+    const qkv_job_t job = {qkv, qw, kw, cos, sin, q, k, v, L, n_q, n_kv, d, capacity, offset, blocks, eps};
+    run_parallel(qkv_unit, &job, B * blocks, threads);
+    return 0;
 }
 
 /* 1 if this CPU can run the step (AVX2 and FMA, as qgemv.c). */
@@ -674,9 +764,22 @@ EXPORT int openelm_step(const step_model_t *m, const step_kv_t *kv, int token, i
 #else /* not x86-64: the Python side keeps MLX's path */
 EXPORT int openelm_causal_variants(void) { return 0; }
 EXPORT int openelm_causal_attention(const float *q, const float *k, const float *v, float *out, int B, int n_q,
-                                    int n_kv, int L, int T, int d, float scale, int threads, int variant) {
-    (void)q, (void)k, (void)v, (void)out, (void)B, (void)n_q, (void)n_kv, (void)L, (void)T, (void)d, (void)scale;
-    (void)threads, (void)variant;
+                                    int n_kv, int L, int T, int capacity, int d, int heads_last, float scale,
+                                    int threads, int variant) {
+    (void)q, (void)k, (void)v, (void)out, (void)B, (void)n_q, (void)n_kv, (void)L, (void)T, (void)capacity, (void)d;
+    (void)heads_last, (void)scale, (void)threads, (void)variant;
+    return 7;
+}
+EXPORT int openelm_rms_norm_rows(const float *x, const float *u, const float *w, float *h, float *out, int rows,
+                                 int dim, float eps, int threads) {
+    (void)x, (void)u, (void)w, (void)h, (void)out, (void)rows, (void)dim, (void)eps, (void)threads;
+    return 7;
+}
+EXPORT int openelm_prompt_qkv(const float *qkv, const float *qw, const float *kw, const float *cos, const float *sin,
+                              float *q, float *k, float *v, int B, int L, int n_q, int n_kv, int d, int capacity,
+                              int offset, float eps, int threads) {
+    (void)qkv, (void)qw, (void)kw, (void)cos, (void)sin, (void)q, (void)k, (void)v, (void)B, (void)L, (void)n_q;
+    (void)n_kv, (void)d, (void)capacity, (void)offset, (void)eps, (void)threads;
     return 7;
 }
 EXPORT int openelm_swiglu(const float *gu, float *out, int rows, int F, int threads) {
