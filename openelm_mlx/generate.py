@@ -150,15 +150,19 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
                   prefill_step_size: int = DEFAULT_PREFILL_STEP) -> Iterator[tuple[int, mx.array]]:
     """(token, log-probabilities) for up to `max_tokens` tokens after `prompt` (1-D token ids), `cache` advanced in
     place: mlx-lm's generate_step for what this package uses of it (no quantized KV cache, no input embeddings).
-    The prompt but its last token goes through in chunks of `prefill_step_size` (`Model.prefill`: no logits);
-    logits processors see every token so far, the prompt's included; each next step is queued (mx.async_eval)
-    before the current token is handed out."""
+    The prompt goes through in chunks of `prefill_step_size` (`Model.prefill`: no logits), its last chunk as one
+    batch with the head for its last position only (`Model.last_logits`); logits processors see every token so
+    far, the prompt's included; each next step is queued (mx.async_eval) before the current token is handed out,
+    unless steps compute when called (`steps_eagerly`)."""
     processors = logits_processors or []
     seen = None  # the tokens so far, for the processors
 
     def step(y: mx.array):
         nonlocal seen
-        logits = model(y[None], cache=cache)[:, -1, :]
+        if y.size > 1:  # the prompt's last chunk: the head for its last position only
+            logits = model.last_logits(y[None], cache=cache)[:, -1, :]
+        else:
+            logits = model(y[None], cache=cache)[:, -1, :]
         if processors:
             seen = y if seen is None else mx.concatenate([seen, y])
             for processor in processors:
@@ -169,8 +173,11 @@ def generate_step(prompt: mx.array, model: Model, cache: list, *, max_tokens: in
         token = mx.argmax(logits, axis=-1) if sampler is None else sampler(logprobs)
         return token, logprobs.squeeze(0)
 
-    while prompt.size > 1:
-        n = min(prefill_step_size, prompt.size - 1)
+    # The last chunk goes through `step` as one batch (the head for its last position only); with a rotating cache
+    # the last token alone, as mlx-lm does (a one-token step sees the cache's window; a batch all of its own keys).
+    last = 1 if hasattr(cache[0], "max_size") else prefill_step_size
+    while prompt.size > last:
+        n = min(prefill_step_size, prompt.size - last) if last == 1 else prefill_step_size
         model.prefill(prompt[:n][None], cache)  # evaluated there, the caches' keys and values with it
         if processors:
             seen = prompt[:n] if seen is None else mx.concatenate([seen, prompt[:n]])

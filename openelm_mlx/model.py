@@ -117,6 +117,13 @@ class Model(nn.Module):
         h = self.transformer(inputs, cache, mask)
         return self.transformer.token_embeddings.as_linear(h)  # tied head: logits = h @ E^T
 
+    def last_logits(self, inputs: mx.array, cache=None) -> mx.array:
+        """The logits of the last position only, (B, 1, vocab): a prompt's last chunk needs no head for the positions
+        before it (the whole chunk runs as one batch, where a one-token step for its last position would cost a
+        decode step's weight reads)."""
+        h = self.transformer(inputs, cache)
+        return self.transformer.token_embeddings.as_linear(h[:, -1:])
+
     def prefill(self, inputs: mx.array, cache) -> None:
         """Run `inputs` through the layers into `cache` without the output head: a prompt's leading tokens need no
         logits, and a head whose product runs eagerly (a swapped-in layer computing in C) would compute the lazy

@@ -166,7 +166,8 @@ def test_greedy_generation_is_identical(bits, count_c_steps):
 
 def test_generate_step_hands_out_each_token_before_the_next_c_step(count_c_steps):
     """The C step computes when called: our generate_step yields token n before computing step n + 1 (queued
-    ahead, the first token would wait for the second's step), and makes no step after the last token."""
+    ahead, the first token would wait for the second's step), and makes no step after the last token. The first
+    token's logits come from the prompt's batch (Model.last_logits), not from a one-token step."""
     from openelm_mlx.generate import generate_step
 
     model = tiny(4, seed=3)
@@ -175,8 +176,8 @@ def test_generate_step_hands_out_each_token_before_the_next_c_step(count_c_steps
     seen = []
     for token, _ in generate_step(ids_for(9, seed=3)[0], model, cache, max_tokens=5):
         seen.append(count_c_steps())
-    assert seen == [1, 2, 3, 4, 5]  # counts so far: the last prompt token's step, then one per token handed out
-    assert count_c_steps() == 5 and cache[0].offset == 9 + 4
+    assert seen == [0, 1, 2, 3, 4]  # C steps so far: none for the prompt, then one per token handed out
+    assert count_c_steps() == 4 and cache[0].offset == 9 + 4
     with switches.override(C_STEP=False):
         assert not model.steps_eagerly(cache)
 

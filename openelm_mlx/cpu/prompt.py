@@ -12,7 +12,7 @@ own projections (float, quantized, half or LoRA-wrapped modules, unchanged):
     h, normed = x + out_proj(att), rms_norm   openelm_rms_norm_rows with the residual
     h + ffn(normed)                           (the SwiGLU in C: cpu/swiglu.py)
 
-RoPE uses the table `decode.rope_table_below` makes with mx.fast.rope itself; the results equal the MLX block's
+RoPE uses the table `rope.rope_table_below` makes with mx.fast.rope itself; the results equal the MLX block's
 within float32 rounding (tests/test_decode_step.py). Eval mode only (training keeps MLX's differentiable ops);
 `OPENELM_MLX_C_PROMPT=0` switches it off.
 """
@@ -28,6 +28,7 @@ from .. import switches
 from ..model import RMS_NORM_EPS, TransformerBlock
 from . import quantized
 from .attention import SWITCH as ATTENTION_SWITCH
+from .rope import rope_table_below
 
 SWITCH = "OPENELM_MLX_C_PROMPT"
 
@@ -68,8 +69,6 @@ def rms_norm_rows(x: np.ndarray, weight: mx.array, residual: Optional[np.ndarray
 def block_forward(block: TransformerBlock, x: mx.array, cache) -> Optional[mx.array]:
     """block(x, "causal", cache) for a prompt (see the module docstring), the cache advanced by its positions; None
     where it cannot run (inside mx.compile / vmap, which cannot evaluate x; a cache holding another shape)."""
-    from .decode import rope_table_below  # (decode imports this module)
-
     A = block.attn
     try:
         xs = np.ascontiguousarray(np.asarray(x))

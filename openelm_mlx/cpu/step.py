@@ -35,7 +35,8 @@ from .. import switches
 from ..config import layer_plan
 from ..mlx_lm_parts import part
 from ..model import RMS_NORM_EPS, Attention, Model, TransformerBlock
-from . import decode, half, quantized
+from . import half, quantized
+from .rope import rope_table_below
 
 SWITCH = "OPENELM_MLX_C_STEP"
 MAT_F32, MAT_AFFINE, MAT_F16, MAT_BF16 = 0, 1, 2, 3  # csrc/step.c's step_matrix_t.kind
@@ -387,8 +388,8 @@ _rope_tables: dict = {}
 
 
 def _rope_rows(dims: int, base: float, position: int) -> tuple[int, int]:
-    """Addresses of the cos and signed-sin rows of `position` in decode.py's table (made by mx.fast.rope)."""
-    cos, sin = decode.rope_table_below(dims, base, position + 1)
+    """Addresses of the cos and signed-sin rows of `position` in cpu/rope.py's table (made by mx.fast.rope)."""
+    cos, sin = rope_table_below(dims, base, position + 1)
     key = (dims, base, cos.shape[0])
     if key not in _rope_tables:
         _rope_tables[key] = (cos, sin, np.asarray(cos), np.asarray(sin))
