@@ -430,7 +430,10 @@ class Engine:
 
         def step(tokens: mx.array):
             nonlocal context
-            logits = self.model(tokens[None], cache=cache)[:, -1, :]
+            if tokens.size > 1:  # the prompt's last chunk: the head for its last position only
+                logits = self.model.last_logits(tokens[None], cache=cache)[:, -1, :]
+            else:
+                logits = self.model(tokens[None], cache=cache)[:, -1, :]
             if processors:
                 context = mx.concatenate([context, tokens.astype(mx.uint32)])
                 for proc in processors:
@@ -496,8 +499,7 @@ class Engine:
         self._deliver(ticket, event)  # the last event after the slot is free, as in the batch
 
     def _prefill(self, tokens: mx.array, cache: list) -> None:
-        self.model(tokens[None], cache=cache)
-        mx.eval([c.state for c in cache])
+        self.model.prefill(tokens[None], cache)  # no head; evaluates the layers, the caches' keys and values with them
 
     # -- one at a time, speculative --------------------------------------------------------------------------
 
