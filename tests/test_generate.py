@@ -328,7 +328,8 @@ def test_lora_adapters_load_and_change_output(tiny, loaded, tmp_path):
         {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora_config}))
     with_adapters, _ = gen.load(path, adapter_path=tmp_path)
     ids = mx.array([tok.encode(PROMPT)])
-    np.testing.assert_allclose(np.array(with_adapters(ids)), np.array(tuned(ids)), atol=1e-5, rtol=0)
+    # (loaded for generation, the prompt runs the CPU layer's C block: float32 rounding of other summation orders)
+    np.testing.assert_allclose(np.array(with_adapters(ids)), np.array(tuned(ids)), atol=1e-4, rtol=0)
     assert tokens_of(with_adapters, tok, PROMPT, max_tokens=8) != tokens_of(model, tok, PROMPT, max_tokens=8)
 
 

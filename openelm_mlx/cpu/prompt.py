@@ -10,7 +10,7 @@ own projections (float, quantized, half or LoRA-wrapped modules, unchanged):
     q, k, v = split, QK-norm, RoPE (qkv)      openelm_prompt_qkv: k and v straight into the cache's buffers
     att = causal attention (q, cached k, v)   openelm_causal_attention, written heads-last (out_proj's layout)
     h, normed = x + out_proj(att), rms_norm   openelm_rms_norm_rows with the residual
-    h + ffn(normed)                           (the SwiGLU in C: cpu/swiglu.py)
+    h + ffn(normed)                           the same (no weight: the add alone); the SwiGLU in cpu/swiglu.py
 
 RoPE uses the table `rope.rope_table_below` makes with mx.fast.rope itself; the results equal the MLX block's
 within float32 rounding (tests/test_decode_step.py). Eval mode only (training keeps MLX's differentiable ops);
@@ -50,20 +50,22 @@ def applies(block: TransformerBlock, x: mx.array, mask, cache) -> bool:
             and bool(switches.get(SWITCH)) and bool(switches.get(ATTENTION_SWITCH)) and library() is not None)
 
 
-def rms_norm_rows(x: np.ndarray, weight: mx.array, residual: Optional[np.ndarray] = None):
+def rms_norm_rows(x: np.ndarray, weight: Optional[mx.array], residual: Optional[np.ndarray] = None):
     """rms_norm(x) * weight per row of x (..., dim), float32, on the pool: an MLX array; with `residual`,
-    h = x + residual first, and (h, rms_norm(h) * weight)."""
+    h = x + residual first, and (h, rms_norm(h) * weight); with `residual` and no weight, only h."""
     shape, dim = x.shape, x.shape[-1]
-    out = quantized.Output(shape)
+    out = quantized.Output(shape) if weight is not None else None
     h = quantized.Output(shape) if residual is not None else None
-    w = np.asarray(weight)
+    w = np.asarray(weight) if weight is not None else None
+    pointer = lambda a: a.ctypes.data if a is not None else None  # noqa: E731
     status = library().openelm_rms_norm_rows(
-        x.ctypes.data, residual.ctypes.data if residual is not None else None, w.ctypes.data,
-        h.view.ctypes.data if h is not None else None, out.view.ctypes.data, x.size // dim, dim, RMS_NORM_EPS,
-        quantized.pool_threads())
+        x.ctypes.data, pointer(residual), pointer(w), pointer(h and h.view), pointer(out and out.view),
+        x.size // dim, dim, RMS_NORM_EPS, quantized.pool_threads())
     if status != 0:
         raise RuntimeError(f"csrc/step.c refused an RMSNorm of {shape} (status {status})")
-    return out.array() if h is None else (h.array(), out.array())
+    if h is None:
+        return out.array()
+    return (h.array(), out.array()) if out is not None else h.array()
 
 
 def block_forward(block: TransformerBlock, x: mx.array, cache) -> Optional[mx.array]:
@@ -102,4 +104,5 @@ def block_forward(block: TransformerBlock, x: mx.array, cache) -> Optional[mx.ar
         cache.offset += L
     o = np.ascontiguousarray(np.asarray(A.out_proj(att.array()), np.float32))
     h, normed = rms_norm_rows(xs, block.ffn_norm.weight, residual=o)
-    return h + block.ffn(normed)
+    f = np.ascontiguousarray(np.asarray(block.ffn(normed), np.float32))
+    return rms_norm_rows(np.asarray(h), None, residual=f)  # h + ffn(normed), on the pool

@@ -178,6 +178,27 @@ static void rms_norm(const float *x, const float *weight, int n, float eps, floa
     for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * r);
 }
 
+/* rms_norm with the sum of squares in 8 lanes, for a prompt's rows (1.8% of a float16 prompt as the loop above).
+ * The one-token step keeps the sequential sum: closer to MLX's rounding, which its int8 kernels would amplify. */
+__attribute__((target("avx2,fma"))) static void rms_norm8(const float *x, const float *weight, int n, float eps,
+                                                           float *out) {
+    __m256 s8 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        s8 = _mm256_fmadd_ps(v, v, s8);
+    }
+    float ss = hsum8(s8);
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    const __m256 r8 = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), r8);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), v));
+    }
+    for (; i < n; i++) out[i] = weight[i] * (x[i] * r);
+}
+
 /* Non-traditional RoPE of one head in place: x * cos + swap_halves(x) * sin (sin carries the sign). */
 static void rope(float *x, const float *cos, const float *sin, int d, float *tmp) {
     const int half = d / 2;
@@ -632,20 +653,20 @@ static void norm_unit(const void *ctx, int unit) {
     for (int r = unit * PROMPT_ROWS; r < r1; r++) {
         const size_t at = (size_t)r * j->dim;
         const float *x = j->x + at;
-        if (j->u) { /* the residual add first: h = x + u, then its norm */
+        if (j->u) { /* the residual add first: h = x + u, then its norm (if w) */
             for (int i = 0; i < j->dim; i++) j->h[at + i] = x[i] + j->u[at + i];
             x = j->h + at;
         }
-        rms_norm(x, j->w, j->dim, j->eps, j->out + at);
+        if (j->w) rms_norm8(x, j->w, j->dim, j->eps, j->out + at);
     }
 }
 
-/* out = rms_norm(x) * w per row (rows x dim); with u (not NULL): h = x + u, out = rms_norm(h) * w. Returns 0, 5
- * bad arguments, 7 unsupported CPU. */
+/* out = rms_norm(x) * w per row (rows x dim); with u (not NULL): h = x + u, out = rms_norm(h) * w; with u and
+ * no w, only h = x + u. Returns 0, 5 bad arguments, 7 unsupported CPU. */
 EXPORT int openelm_rms_norm_rows(const float *x, const float *u, const float *w, float *h, float *out, int rows,
                                  int dim, float eps, int threads) {
     if (!openelm_qgemv_supported()) return 7;
-    if (rows < 0 || dim < 1 || (u && !h)) return 5;
+    if (rows < 0 || dim < 1 || (u && !h) || (!u && !w) || (w && !out)) return 5;
     const norm_job_t job = {x, u, w, h, out, rows, dim, eps};
     run_parallel(norm_unit, &job, (rows + PROMPT_ROWS - 1) / PROMPT_ROWS, threads);
     return 0;
