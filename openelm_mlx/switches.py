@@ -81,6 +81,10 @@ SWITCHES = {s.name: s for s in (
            "tile at a time in C and multiply by the optimized BLAS (csrc/qgemv.c openelm_wide_gemm); off: MLX "
            "de-quantizes or upcasts the whole weight, then BLAS (4-bit 512-token prompt, 2 threads: 354 vs 576 "
            "tok/s; docs/cpu-backend.md)"),
+    Switch("OPENELM_MLX_HALF_GEMM", "flag", True,
+           "many-row products of float16/bfloat16 weights on CPUs with AVX-512 run csrc/qgemv.c's own GEMM, which "
+           "converts weight panels to float32 as it packs them (cpu/quantized.py wide_gemm); off: float32 tiles + "
+           "the optimized BLAS"),
     Switch("OPENELM_MLX_HALF", "choice", "on",
            "float16/bfloat16 checkpoints keep their projection and embedding weights in half precision for "
            "decode and prefill on the CPU, computed in float32 (cpu/half.py): on (where csrc/qgemv.c's AVX2+F16C "

@@ -39,13 +39,19 @@ def test_quantized_equals_float64_of_the_dequantized_weight(bits, group_size, m,
     np.testing.assert_allclose(np.array(got), want, atol=1e-4 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.parametrize("half_gemm", [True, False])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("m,n,k", [(4, 3, 8), (33, 1029, 203), (2, 8, 1), (64, 4000, 1280)])  # k: odd tails; tiles
-def test_half_equals_float64_of_the_weight(dtype, m, n, k):
+@pytest.mark.parametrize("m,n,k", [(4, 3, 8), (33, 1029, 203), (2, 8, 1), (64, 4000, 1280), (9, 50, 2100)])
+def test_half_equals_float64_of_the_weight(dtype, m, n, k, half_gemm):
+    """Both paths for half weights: the AVX-512 half GEMM (x panels of 8 rows, weight panels of 48 rows, 1024-column
+    blocks: m, n, k not multiples of them, odd k tails) and float32 tiles + BLAS."""
+    if half_gemm and not quantized.kernel_library()[0].openelm_half_gemm_supported():
+        pytest.skip("the half GEMM needs AVX-512F and F16C")
     mx.random.seed(m + n + k)
     w = mx.random.normal((n, k)).astype(dtype)
     x = mx.random.normal((3, m, k))  # leading dims kept
-    got = quantized.wide_gemm(x, w)
+    with switches.override(HALF_GEMM=half_gemm):
+        got = quantized.wide_gemm(x, w)
     want = f64(x) @ f64(w).T
     assert got.shape == (3, m, n)
     np.testing.assert_allclose(np.array(got), want, atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0)

@@ -45,6 +45,7 @@ QGEMV_SOURCE = Path(__file__).with_name("csrc") / "qgemv.c"
 STEP_SOURCE = Path(__file__).with_name("csrc") / "step.c"  # built into the same library (cpu/step.py)
 QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is split over the CPU's cores
 TILED_PREFILL = "OPENELM_MLX_TILED_PREFILL"  # see wide_gemm
+HALF_GEMM = "OPENELM_MLX_HALF_GEMM"
 INT8_PREFILL = "OPENELM_MLX_INT8_PREFILL"  # many-row products in qgemv.c's integer GEMM (int8_prefill_applies)
 
 
@@ -176,7 +177,7 @@ def wide_gemm(x: mx.array, w: mx.array, scales: Optional[mx.array] = None, biase
     status = lib.openelm_wide_gemm(xs.ctypes.data, xs.shape[0], ws.ctypes.data,
                                    arrays[0].ctypes.data if affine else None, arrays[1].ctypes.data if affine else None,
                                    n, k, WIDE_KINDS["affine" if affine else w.dtype], group_size, bits,
-                                   out.view.ctypes.data, pool_threads(), sgemm)
+                                   out.view.ctypes.data, pool_threads(), sgemm, int(bool(switches.get(HALF_GEMM))))
     if status != 0:
         raise RuntimeError(f"csrc/qgemv.c's openelm_wide_gemm refused a ({n}, {k}) product (status {status})")
     return out.array()
@@ -223,7 +224,8 @@ def kernel_library() -> tuple[Optional[ctypes.CDLL], str]:
     lib.openelm_qgemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
     lib.openelm_wide_gemm.restype = ctypes.c_int
     lib.openelm_wide_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [
-        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.openelm_half_gemm_supported.restype = ctypes.c_int
     # step.c's prompt pieces (cpu/attention.py, cpu/swiglu.py, cpu/prompt.py)
     lib.openelm_causal_attention.restype = ctypes.c_int
     lib.openelm_causal_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int] * 8

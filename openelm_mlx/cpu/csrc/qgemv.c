@@ -609,6 +609,7 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
 
 #else /* not x86-64: the Python side keeps MLX's kernels */
 EXPORT int openelm_qgemv_supported(void) { return 0; }
+EXPORT int openelm_half_gemm_supported(void) { return 0; }
 EXPORT int openelm_qgemv(const void *w, const float *s, const float *b, const float *x, float *y, int m, int n,
                          int k, int group_size, int bits, int threads) {
     return 3;
@@ -938,11 +939,158 @@ static void wide_unit(const void *ctx, int unit) {
     }
 }
 
+#if defined(__x86_64__)
+/* ---- float16 / bfloat16 weights' many-row products with AVX-512: no float32 copy of the weight ----
+ * Upcasting tiles for the BLAS cost two passes over each tile beside its sgemm (the upcast, then the BLAS's own
+ * packing; 13% of a 2-thread float16 prompt in perf). Here, as in a GotoBLAS-style sgemm, x is packed once into
+ * panels of HG_MR rows ([k][8]: each k's 8 values adjacent, broadcast by the kernel), and each panel of HG_NR weight
+ * rows is converted to float32 and transposed ([k][48]) HG_KC columns at a time straight from the half weights;
+ * the kernel holds an 8 x 48 tile of y in 24 registers (3 weight loads and 8 broadcasts feed 24 FMAs a k). Each
+ * HG_KC block's sum is added to y, so an output is a sum of short chains (float32 rounding as a blocked BLAS).
+ * Panels are split over the pool, x's packing too. Per product (511 rows, float16, one-off A/B against the tiles
+ * + OpenBLAS below): 2 threads 1.03-1.13x on the 270M shapes (k 1024-5120), 1 thread 0.96-1.05x (0.96: k 5120,
+ * whose x panels stream from L3; HG_KC 256 and 512 were slower there). */
+
+#define HG_MR 8
+#define HG_NR 48
+#define HG_KC 1024
+
+typedef struct {
+    const float *x;
+    float *xp; /* ceil(m / 8) panels of k x 8 floats */
+    const uint16_t *w;
+    float *y;
+    int m, n, k, kind, failed;
+} hg_job_t;
+
+static void hg_pack_x(const void *ctx, int panel) { /* rows [8 panel, 8 panel + 8) of x, zeros past m */
+    const hg_job_t *j = ctx;
+    const int k = j->k, m0 = panel * HG_MR;
+    float *o = j->xp + (size_t)m0 * k;
+    for (int i = 0; i < HG_MR; i++) {
+        const float *r = m0 + i < j->m ? j->x + (size_t)(m0 + i) * k : NULL;
+        for (int c = 0; c < k; c++) o[(size_t)c * HG_MR + i] = r ? r[c] : 0.0f;
+    }
+}
+
+__attribute__((target("avx512f,f16c"), always_inline)) static inline __m512 hg_load16(const uint16_t *p, int kind) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (kind == HALF_BFLOAT16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* wp[c][j] = float(W[n0 + j][k0 + c]) for c < kc, j < 48 (rows past `rows`: zeros): 16 x 16 blocks transposed in
+ * registers. */
+__attribute__((target("avx512f,f16c"))) static void hg_pack_w(const hg_job_t *j, int n0, int rows, int k0, int kc,
+                                                              float *wp) {
+    const int hk = wide_half_kind(j->kind);
+    const size_t k = (size_t)j->k;
+    int c = 0;
+    for (; c + 16 <= kc; c += 16)
+        for (int b = 0; b < HG_NR; b += 16) {
+            __m512 r[16], t[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = b + i < rows ? hg_load16(j->w + (n0 + b + i) * k + k0 + c, hk) : _mm512_setzero_ps();
+            for (int i = 0; i < 16; i += 2) {
+                t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+                t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+            }
+            for (int i = 0; i < 16; i += 4) {
+                r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+                r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+                r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+            }
+            for (int i = 0; i < 4; i++) {
+                t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+                t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+                t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+                t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+            }
+            for (int i = 0; i < 4; i++) {
+                r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+                r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+                r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+                r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xdd);
+            }
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(wp + (size_t)(c + i) * HG_NR + b, r[i]); /* column c + i */
+        }
+    for (; c < kc; c++)
+        for (int i = 0; i < HG_NR; i++)
+            wp[(size_t)c * HG_NR + i] = i < rows ? half_to_float(j->w[(n0 + i) * k + k0 + c], hk) : 0.0f;
+}
+
+/* y tile (mrows x ncols, stride n) += (or =, first) the 8 x 48 product of an x panel and a weight panel over kc. */
+__attribute__((target("avx512f"))) static void hg_kernel(const float *xp, const float *wp, int kc, float *y, int n,
+                                                         int mrows, int ncols, int first) {
+    __m512 a[HG_MR][3];
+#pragma GCC unroll 8
+    for (int i = 0; i < HG_MR; i++) a[i][0] = a[i][1] = a[i][2] = _mm512_setzero_ps();
+    for (int c = 0; c < kc; c++) {
+        const float *wc = wp + (size_t)c * HG_NR, *xc = xp + (size_t)c * HG_MR;
+        const __m512 w0 = _mm512_loadu_ps(wc), w1 = _mm512_loadu_ps(wc + 16), w2 = _mm512_loadu_ps(wc + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < HG_MR; i++) {
+            const __m512 xv = _mm512_set1_ps(xc[i]);
+            a[i][0] = _mm512_fmadd_ps(xv, w0, a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(xv, w1, a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(xv, w2, a[i][2]);
+        }
+    }
+    for (int i = 0; i < mrows; i++)
+#pragma GCC unroll 3
+        for (int v = 0; v < 3; v++) {
+            const int left = ncols - 16 * v;
+            if (left <= 0) break;
+            const __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+            float *o = y + (size_t)i * n + 16 * v;
+            const __m512 sum = first ? a[i][v] : _mm512_add_ps(_mm512_maskz_loadu_ps(mk, o), a[i][v]);
+            _mm512_mask_storeu_ps(o, mk, sum);
+        }
+}
+
+__attribute__((target("avx512f,f16c"))) static void hg_unit(const void *ctx, int panel) {
+    hg_job_t *j = (hg_job_t *)ctx;
+    float *wp = aligned_alloc(64, sizeof(float) * HG_KC * HG_NR);
+    if (!wp) {
+        __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    const int n0 = panel * HG_NR, rows = j->n - n0 < HG_NR ? j->n - n0 : HG_NR;
+    for (int k0 = 0; k0 < j->k; k0 += HG_KC) {
+        const int kc = j->k - k0 < HG_KC ? j->k - k0 : HG_KC;
+        hg_pack_w(j, n0, rows, k0, kc, wp);
+        for (int m0 = 0; m0 < j->m; m0 += HG_MR)
+            hg_kernel(j->xp + (size_t)m0 * j->k + (size_t)k0 * HG_MR, wp, kc, j->y + (size_t)m0 * j->n + n0, j->n,
+                      j->m - m0 < HG_MR ? j->m - m0 : HG_MR, rows, k0 == 0);
+    }
+    free(wp);
+}
+
+/* 1 if this CPU runs the AVX-512 half GEMM (and OPENELM_MLX's wide products use it for half weights). */
+EXPORT int openelm_half_gemm_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+}
+
+/* y (m x n) = x (m x k) @ W.T for W (n x k) WIDE_F16 / WIDE_BF16, on `threads` threads; 0, or 2 no memory. */
+static int half_gemm(const float *x, int m, const uint16_t *w, int n, int k, int kind, float *y, int threads) {
+    const int panels_x = (m + HG_MR - 1) / HG_MR;
+    hg_job_t job = {x, aligned_alloc(64, sizeof(float) * (size_t)panels_x * HG_MR * k), w, y, m, n, k, kind, 0};
+    if (!job.xp) return 2;
+    run_parallel(hg_pack_x, &job, panels_x, threads);
+    run_parallel(hg_unit, &job, (n + HG_NR - 1) / HG_NR, threads);
+    free(job.xp);
+    return job.failed ? 2 : 0;
+}
+#endif
+
 /* y (m x n, row-major) = x (m x k) @ W.T for a weight W (n x k) stored as `kind` (see above), by tiles of W's rows
- * expanded to float32 on `threads` threads and multiplied with `sgemm` (cblas_sgemm's signature). Returns 0; 1 a
- * bad shape or kind; 2 no memory. */
+ * expanded to float32 on `threads` threads and multiplied with `sgemm` (cblas_sgemm's signature); with half_gemm
+ * and a CPU with AVX-512, half weights by half_gemm above instead. Returns 0; 1 a bad shape or kind; 2 no memory. */
 EXPORT int openelm_wide_gemm(const float *x, int m, const void *w, const float *scales, const float *biases, int n,
-                             int k, int kind, int group_size, int bits, float *y, int threads, sgemm_fn sgemm) {
+                             int k, int kind, int group_size, int bits, float *y, int threads, sgemm_fn sgemm,
+                             int half_gemm_on) {
     if (m < 1 || n < 1 || k < 1 || !sgemm) return 1;
     if (kind == WIDE_AFFINE) {
         if ((bits != 4 && bits != 8) || group_size < 8 || group_size % 8 || k % group_size) return 1;
@@ -950,6 +1098,12 @@ EXPORT int openelm_wide_gemm(const float *x, int m, const void *w, const float *
         return 1;
     }
     if (threads < 1) threads = 1;
+#if defined(__x86_64__)
+    if (kind != WIDE_AFFINE && half_gemm_on && openelm_half_gemm_supported())
+        return half_gemm(x, m, (const uint16_t *)w, n, k, kind, y, threads);
+#else
+    (void)half_gemm_on;
+#endif
     int tile = TILE_BYTES / (4 * k); /* at least TILE_MIN_ROWS: a narrower sgemm loses more than the cache gains */
     tile = tile < TILE_MIN_ROWS ? TILE_MIN_ROWS : tile / WIDE_UNIT_ROWS * WIDE_UNIT_ROWS;
     if (tile > n) tile = n;
