@@ -57,6 +57,10 @@ SWITCHES = {s.name: s for s in (
            "on Linux (glibc) the CPU keeps freed buffers up to 256 MB in the heap instead of unmapping them, so a "
            "prompt's products do not page-fault fresh output buffers each time, and MLX's own buffer cache is "
            "off (the heap is the one cache: -30 MB peak RSS) (cpu/__init__.py)"),
+    Switch("OPENELM_MLX_ALIGN_WEIGHTS", "flag", True,
+           "on the CPU, decode and prefill move each float32 weight array (up to 64 MB) to a cache-line boundary "
+           "(cpu/memory.py; MLX's buffers start 8 bytes past one, so the AVX-512 rows of the C step's float32 "
+           "products would straddle two lines a load)"),
     Switch("OPENELM_MLX_C_STEP", "flag", True,
            "one-token steps (batch 1) on the CPU run as one C call, csrc/step.c, with the CPU's own KV cache "
            "(cpu/step.py)"),

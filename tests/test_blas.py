@@ -382,9 +382,9 @@ def test_gemv_shim_build_is_cached_and_leaves_no_temporary_files(tmp_path, monke
 FAULTS_CODE = """
 import json, resource, sys
 import numpy as np
-from openelm_mlx import cpu
+from openelm_mlx.cpu import memory
 
-kept = cpu.keep_freed_buffers()
+kept = memory.keep_freed_buffers()
 faults = []
 for _ in range(4):  # a prompt's products: large outputs made, filled and dropped, again and again
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -404,7 +404,7 @@ print(json.dumps({"kept": kept, "faults": faults, "mlx_cache": mx.get_cache_memo
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 @pytest.mark.parametrize("keep", [True, False])
 def test_freed_buffers_are_reused_without_page_faults(keep):
-    """With cpu.keep_freed_buffers a 48 MB buffer (above glibc's 32 MB dynamic mmap limit) freed and made again
+    """With cpu.memory.keep_freed_buffers a 48 MB buffer (above glibc's 32 MB dynamic mmap limit) freed and made again
     reuses its pages, and MLX's freed buffers go to that heap; without it (OPENELM_MLX_KEEP_FREED=0) every
     allocation is mapped and faulted in afresh, and MLX caches its own."""
     out = run(FAULTS_CODE, None, env_extra={"OPENELM_MLX_KEEP_FREED": "1" if keep else "0"})

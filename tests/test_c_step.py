@@ -88,6 +88,24 @@ def test_c_step_equals_the_mlx_step(bits, group_size, prefill, count_c_steps):
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_float32_rows_on_and_off_cache_lines_equal_the_mlx_step(aligned, count_c_steps):
+    """step.c's float32 rows: the 16-lane loop where cpu.memory.align_weights moved the weights to cache lines, the
+    8-lane one on MLX's own buffers (OPENELM_MLX_ALIGN_WEIGHTS=0); both equal the MLX step."""
+    from openelm_mlx.cpu import memory
+
+    with switches.override(ALIGN_WEIGHTS=aligned):
+        model = tiny()
+    w = model.transformer.layers[0].attn.qkv_proj.weight
+    if aligned:
+        assert memory._address(w) % memory.ALIGN == 0
+    ids = ids_for(30)
+    want = stepped(model, ids, c_step=False, prefill=20)
+    got = stepped(model, ids, c_step=True, prefill=20)
+    assert count_c_steps() == 10
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0)
+
+
 @pytest.mark.parametrize("head_dim,groups", [(36, 3), (40, 10), (64, 5), (16, 1), (32, 9)])
 def test_c_step_attention_shapes_equal_the_mlx_step(head_dim, groups, count_c_steps):
     """The step's attention over other shapes: head sizes that are not multiples of its 32- and 8-float chunks,

@@ -14,7 +14,8 @@ remedies, each a swap of a layer's class or a process-wide setting, never a bran
 - `decode`: a compiled one-token step (single sequences and batches);
 - `step`: the whole one-token step in C (csrc/step.c), with a KV cache of its own;
 - `head`: LoRA's tied output head and loss in numpy;
-- `dtype`: the compute dtype per task.
+- `dtype`: the compute dtype per task;
+- `memory`: freed buffers kept for reuse, weights moved to cache-line boundaries.
 
 `prepare(model, task)` is called by every loader (`checkpoint.load`, LoRA, perplexity, evaluation) and decides all
 of it; on a GPU and on macOS it changes nothing but an explicitly requested dtype. How each piece works and what it
@@ -25,8 +26,6 @@ from __future__ import annotations
 
 import sys
 from typing import Optional
-
-from .. import switches
 
 TASKS = ("prefill", "decode", "lora", "fuse")
 
@@ -44,54 +43,23 @@ def prepare(model, task: str, dtype: Optional[str] = None) -> dict:
     the CPU, quantized layers and transformer blocks are switched in place to the CPU classes (same parameters,
     same names; still instances of the layers mlx-lm's LoRA, fuse and save code expect); for decode and prefill a
     float16/bfloat16 checkpoint keeps its projection and embedding weights in half precision (`cpu.half`)."""
-    from . import decode, half, quantized, step
+    from . import decode, half, memory, quantized, step
     from . import dtype as dtype_policy
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    done = {"dtype": None, "half_layers": 0, "quantized_layers": 0, "blocks": 0, "c_step": False}
+    done = {"dtype": None, "half_layers": 0, "quantized_layers": 0, "blocks": 0, "c_step": False, "aligned": 0}
     if task == "fuse":  # fusing writes weights: no cast, no compute paths
         return done
     done["dtype"] = dtype_policy.apply(model, dtype, task)  # also switches kept half layers to cpu.half's
     done["half_layers"] = half.count(model)
     if active():
-        keep_freed_buffers()
+        memory.keep_freed_buffers()
         done["quantized_layers"] = quantized.use_blas_for_quantized(model)
         done["blocks"] = decode.use_cpu_blocks(model)
         if task == "decode":
             done["c_step"] = step.use_c_step(model)
+        if task in ("decode", "prefill"):
+            done["aligned"] = memory.align_weights(model)
     return done
 
-
-MMAP_THRESHOLD = 256 << 20  # allocations below this come from the heap (glibc's default: 128 KB, rising to 32 MB)
-TRIM_THRESHOLD = 1 << 30  # free memory at the heap's top kept for reuse, not given back
-
-
-def keep_freed_buffers() -> bool:
-    """Make glibc keep freed buffers for reuse, and MLX hand its freed buffers to glibc (once per process; whether
-    it applies). A prompt's C products return arrays of 5-40 MB; glibc mapped each afresh and unmapped it on
-    free, so every product zeroed and faulted its output in again (7% of a 2-thread float16 prompt's time, in
-    the kernel). Kept in glibc's heap, a 512-token prompt ran +8-10% (8-bit and float16, 2 threads); and with
-    the heap as the one cache, MLX's own buffer cache (limit 0) no longer holds a second set of freed buffers:
-    -30 MB peak RSS at every precision of the 270M benchmark, speed alike (docs/cpu-backend.md). Off by
-    OPENELM_MLX_KEEP_FREED=0; nothing happens off glibc."""
-    global _kept
-    if _kept is None:
-        _kept = False
-        if switches.get("OPENELM_MLX_KEEP_FREED") and sys.platform.startswith("linux"):
-            import ctypes
-
-            try:
-                mallopt = ctypes.CDLL("libc.so.6").mallopt
-            except (OSError, AttributeError):  # musl and other C libraries
-                return False
-            _kept = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-            if _kept:
-                import mlx.core as mx
-
-                mx.set_cache_limit(0)
-    return _kept
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-_kept = None
