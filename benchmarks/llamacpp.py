@@ -9,13 +9,13 @@ quantized models with float32 scales).
 
 Each measurement runs in its own process, so its peak RSS is its own: llama.cpp's `llama-bench -p 512 -n 128 -r 1
 -d 0,512` (pp512: a 512-token prompt; tg128: 128 tokens decoded from an empty context, and again after a 512-token
-context, the like-for-like of ours), ours `stream_generate` on a 512-token prompt then 128 decoded tokens (prompt
-tokens/s: time to the first token; decode: the other 127; decoding after the prompt reads a longer KV cache than
-tg128 does). Both warm up first as llama-bench does (a prompt of the measured length, then a token). The two
-alternate (their order flips every round); cells run
-at 1 thread and at all cores (`--threads`), idle and beside one busy background process (`--loads`: a Python
-busy loop started for those cells only). Ours gets its thread count through `quantized.MAX_STREAMS` (the
-qgemv threads and CPU streams) and OPENBLAS_NUM_THREADS. At f32 the greedy continuation of a short prompt is
+context), ours `stream_generate` on a 512-token prompt then 128 decoded tokens (prompt tokens/s: time to the
+first token; "tg @512": the other 127), then 128 tokens after a 1-token prompt ("tg", as tg128: decoding after a
+512-token context reads a longer KV cache). Both warm up first as llama-bench does (a prompt of the measured
+length, then a token). The two alternate (their order flips every round); cells run at 1 thread and at all
+cores (`--threads`), idle and beside one busy background process (`--loads`: a Python busy loop started for those
+cells only). Ours gets its thread count through `quantized.MAX_STREAMS` (the qgemv threads and CPU streams) and
+OPENBLAS_NUM_THREADS. At f32 the greedy continuation of a short prompt is
 compared with llama.cpp's `llama-simple` (built with the `llama-simple` target) where that program exists.
 
     python benchmarks/llamacpp.py --llama-cpp-dir /path/to/llama.cpp            # build/bin/ must hold the tools
@@ -137,15 +137,20 @@ def ours_child(path: str, threads: int, prompt_tokens: int, gen_tokens: int, tok
     warm = np.random.default_rng(1).integers(3, model.config.vocab_size, prompt_tokens).tolist()
     for _ in stream_generate(model, tok, warm, max_tokens=2, logits_processors=[no_eos]):
         pass
-    t0 = time.perf_counter()
-    n = 0
-    for n, _ in enumerate(stream_generate(model, tok, prompt, max_tokens=gen_tokens, logits_processors=[no_eos]),
-                          start=1):
-        if n == 1:
-            t1 = time.perf_counter()
-    t2 = time.perf_counter()
-    assert n == gen_tokens, f"generated {n} tokens, expected {gen_tokens}"
-    print(json.dumps({"pp": prompt_tokens / (t1 - t0), "tg": (gen_tokens - 1) / (t2 - t1),
+    def timed(ids):
+        """(time to the first token, time of the other gen_tokens - 1) of one generation from `ids`."""
+        t0 = time.perf_counter()
+        n = 0
+        for n, _ in enumerate(stream_generate(model, tok, ids, max_tokens=gen_tokens, logits_processors=[no_eos]),
+                              start=1):
+            if n == 1:
+                t1 = time.perf_counter()
+        assert n == gen_tokens, f"generated {n} tokens, expected {gen_tokens}"
+        return t1 - t0, time.perf_counter() - t1
+
+    first, rest = timed(prompt)  # the prompt, then decoding after it
+    _, empty = timed(prompt[:1])  # decoding from an (almost) empty context, as llama-bench's tg
+    print(json.dumps({"pp": prompt_tokens / first, "tg_depth": (gen_tokens - 1) / rest, "tg": (gen_tokens - 1) / empty,
                       "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -155,7 +160,7 @@ def run_ours(path: Path, threads: int, args) -> dict:
                              "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens),
                              "--tokenizer", args.tokenizer], env)
     result = json.loads(out.strip().splitlines()[-1])
-    return {"pp": result["pp"], "tg": result["tg"], "rss": rss}
+    return {"pp": result["pp"], "tg": result["tg"], "tg_depth": result["tg_depth"], "rss": rss}
 
 
 def run_llama(gguf: Path, threads: int, args, llama: Path) -> dict:
@@ -262,8 +267,8 @@ def main(argv=None) -> int:
                                    else run_ours(mlx_dir, t, args))
                             commit = res.pop("commit", commit)
                             results[side].append(res)
-                            deep = f" (tg @depth {res['tg_depth']:.1f})" if "tg_depth" in res else ""
-                            log(f"  pp {res['pp']:.1f} tg {res['tg']:.1f}{deep} tok/s, peak RSS {res['rss']:.0f} MB")
+                            log(f"  pp {res['pp']:.1f} tg {res['tg']:.1f} (tg @depth {res['tg_depth']:.1f}) tok/s, "
+                                f"peak RSS {res['rss']:.0f} MB")
                     row = {"load": load, "precision": precision, "threads": t}
                     for side, rs in results.items():
                         row[side] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
@@ -275,16 +280,18 @@ def main(argv=None) -> int:
 
     print(f"\nllama.cpp commit {commit}; prompt {args.prompt_tokens} / decode {args.gen_tokens} tokens; "
           f"medians of {args.rounds} alternating rounds; tokens/s; peak RSS MB")
-    print(f"(llama.cpp tg: tg{args.gen_tokens} from an empty context; 'tg @{args.prompt_tokens}': after a "
-          f"{args.prompt_tokens}-token context (llama-bench -d), as ours decodes after its prompt)")
-    print("| load | precision | threads | llama.cpp pp | ours prompt | ratio | llama.cpp tg | ours decode | ratio | "
-          f"llama.cpp tg @{args.prompt_tokens} | ratio | llama.cpp RSS | ours RSS | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"(tg: {args.gen_tokens} tokens decoded from an empty context, llama-bench's tg{args.gen_tokens}; ours "
+          f"after a 1-token prompt. tg @{args.prompt_tokens}: after a {args.prompt_tokens}-token context, llama-bench "
+          f"-d {args.prompt_tokens}; ours after its {args.prompt_tokens}-token prompt)")
+    d = args.prompt_tokens
+    print("| load | precision | threads | llama.cpp pp | ours prompt | ratio | llama.cpp tg | ours tg | ratio | "
+          f"llama.cpp tg @{d} | ours tg @{d} | ratio | llama.cpp RSS | ours RSS | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         a, b = row["llama.cpp"], row["ours"]
         print(f"| {row['load']} | {row['precision']} | {row['threads']} | {a['pp']:.1f} | {b['pp']:.1f} | "
               f"{b['pp'] / a['pp']:.2f}x | {a['tg']:.1f} | {b['tg']:.1f} | {b['tg'] / a['tg']:.2f}x | "
-              f"{a['tg_depth']:.1f} | {b['tg'] / a['tg_depth']:.2f}x | "
+              f"{a['tg_depth']:.1f} | {b['tg_depth']:.1f} | {b['tg_depth'] / a['tg_depth']:.2f}x | "
               f"{a['rss']:.0f} | {b['rss']:.0f} | {b['rss'] / a['rss']:.2f}x |")
     if tmp is not None:
         tmp.cleanup()
