@@ -89,6 +89,10 @@ SWITCHES = {s.name: s for s in (
            "many-row products of float16/bfloat16 weights on CPUs with AVX-512 run csrc/qgemv.c's own GEMM, which "
            "converts weight panels to float32 as it packs them (cpu/quantized.py wide_gemm); off: float32 tiles + "
            "the optimized BLAS"),
+    Switch("OPENELM_MLX_HALF_SCALES", "flag", True,
+           "quantized models with float16/bfloat16 scales and biases keep them half for decode and prefill on the "
+           "CPU; csrc/qgemv.c's kernels convert them as they read them (cpu/dtype.py); off: upcast them to float32 "
+           "on load (+0.5 bit a weight at groups of 64)"),
     Switch("OPENELM_MLX_HALF", "choice", "on",
            "float16/bfloat16 checkpoints keep their projection and embedding weights in half precision for "
            "decode and prefill on the CPU, computed in float32 (cpu/half.py): on (where csrc/qgemv.c's AVX2+F16C "

@@ -115,7 +115,7 @@ def test_kernel_choice_follows_the_variable(variants, monkeypatch):
         wq, scales, biases = (np.asarray(a) for a in quantized_weight(64, 64, 64, 4, seed=0))
         x = np.zeros((1, 64), np.float32)
         assert lib.openelm_qgemv_int8(*[a.ctypes.data for a in (wq, scales, biases, x, y)], 1, 64, 64, 64, 4, 1,
-                                      bit) == 3
+                                      bit, 0) == 3
 
 
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 64)])

@@ -241,8 +241,8 @@ def test_qgemv_threads_work_in_a_forked_child():
         for kernel, y_want in want.items():
             y = np.empty((1, 2048), np.float32)
             args = [a.ctypes.data for a in (*arrays, y)] + [1, 2048, 256, 64, 4, 2]
-            status = (lib.openelm_qgemv(*args) if kernel == "float"
-                      else lib.openelm_qgemv_int8(*args, quantized.QGEMV_VARIANTS[kernel]))
+            status = (lib.openelm_qgemv(*args, 0) if kernel == "float"  # 0: float32 scales
+                      else lib.openelm_qgemv_int8(*args, quantized.QGEMV_VARIANTS[kernel], 0))
             ok = ok and status == 0 and np.array_equal(y, y_want)
         os._exit(0 if ok else 3)
     gc.enable()

@@ -6,8 +6,10 @@ command in docs/cpu-backend.md). So the CPU computes in float32 and never downca
 silently. For decode and prefill a float16/bfloat16 checkpoint keeps its projection and embedding weights in half
 precision (`cpu.half`: half the memory and half the bytes read per token; activations and the small parameters,
 such as norm weights, in float32); OPENELM_MLX_HALF=off, or LoRA, upcasts it whole as before. Quantized models keep
-their packed weights; their float16 scales are upcast for decode and prefill, where MLX's CPU quantized kernels with
-half-precision scales are 10-30x slower.
+their packed weights. Their float16/bfloat16 scales and biases stay half for decode and prefill where csrc/qgemv.c
+reads them (`quantized.half_scales_supported`; its kernels convert them exactly as they load them, and MLX's ops
+get float32 copies: MLX's CPU quantized kernels with half-precision scales are 10-30x slower); otherwise, and for
+LoRA, they are upcast with the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+from .. import switches
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,18 +55,28 @@ def apply(model: nn.Module, dtype: Optional[str], task: str) -> Optional[str]:
 
 
 def _keep_half_weights(model: nn.Module) -> bool:
-    """Upcast every floating parameter to float32 except the half weights of plain Linear / Embedding layers, and
-    switch those layers to cpu.half's; False (nothing done) when OPENELM_MLX_HALF is off or the kernel cannot be
-    built, or no such weight exists."""
-    from . import half
+    """Upcast every floating parameter to float32 except the half weights of plain Linear / Embedding layers
+    (switched to cpu.half's layers; not with OPENELM_MLX_HALF off or its kernel unbuilt) and the half scales and
+    biases of quantized layers (not where `quantized.half_scales_supported` says no, or with
+    OPENELM_MLX_QUANTIZED_BLAS off); False (nothing done) when no such parameter exists."""
+    from . import half, quantized
 
-    kept = {id(m["weight"]) for _, m in model.named_modules()
-            if type(m) in (nn.Linear, nn.Embedding) and m["weight"].dtype in half.HALF_DTYPES}
-    if not kept or half.variant() is None:
+    weights = set()
+    if half.variant() is not None:
+        weights = {id(m["weight"]) for _, m in model.named_modules()
+                   if type(m) in (nn.Linear, nn.Embedding) and m["weight"].dtype in half.HALF_DTYPES}
+    scales = set()
+    if quantized.half_scales_supported() and switches.get(quantized.ENV_VAR):
+        scales = {id(m[key]) for _, m in model.named_modules()
+                  if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+                  for key in ("scales", "biases") if m.get(key) is not None and m[key].dtype in half.HALF_DTYPES}
+    kept = weights | scales
+    if not kept:
         return False
     model.apply(lambda p: p if id(p) in kept or not mx.issubdtype(p.dtype, mx.floating) else p.astype(mx.float32))
     mx.eval(model.parameters())
-    half.use_half_layers(model)
+    if weights:
+        half.use_half_layers(model)
     return True
 
 

@@ -47,6 +47,9 @@ QGEMV_THREAD_WEIGHTS = 1 << 18  # from this many weights on, the product is spli
 TILED_PREFILL = "OPENELM_MLX_TILED_PREFILL"  # see wide_gemm
 HALF_GEMM = "OPENELM_MLX_HALF_GEMM"
 INT8_PREFILL = "OPENELM_MLX_INT8_PREFILL"  # many-row products in qgemv.c's integer GEMM (int8_prefill_applies)
+HALF_SCALES = "OPENELM_MLX_HALF_SCALES"  # half scales and biases kept for qgemv.c (cpu/dtype.py)
+SCALE_KINDS = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}  # csrc/qgemv.c's SCALES_* values
+MAX_HALF_SCALE_GROUPS = 2048  # csrc/qgemv.c's: groups a row (k / group_size) with half scales
 
 
 _detach_outputs = contextvars.ContextVar("openelm_mlx_detach_quantized_outputs", default=False)
@@ -117,6 +120,11 @@ def _split_quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mo
     return mx.concatenate(parts, axis=-1)
 
 
+def _float32(a: Optional[mx.array]) -> Optional[mx.array]:
+    """Half scales or biases (kept for csrc/qgemv.c, cpu/dtype.py) as float32, the CPU's compute, for MLX's ops."""
+    return a if a is None or a.dtype == mx.float32 else a.astype(mx.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "blas"):
     """x @ dequantize(w).T as one differentiable op whose backward de-quantizes again (no float32 weight is an
@@ -124,7 +132,7 @@ def _dequantized_matmul(group_size: int, bits: int, mode: str, kernel: str = "bl
     affine mode only; its output has no autodiff history, the gradient comes from this vjp all the same)."""
 
     def weight(w, scales, biases):
-        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode)
+        return mx.dequantize(w, _float32(scales), _float32(biases), group_size=group_size, bits=bits, mode=mode)
 
     @mx.custom_function
     def matmul(x, w, scales, biases):
@@ -171,7 +179,7 @@ def wide_gemm(x: mx.array, w: mx.array, scales: Optional[mx.array] = None, biase
     except ValueError:  # inside mx.compile / vmap
         return None
     ws = np.ascontiguousarray(np.asarray(w if affine else w.view(mx.uint16)))
-    arrays = [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in (scales, biases)] if affine else []
+    arrays = [np.ascontiguousarray(np.asarray(a.astype(mx.float32))) for a in (scales, biases)] if affine else []
     n, k = w.shape[0], xs.shape[1]
     out = Output((*x.shape[:-1], n))
     status = lib.openelm_wide_gemm(xs.ctypes.data, xs.shape[0], ws.ctypes.data,
@@ -219,9 +227,10 @@ def kernel_library() -> tuple[Optional[ctypes.CDLL], str]:
     if not lib.openelm_qgemv_supported():
         return None, "this CPU lacks AVX2/FMA (or is not x86-64)"
     lib.openelm_qgemv.restype = ctypes.c_int
-    lib.openelm_qgemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+    lib.openelm_qgemv.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
     lib.openelm_qgemv_int8.restype = ctypes.c_int
-    lib.openelm_qgemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
+    lib.openelm_qgemv_int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8
+    lib.openelm_half_scales_supported.restype = ctypes.c_int
     lib.openelm_wide_gemm.restype = ctypes.c_int
     lib.openelm_wide_gemm.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 5 + [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -261,14 +270,25 @@ def qgemv_kernel() -> str:
     return next(v for v in ("avx512vnni", "avxvnni", "avx2") if v in have)
 
 
+def half_scales_supported() -> bool:
+    """Whether csrc/qgemv.c's kernels read float16/bfloat16 scales and biases here (switched on, x86-64 with AVX2
+    and F16C)."""
+    lib = qgemv_library()[0]
+    return bool(switches.get(HALF_SCALES)) and lib is not None and bool(lib.openelm_half_scales_supported())
+
+
 def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether `layer`'s few-row products can run in csrc/qgemv.c: affine 4 or 8 bits, groups of 32/64/128,
-    float32 input, scales and biases (the CPU loaders' float32 compute), rows a multiple of 8 packed words."""
+    float32 input, float32 scales and biases (the CPU loaders' float32 compute) or half ones where
+    half_scales_supported, rows a multiple of 8 packed words."""
     bits, group = getattr(layer, "bits", None), getattr(layer, "group_size", None)
     biases = layer.get("biases")
-    return (getattr(layer, "mode", "affine") == "affine" and bits in (4, 8) and group in (32, 64, 128)
-            and biases is not None and x.dtype == layer["scales"].dtype == biases.dtype == mx.float32
-            and x.shape[-1] % (256 // bits) == 0 and qgemv_library()[0] is not None)
+    if not (getattr(layer, "mode", "affine") == "affine" and bits in (4, 8) and group in (32, 64, 128)
+            and biases is not None and x.dtype == mx.float32 and layer["scales"].dtype == biases.dtype
+            and x.shape[-1] % (256 // bits) == 0 and qgemv_library()[0] is not None):
+        return False
+    return biases.dtype == mx.float32 or (biases.dtype in SCALE_KINDS and half_scales_supported()
+                                          and x.shape[-1] // group <= MAX_HALF_SCALE_GROUPS)
 
 
 def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
@@ -278,7 +298,9 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     lib = qgemv_library()[0]
     kernel = kernel or qgemv_kernel()
     xs = np.ascontiguousarray(np.asarray(x, dtype=np.float32)).reshape(-1, x.shape[-1])
-    arrays = [np.asarray(a) for a in (w, scales, biases)]  # MLX arrays are row-contiguous: views, no copies
+    # MLX arrays are row-contiguous: views, no copies (half scales as their 16 bits: numpy has no bfloat16)
+    arrays = [np.asarray(a if a.dtype not in (mx.float16, mx.bfloat16) else a.view(mx.uint16))
+              for a in (w, scales, biases)]
     if not all(a.flags.c_contiguous for a in arrays):
         arrays = [np.ascontiguousarray(a) for a in arrays]
     n, k = w.shape[0], xs.shape[1]
@@ -286,11 +308,12 @@ def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
     if threads is None:
         threads = pool_threads(n * k)
     pointers = [a.ctypes.data for a in (*arrays, xs, out.view)]
+    scale_kind = SCALE_KINDS[scales.dtype]
     if kernel == "float":
-        status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads)
+        status = lib.openelm_qgemv(*pointers, xs.shape[0], n, k, group_size, bits, threads, scale_kind)
     else:
         status = lib.openelm_qgemv_int8(*pointers, xs.shape[0], n, k, group_size, bits, threads,
-                                        QGEMV_VARIANTS[kernel])
+                                        QGEMV_VARIANTS[kernel], scale_kind)
     if status != 0:
         raise RuntimeError(f"csrc/qgemv.c ({kernel}) refused a {bits}-bit ({n}, {k}) product, group {group_size} "
                            f"(status {status}); qgemv_applies should have kept it on MLX's kernel")
@@ -320,8 +343,8 @@ def quantized_linear(layer: nn.Module, x: mx.array) -> mx.array:
         except ValueError:  # inside mx.compile / vmap x cannot be evaluated: MLX's kernel below
             pass
     if rows < DEQUANTIZE_MIN_ROWS or biases is None:  # biases is None: a non-affine mode (mxfp4, ...)
-        return _split_quantized_matmul(x, layer["weight"], layer["scales"], biases, layer.group_size, layer.bits,
-                                       layer.mode)
+        return _split_quantized_matmul(x, layer["weight"], _float32(layer["scales"]), _float32(biases),
+                                       layer.group_size, layer.bits, layer.mode)
     fn = _dequantized_matmul(layer.group_size, layer.bits, layer.mode)
     return fn(x, layer["weight"], layer["scales"], biases)
 
@@ -333,6 +356,14 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    def __call__(self, x):
+        if self["scales"].dtype == mx.float32:
+            return super().__call__(x)
+        biases = self.get("biases")  # half scales: the looked-up rows' as float32, as the rest of the CPU computes
+        return mx.dequantize(self["weight"][x], scales=_float32(self["scales"][x]),
+                             biases=None if biases is None else _float32(biases[x]), group_size=self.group_size,
+                             bits=self.bits, mode=self.mode)
+
     def as_linear(self, x):
         return quantized_linear(self, x)
 

@@ -12,7 +12,7 @@ else (prompts, batches, LoRA-wrapped or otherwise unsupported layers, mlx-lm's o
   (offset, update_and_fetch, state, trim, merge into a BatchKVCache, to_quantized, deepcopy).
 - The step reads the weights where MLX keeps them (numpy views of the evaluated arrays); a plan of pointers is
   made on first use and made again when a layer or an array of the model was replaced. Supported weights: float32,
-  affine 4/8-bit (groups 32/64/128, float32 scales: the CPU loaders' compute) and the float16 / bfloat16 weights
+  affine 4/8-bit (groups 32/64/128, float32 scales or the half ones cpu.dtype keeps) and the float16 / bfloat16 weights
   `cpu.half` keeps (computed by qgemv.c's hgemv, as on the MLX path); `_matrix` is where a new kind is added, with
   its C side in csrc/step.c.
 
@@ -46,7 +46,7 @@ HALF_KINDS = {mx.float16: MAT_F16, mx.bfloat16: MAT_BF16}
 class _Matrix(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int), ("bits", ctypes.c_int), ("group_size", ctypes.c_int), ("n", ctypes.c_int),
                 ("k", ctypes.c_int), ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p),
-                ("biases", ctypes.c_void_p)]
+                ("biases", ctypes.c_void_p), ("scale_kind", ctypes.c_int)]
 
 
 class _Layer(ctypes.Structure):
@@ -283,11 +283,16 @@ class _Plan:
                 raise Unsupported(f"{name}: {bits}-bit, group {group}, mode {getattr(layer, 'mode', 'affine')}")
             if quantized.qgemv_library()[0] is None:
                 raise Unsupported(f"{name}: quantized, and csrc/qgemv.c is off ({quantized.QGEMV_ENV_VAR})")
+            sdtype = layer["scales"].dtype
+            if sdtype != mx.float32 and not (sdtype in quantized.SCALE_KINDS and quantized.half_scales_supported()
+                                             and k // group <= quantized.MAX_HALF_SCALE_GROUPS):
+                raise Unsupported(f"{name}: {sdtype} scales ({quantized.HALF_SCALES} or this CPU)")
             self.affine = True
             return _Matrix(kind=MAT_AFFINE, bits=bits, group_size=group, n=n, k=k,
                            w=self._array(layer, "weight", (n, k * bits // 32), mx.uint32),
-                           scales=self._array(layer, "scales", (n, k // group)),
-                           biases=self._array(layer, "biases", (n, k // group)))
+                           scales=self._array(layer, "scales", (n, k // group), sdtype),
+                           biases=self._array(layer, "biases", (n, k // group), sdtype),
+                           scale_kind=quantized.SCALE_KINDS[sdtype])
         raise Unsupported(f"{name}: {kind.__name__} with {sorted(layer)}")
 
     def _layer(self, block, out: _Layer, i: int, F: int) -> None:

@@ -36,11 +36,55 @@ EXPORT int openelm_qgemv_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+/* Scales and biases come as float32, or as float16 / bfloat16 the way a half-precision model's quantization keeps
+ * them: no float32 copy in memory (their bytes are 1 of the 5 bits a weight a 4-bit product reads, 1 of 9 at 8
+ * bits). The kernels read a block of rows' values as float32 through scale_floats; the conversion is exact, so
+ * the results are the bits of the float32 copy's. */
+enum { SCALES_F32 = 0, SCALES_F16 = 1, SCALES_BF16 = 2 };
+#define MAX_HALF_SCALE_GROUPS 2048 /* k / group_size with half scales: the kernels' buffers on the stack */
+
+/* 1 if the kernels take half scales on this CPU (F16C beside AVX2). */
+EXPORT int openelm_half_scales_supported(void) {
+    __builtin_cpu_init();
+    return openelm_qgemv_supported() && __builtin_cpu_supports("f16c");
+}
+
+/* `count` values from element `at` of p (a SCALES_* kind) as float32: p itself when float32, else buf. */
+__attribute__((target("avx2,fma,f16c"))) static const float *scale_floats(const void *p, int kind, size_t at,
+                                                                          int count, float *buf) {
+    if (kind == SCALES_F32) return (const float *)p + at;
+    const uint16_t *h = (const uint16_t *)p + at;
+    int i = 0;
+    for (; i + 8 <= count; i += 8) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(h + i));
+        _mm256_storeu_ps(buf + i, kind == SCALES_F16
+                                      ? _mm256_cvtph_ps(v)
+                                      : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
+    }
+    for (; i < count; i++) {
+        if (kind == SCALES_F16) {
+            buf[i] = _cvtsh_ss(h[i]);
+        } else {
+            const uint32_t bits = (uint32_t)h[i] << 16;
+            memcpy(buf + i, &bits, sizeof bits);
+        }
+    }
+    return buf;
+}
+
+/* 0 when scales of `kind` with ng groups a row can be used here, else openelm_qgemv's refusal status. */
+static int check_scales(int kind, int ng) {
+    if (kind == SCALES_F32) return 0;
+    if ((kind != SCALES_F16 && kind != SCALES_BF16) || ng > MAX_HALF_SCALE_GROUPS) return 1;
+    return openelm_half_scales_supported() ? 0 : 3;
+}
+
 typedef struct {
     const uint32_t *w;
-    const float *scales, *biases, *xt, *xsum;
+    const void *scales, *biases; /* SCALES_* kind skind */
+    const float *xt, *xsum;
     float *y;
-    int n, k, group_size, bits, r0, r1, per_unit;
+    int n, k, group_size, bits, r0, r1, per_unit, skind;
 } job_t;
 
 
@@ -50,9 +94,11 @@ __attribute__((target("avx2,fma"))) static void rows(const job_t *j) {
     const int per_word = 32 / j->bits, chunk = 8 * per_word, ng = j->k / j->group_size, nc = j->k / chunk;
     const int words = j->k / per_word;
     const __m256i mask = _mm256_set1_epi32((1 << j->bits) - 1);
+    float sb[j->skind == SCALES_F32 ? 1 : 2 * ng];
     for (int r = j->r0; r < j->r1; r++) {
         const uint32_t *wr = j->w + (size_t)r * words;
-        const float *sr = j->scales + (size_t)r * ng, *br = j->biases + (size_t)r * ng;
+        const float *sr = scale_floats(j->scales, j->skind, (size_t)r * ng, ng, sb);
+        const float *br = scale_floats(j->biases, j->skind, (size_t)r * ng, ng, sb + ng);
         __m256 total = _mm256_setzero_ps();
         for (int c = 0; c < nc; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(wr + 8 * c));
@@ -89,12 +135,14 @@ static void float_unit(const void *ctx, int unit) {
 /* y (m x n) = x (m x k) @ dequantize(w).T, split over `threads` threads by output rows. Returns 0, or 1 for a shape
  * or parameter the kernel does not handle (bits 4 or 8; group size 32, 64 or 128; k a multiple of the values in 8
  * words: 64 at 4 bits, 32 at 8), 2 for an allocation failure, 3 for an unsupported CPU. */
-EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y,
-                         int m, int n, int k, int group_size, int bits, int threads) {
+EXPORT int openelm_qgemv(const uint32_t *w, const void *scales, const void *biases, const float *x, float *y,
+                         int m, int n, int k, int group_size, int bits, int threads, int scale_kind) {
     if (!openelm_qgemv_supported()) return 3;
     if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128)) return 1;
     const int per_word = 32 / bits, chunk = 8 * per_word, ng = k / group_size;
     if (m < 1 || n < 1 || k % chunk || k % group_size) return 1;
+    const int refused = check_scales(scale_kind, ng);
+    if (refused) return refused;
     if (threads < 1) threads = 1;
     if (threads > 16) threads = 16;
     float *xt = malloc(sizeof(float) * ((size_t)k + ng));
@@ -112,7 +160,8 @@ EXPORT int openelm_qgemv(const uint32_t *w, const float *scales, const float *bi
             xsum[g] = s;
         }
         const int per = pool_unit_rows(n, k, threads);
-        const job_t job = {w, scales, biases, xt, xsum, y + (size_t)row * n, n, k, group_size, bits, 0, 0, per};
+        const job_t job = {w, scales, biases, xt, xsum, y + (size_t)row * n, n, k, group_size, bits, 0, 0, per,
+                           scale_kind};
         run_parallel(float_unit, &job, (n + per - 1) / per, threads);
     }
     free(xt);
@@ -151,7 +200,7 @@ EXPORT int openelm_qgemv_int8_variants(void) {
 
 typedef struct ijob {
     const uint32_t *w;
-    const float *scales, *biases;
+    const void *scales, *biases; /* SCALES_* kind skind */
     const int8_t *xq;   /* m x k, laid out as above */
     const int32_t *xl;  /* m x k/4: 128 * (sum of each 4 consecutive xq), for the 8-bit AVX2 kernel */
     const float *dx, *off, *xsum;  /* m x ng each */
@@ -159,6 +208,7 @@ typedef struct ijob {
     int m, n, k, group_size, bits, r0, r1;
     void (*rows_fn)(const struct ijob *);
     int per_unit; /* rows a unit (int8_unit) */
+    int skind;
 } ijob_t;
 
 /* The float steps after the integer dot products, one compiled copy for every variant (so they round alike), for
@@ -231,8 +281,12 @@ __attribute__((target("avx2,fma"), noinline)) static void finish_rows(const floa
     }                                                                                                            \
     __attribute__((target(TARGET))) static void NAME(const ijob_t *j) {                                       \
         const int ng = j->k / j->group_size, words = j->k * j->bits / 32, gs = j->group_size;                  \
+        const int sbytes = j->skind == SCALES_F32 ? 4 : 2; /* a scale's */                                       \
+        float sb[j->skind == SCALES_F32 ? 1 : 8 * ng];                                                           \
         for (int r0 = j->r0; r0 < j->r1; r0 += 4) {                                                              \
             const int rows = j->r1 - r0 < 4 ? j->r1 - r0 : 4;                                                    \
+            const float *S = scale_floats(j->scales, j->skind, (size_t)r0 * ng, rows * ng, sb);                  \
+            const float *B = scale_floats(j->biases, j->skind, (size_t)r0 * ng, rows * ng, sb + 4 * ng);         \
             for (int i = 0; i < j->m; i++) {                                                                     \
                 const int8_t *xq = j->xq + (size_t)i * j->k;                                                     \
                 const int32_t *xl = j->xl + (size_t)i * (j->k / 4);                                              \
@@ -240,14 +294,14 @@ __attribute__((target("avx2,fma"), noinline)) static void finish_rows(const floa
                 float lanes[32];                                                                                 \
                 for (int rr = 0; rr < rows; rr++) {                                                              \
                     const uint32_t *wr = j->w + (size_t)(r0 + rr) * words;                                       \
-                    const float *sr = j->scales + (size_t)(r0 + rr) * ng;                                        \
+                    const float *sr = S + (size_t)rr * ng;                                                       \
                     if (i == 0) { /* the row PREFETCH_ROWS ahead */                                              \
+                        const size_t ahead = (size_t)(r0 + rr + PREFETCH_ROWS) * ng * sbytes;                    \
                         for (int o = 0; o < 4 * words; o += 64)                                                  \
                             _mm_prefetch((const char *)(wr + PREFETCH_ROWS * (size_t)words) + o, _MM_HINT_T0);   \
-                        for (int o = 0; o < 4 * ng; o += 64) {                                                   \
-                            _mm_prefetch((const char *)(sr + PREFETCH_ROWS * (size_t)ng) + o, _MM_HINT_T0);      \
-                            _mm_prefetch((const char *)(j->biases + (size_t)(r0 + rr + PREFETCH_ROWS) * ng) + o, \
-                                         _MM_HINT_T0);                                                           \
+                        for (int o = 0; o < sbytes * ng; o += 64) {                                              \
+                            _mm_prefetch((const char *)j->scales + ahead + o, _MM_HINT_T0);                      \
+                            _mm_prefetch((const char *)j->biases + ahead + o, _MM_HINT_T0);                      \
                         }                                                                                        \
                     }                                                                                            \
                     const __m256 acc = j->bits == 4 ? (gs == 32   ? NAME##_row(wr, sr, dx, xq, xl, ng, 4, 0)      \
@@ -258,7 +312,7 @@ __attribute__((target("avx2,fma"), noinline)) static void finish_rows(const floa
                                                                   : NAME##_row(wr, sr, dx, xq, xl, ng, 8, 4));    \
                     _mm256_storeu_ps(lanes + 8 * rr, acc);                                                       \
                 }                                                                                                \
-                finish_rows(lanes, rows, j->scales + (size_t)r0 * ng, j->biases + (size_t)r0 * ng,               \
+                finish_rows(lanes, rows, S, B,                                                                   \
                             j->off + (size_t)i * ng, j->xsum + (size_t)i * ng, ng, j->y + (size_t)i * j->n + r0); \
             }                                                                                                    \
         }                                                                                                        \
@@ -328,13 +382,14 @@ static void quantize_row(const float *x, int k, int group_size, int bits, int8_t
 
 typedef struct gjob {
     const uint32_t *w;
-    const float *scales, *biases;
+    const void *scales, *biases; /* SCALES_* kind skind */
     const float *x;
     int8_t *xt;               /* tiles x k x lanes bytes */
     float *dxt, *offt, *xst;  /* tiles x ng x lanes each */
     float *y;
-    int m, n, k, group_size, bits, lanes, per_unit, failed;
-    void (*tile_fn)(const struct gjob *, int r0, int r1, const uint8_t *wu);
+    int m, n, k, group_size, bits, lanes, per_unit, failed, skind;
+    /* rows [r0, r1): their bytes wu, their scales and biases s, b as float32 (row r0 first) */
+    void (*tile_fn)(const struct gjob *, int r0, int r1, const uint8_t *wu, const float *s, const float *b);
 } gjob_t;
 
 /* Quantize rows [t * lanes, (t + 1) * lanes) of x into tile t (rows past m: zeros, whose sums are dropped). */
@@ -383,7 +438,8 @@ __attribute__((target("avx2,fma"))) static void gemm_unpack(const gjob_t *j, int
 
 /* One kernel per vector width and dot-product instruction: every x tile against weight rows [r0, r1) of wu. */
 #define DEFINE_INT8_GEMM(NAME, TARGET, L, R, VI, VF, ZI, ZF, LOADI, BCAST, DPBUSD, CVT, FMA, LOADF, SETF, STOREF)  \
-    __attribute__((target(TARGET))) static void NAME(const gjob_t *j, int r0, int r1, const uint8_t *wu) {      \
+    __attribute__((target(TARGET))) static void NAME(const gjob_t *j, int r0, int r1, const uint8_t *wu,        \
+                                                     const float *s, const float *b) {                          \
         const int k = j->k, ng = k / j->group_size, qpg = j->group_size / 4, tiles = (j->m + L - 1) / L;        \
         for (int t = 0; t < tiles; t++) {                                                                       \
             const int8_t *xt = j->xt + (size_t)t * k * L;                                                       \
@@ -396,7 +452,7 @@ __attribute__((target("avx2,fma"))) static void gemm_unpack(const gjob_t *j, int
                 for (int r = 0; r < R; r++) { /* rows past r1 repeat the last one; their sums are dropped */    \
                     const int row = rb + r < r1 ? rb + r : r1 - 1;                                              \
                     wr[r] = wu + (size_t)(row - r0) * k;                                                        \
-                    sr[r] = j->scales + (size_t)row * ng, br[r] = j->biases + (size_t)row * ng;                 \
+                    sr[r] = s + (size_t)(row - r0) * ng, br[r] = b + (size_t)(row - r0) * ng;                   \
                 }                                                                                               \
                 VF y[R];                                                                                        \
                 _Pragma("GCC unroll 8")                                                                         \
@@ -453,28 +509,35 @@ DEFINE_INT8_GEMM(gemm_int8_avx2, "avx2,fma", 8, 4, __m256i, __m256, _mm256_setze
 static void gemm_unit(const void *ctx, int unit) {
     gjob_t *j = (gjob_t *)ctx;
     const int r0 = unit * j->per_unit, r1 = r0 + j->per_unit < j->n ? r0 + j->per_unit : j->n;
+    const int ng = j->k / j->group_size;
     uint8_t *wu = j->bits == 4 ? malloc((size_t)GEMM_BLOCK * j->k) : NULL;
-    if (j->bits == 4 && !wu) {
+    float *sb = j->skind != SCALES_F32 ? malloc(sizeof(float) * 2 * GEMM_BLOCK * ng) : NULL;
+    if ((j->bits == 4 && !wu) || (j->skind != SCALES_F32 && !sb)) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+        free(wu);
         return;
     }
     for (int b = r0; b < r1; b += GEMM_BLOCK) {
         const int e = b + GEMM_BLOCK < r1 ? b + GEMM_BLOCK : r1;
+        const float *s = scale_floats(j->scales, j->skind, (size_t)b * ng, (e - b) * ng, sb);
+        const float *bias = scale_floats(j->biases, j->skind, (size_t)b * ng, (e - b) * ng,
+                                         sb ? sb + (size_t)GEMM_BLOCK * ng : NULL);
         if (wu) {
             gemm_unpack(j, b, e, wu);
-            j->tile_fn(j, b, e, wu);
+            j->tile_fn(j, b, e, wu, s, bias);
         } else { /* 8 bits: the stored bytes are the unpacked ones */
-            j->tile_fn(j, b, e, (const uint8_t *)(j->w + (size_t)b * (j->k / 4)));
+            j->tile_fn(j, b, e, (const uint8_t *)(j->w + (size_t)b * (j->k / 4)), s, bias);
         }
     }
+    free(sb);
     free(wu);
 }
 
 /* y (m x n) = x (m x k) @ dequantize(w).T by the GEMM above: 0, or 2 when memory ran out. */
-static int int8_gemm(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y, int m,
-                     int n, int k, int group_size, int bits, int threads, int variant) {
+static int int8_gemm(const uint32_t *w, const void *scales, const void *biases, int skind, const float *x, float *y,
+                     int m, int n, int k, int group_size, int bits, int threads, int variant) {
     const int L = variant == VAR_AVX512VNNI ? 16 : 8, tiles = (m + L - 1) / L, ng = k / group_size;
-    gjob_t j = {w, scales, biases, x, NULL, NULL, NULL, NULL, y, m, n, k, group_size, bits, L, 0, 0,
+    gjob_t j = {w, scales, biases, x, NULL, NULL, NULL, NULL, y, m, n, k, group_size, bits, L, 0, 0, skind,
                 variant == VAR_AVX512VNNI ? gemm_int8_avx512vnni
                 : variant == VAR_AVXVNNI  ? gemm_int8_avxvnni
                                           : gemm_int8_avx2};
@@ -575,8 +638,9 @@ __attribute__((target("avx2,fma"))) static void quantize_row(const float *x, int
  * output rows. variant: 0 picks the best this CPU has (AVX512-VNNI, AVX-VNNI, AVX2), else one VAR_* value.
  * Returns 0; 1 for a shape or parameter it does not handle (as openelm_qgemv); 2 allocation failure; 3 a CPU
  * without AVX2/FMA or without the requested variant. */
-EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x,
-                              float *y, int m, int n, int k, int group_size, int bits, int threads, int variant) {
+EXPORT int openelm_qgemv_int8(const uint32_t *w, const void *scales, const void *biases, const float *x,
+                              float *y, int m, int n, int k, int group_size, int bits, int threads, int variant,
+                              int scale_kind) {
     const int have = openelm_qgemv_int8_variants();
     if (variant == 0)
         variant = have & VAR_AVX512VNNI ? VAR_AVX512VNNI : have & VAR_AVXVNNI ? VAR_AVXVNNI : VAR_AVX2;
@@ -584,10 +648,12 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
     if ((bits != 4 && bits != 8) || (group_size != 32 && group_size != 64 && group_size != 128)) return 1;
     const int chunk = 256 / bits, ng = k / group_size;
     if (m < 1 || n < 1 || k % chunk || k % group_size) return 1;
+    const int refused = check_scales(scale_kind, ng);
+    if (refused) return refused;
     if (threads < 1) threads = 1;
     if (threads > 16) threads = 16;
     if (m >= PREFILL_MIN_ROWS && (bits == 4 ? group_size >= 64 : variant != VAR_AVX2))
-        return int8_gemm(w, scales, biases, x, y, m, n, k, group_size, bits, threads, variant);
+        return int8_gemm(w, scales, biases, scale_kind, x, y, m, n, k, group_size, bits, threads, variant);
     const size_t xq_bytes = ((size_t)m * k + 63) & ~(size_t)63;
     char *buf = aligned_alloc(64, xq_bytes + sizeof(int32_t) * (size_t)m * (k / 4) + 3 * sizeof(float) * m * ng);
     if (!buf) return 2;
@@ -601,7 +667,8 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
                                       : variant == VAR_AVX512VNNI ? rows_int8_avx512vnni
                                                                   : rows_int8_avx2;
     const int per = pool_unit_rows(n, k, threads);
-    const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn, per};
+    const ijob_t job = {w, scales, biases, xq, xl, dx, off, xsum, y, m, n, k, group_size, bits, 0, 0, rows_fn, per,
+                        scale_kind};
     run_parallel(int8_unit, &job, (n + per - 1) / per, threads);
     free(buf);
     return 0;
@@ -610,13 +677,14 @@ EXPORT int openelm_qgemv_int8(const uint32_t *w, const float *scales, const floa
 #else /* not x86-64: the Python side keeps MLX's kernels */
 EXPORT int openelm_qgemv_supported(void) { return 0; }
 EXPORT int openelm_half_gemm_supported(void) { return 0; }
-EXPORT int openelm_qgemv(const void *w, const float *s, const float *b, const float *x, float *y, int m, int n,
-                         int k, int group_size, int bits, int threads) {
+EXPORT int openelm_half_scales_supported(void) { return 0; }
+EXPORT int openelm_qgemv(const void *w, const void *s, const void *b, const float *x, float *y, int m, int n,
+                         int k, int group_size, int bits, int threads, int scale_kind) {
     return 3;
 }
 EXPORT int openelm_qgemv_int8_variants(void) { return 0; }
-EXPORT int openelm_qgemv_int8(const void *w, const float *s, const float *b, const float *x, float *y, int m,
-                              int n, int k, int group_size, int bits, int threads, int variant) {
+EXPORT int openelm_qgemv_int8(const void *w, const void *s, const void *b, const float *x, float *y, int m,
+                              int n, int k, int group_size, int bits, int threads, int variant, int scale_kind) {
     return 3;
 }
 #endif

@@ -30,7 +30,8 @@ typedef struct {
     int n, k;                   /* output rows, input columns */
     const void *w; /* MAT_F32: n x k floats; MAT_AFFINE: n x (k * bits / 32) uint32; MAT_F16 / MAT_BF16: n x k
                       16-bit values (computed in float32 by qgemv.c's openelm_hgemv) */
-    const float *scales, *biases; /* MAT_AFFINE: n x (k / group_size) */
+    const void *scales, *biases; /* MAT_AFFINE: n x (k / group_size), of qgemv.c's SCALES_* kind scale_kind */
+    int scale_kind;
 } step_matrix_t;
 
 typedef struct {
@@ -65,10 +66,10 @@ typedef struct {
 typedef void (*unit_fn)(const void *ctx, int unit);
 void run_parallel(unit_fn fn, const void *ctx, int total, int threads);
 int openelm_qgemv_supported(void);
-int openelm_qgemv(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y, int m,
-                  int n, int k, int group_size, int bits, int threads);
-int openelm_qgemv_int8(const uint32_t *w, const float *scales, const float *biases, const float *x, float *y,
-                       int m, int n, int k, int group_size, int bits, int threads, int variant);
+int openelm_qgemv(const uint32_t *w, const void *scales, const void *biases, const float *x, float *y, int m,
+                  int n, int k, int group_size, int bits, int threads, int scale_kind);
+int openelm_qgemv_int8(const uint32_t *w, const void *scales, const void *biases, const float *x, float *y,
+                       int m, int n, int k, int group_size, int bits, int threads, int variant, int scale_kind);
 int openelm_hgemv(const float *x, int rows, const void *w, int n, int k, int kind, float *y, int threads,
                   int variant);
 void openelm_half_row_to_float(const uint16_t *h, int k, int kind, float *out);
@@ -148,8 +149,9 @@ static int project(const step_model_t *m, const step_matrix_t *w, const float *x
     case MAT_AFFINE:
         if (m->variant)
             return openelm_qgemv_int8(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits,
-                                      threads, m->variant);
-        return openelm_qgemv(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits, threads);
+                                      threads, m->variant, w->scale_kind);
+        return openelm_qgemv(w->w, w->scales, w->biases, x, y, 1, w->n, w->k, w->group_size, w->bits, threads,
+                             w->scale_kind);
     case MAT_F16:
     case MAT_BF16: /* qgemv.c's HALF_FLOAT16 (0) / HALF_BFLOAT16 (1) */
         return openelm_hgemv(x, 1, w->w, w->n, w->k, w->kind == MAT_BF16, y, threads, m->half_variant);
@@ -166,7 +168,13 @@ static int embed_row(const step_matrix_t *w, int r, float *out) {
     case MAT_AFFINE: { /* dequantize: element j = q * scale + bias of j's group */
         const int per_word = 32 / w->bits, ng = w->k / w->group_size;
         const uint32_t *wr = (const uint32_t *)w->w + (size_t)r * (w->k / per_word), mask = (1u << w->bits) - 1;
-        const float *s = w->scales + (size_t)r * ng, *b = w->biases + (size_t)r * ng;
+        float sb[w->scale_kind ? 2 * ng : 1]; /* half scales (qgemv.c's SCALES_F16 = 1, SCALES_BF16 = 2) */
+        const float *s = (const float *)w->scales + (size_t)r * ng, *b = (const float *)w->biases + (size_t)r * ng;
+        if (w->scale_kind) {
+            openelm_half_row_to_float((const uint16_t *)w->scales + (size_t)r * ng, ng, w->scale_kind == 2, sb);
+            openelm_half_row_to_float((const uint16_t *)w->biases + (size_t)r * ng, ng, w->scale_kind == 2, sb + ng);
+            s = sb, b = sb + ng;
+        }
         for (int j = 0; j < w->k; j++) {
             const float q = (float)((wr[j / per_word] >> ((j % per_word) * w->bits)) & mask);
             out[j] = q * s[j / w->group_size] + b[j / w->group_size];
