@@ -277,18 +277,22 @@ def half_scales_supported() -> bool:
     return bool(switches.get(HALF_SCALES)) and lib is not None and bool(lib.openelm_half_scales_supported())
 
 
+def scales_readable(dtype, groups: int) -> bool:
+    """Whether csrc/qgemv.c's kernels take scales and biases of `dtype` with `groups` groups a row as stored."""
+    return dtype == mx.float32 or (dtype in SCALE_KINDS and half_scales_supported()
+                                   and groups <= MAX_HALF_SCALE_GROUPS)
+
+
 def qgemv_applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether `layer`'s few-row products can run in csrc/qgemv.c: affine 4 or 8 bits, groups of 32/64/128,
     float32 input, float32 scales and biases (the CPU loaders' float32 compute) or half ones where
     half_scales_supported, rows a multiple of 8 packed words."""
     bits, group = getattr(layer, "bits", None), getattr(layer, "group_size", None)
     biases = layer.get("biases")
-    if not (getattr(layer, "mode", "affine") == "affine" and bits in (4, 8) and group in (32, 64, 128)
+    return (getattr(layer, "mode", "affine") == "affine" and bits in (4, 8) and group in (32, 64, 128)
             and biases is not None and x.dtype == mx.float32 and layer["scales"].dtype == biases.dtype
-            and x.shape[-1] % (256 // bits) == 0 and qgemv_library()[0] is not None):
-        return False
-    return biases.dtype == mx.float32 or (biases.dtype in SCALE_KINDS and half_scales_supported()
-                                          and x.shape[-1] // group <= MAX_HALF_SCALE_GROUPS)
+            and x.shape[-1] % (256 // bits) == 0 and qgemv_library()[0] is not None
+            and scales_readable(biases.dtype, x.shape[-1] // group))
 
 
 def _qgemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,

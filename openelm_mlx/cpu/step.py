@@ -284,8 +284,7 @@ class _Plan:
             if quantized.qgemv_library()[0] is None:
                 raise Unsupported(f"{name}: quantized, and csrc/qgemv.c is off ({quantized.QGEMV_ENV_VAR})")
             sdtype = layer["scales"].dtype
-            if sdtype != mx.float32 and not (sdtype in quantized.SCALE_KINDS and quantized.half_scales_supported()
-                                             and k // group <= quantized.MAX_HALF_SCALE_GROUPS):
+            if not quantized.scales_readable(sdtype, k // group):
                 raise Unsupported(f"{name}: {sdtype} scales ({quantized.HALF_SCALES} or this CPU)")
             self.affine = True
             return _Matrix(kind=MAT_AFFINE, bits=bits, group_size=group, n=n, k=k,

@@ -24,6 +24,9 @@
 #include "pool.h"
 #include "simd.h"
 
+/* The two half-precision kinds (openelm_hgemv's `kind`; the half scales below, as SCALES_F16 / SCALES_BF16) */
+enum { HALF_FLOAT16 = 0, HALF_BFLOAT16 = 1 };
+
 /* pool.h's split of a product over threads, for csrc/step.c's float32 kernel too */
 int openelm_unit_rows(int n, int k, int threads) { return pool_unit_rows(n, k, threads); }
 
@@ -49,26 +52,13 @@ EXPORT int openelm_half_scales_supported(void) {
     return openelm_qgemv_supported() && __builtin_cpu_supports("f16c");
 }
 
+__attribute__((target("avx2,fma,f16c"))) static void half_row_avx2(const uint16_t *h, int count, int kind,
+                                                                    float *out); /* with hgemv, below */
+
 /* `count` values from element `at` of p (a SCALES_* kind) as float32: p itself when float32, else buf. */
-__attribute__((target("avx2,fma,f16c"))) static const float *scale_floats(const void *p, int kind, size_t at,
-                                                                          int count, float *buf) {
+static const float *scale_floats(const void *p, int kind, size_t at, int count, float *buf) {
     if (kind == SCALES_F32) return (const float *)p + at;
-    const uint16_t *h = (const uint16_t *)p + at;
-    int i = 0;
-    for (; i + 8 <= count; i += 8) {
-        const __m128i v = _mm_loadu_si128((const __m128i *)(h + i));
-        _mm256_storeu_ps(buf + i, kind == SCALES_F16
-                                      ? _mm256_cvtph_ps(v)
-                                      : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)));
-    }
-    for (; i < count; i++) {
-        if (kind == SCALES_F16) {
-            buf[i] = _cvtsh_ss(h[i]);
-        } else {
-            const uint32_t bits = (uint32_t)h[i] << 16;
-            memcpy(buf + i, &bits, sizeof bits);
-        }
-    }
+    half_row_avx2((const uint16_t *)p + at, count, kind == SCALES_BF16 ? HALF_BFLOAT16 : HALF_FLOAT16, buf);
     return buf;
 }
 
@@ -702,7 +692,6 @@ EXPORT int openelm_qgemv_int8(const void *w, const void *s, const void *b, const
  * compare). openelm_mlx.cpu.half calls it for few-row products (decode); it is a plain C function so that other C
  * code built with this file can call it too. */
 
-enum { HALF_FLOAT16 = 0, HALF_BFLOAT16 = 1 };
 enum { HALF_PORTABLE = 1, HALF_AVX2 = 2 };
 #define HALF_BLOCK 8 /* rows of x per pass over a weight row */
 
@@ -788,6 +777,14 @@ __attribute__((target(HALF_TARGET), always_inline)) static inline __m256 half_lo
     const __m128i h = _mm_loadu_si128((const __m128i *)p);
     if (kind == HALF_BFLOAT16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return _mm256_cvtph_ps(h);
+}
+
+/* `count` half values of `kind` as float32, 8 at a time by half_load8 (wide rows, the quantized kernels' half
+ * scales). */
+__attribute__((target(HALF_TARGET))) static void half_row_avx2(const uint16_t *h, int count, int kind, float *out) {
+    int c = 0;
+    for (; c + 8 <= count; c += 8) _mm256_storeu_ps(out + c, half_load8(h + c, kind));
+    for (; c < count; c++) out[c] = half_to_float(h[c], kind);
 }
 
 /* Weight rows [r, r + P) against M rows of x (P, M, U and KIND constants after inlining): U chunks of 8 weights a
@@ -964,11 +961,7 @@ static void wide_row_portable(const wide_job_t *j, int r, float *o) {
 __attribute__((target("avx2,fma,f16c"))) static void wide_row_avx2(const wide_job_t *j, int r, float *o) {
     const int k = j->k;
     if (j->kind != WIDE_AFFINE) {
-        const uint16_t *h = (const uint16_t *)j->w + (size_t)r * k;
-        const int hk = wide_half_kind(j->kind);
-        int c = 0;
-        for (; c + 8 <= k; c += 8) _mm256_storeu_ps(o + c, half_load8(h + c, hk)); /* hgemv's conversion */
-        for (; c < k; c++) o[c] = half_to_float(h[c], hk);
+        half_row_avx2((const uint16_t *)j->w + (size_t)r * k, k, wide_half_kind(j->kind), o);
         return;
     }
     const int ng = k / j->group_size, gs = j->group_size;
